@@ -1,0 +1,848 @@
+//! The configuration model (`config/standalone-isolated.yaml`) and its validation.
+//!
+//! Every key has a default, so an empty or missing file is a valid configuration. Parsing
+//! happens in three steps: YAML syntax (errors carry line and column), typed
+//! deserialisation (errors carry the key path, e.g.
+//! `isolated_workspace.agent_containers.resources.limits.memory`), then cross-field checks
+//! (limits within maxima, unique environment names, …). Unknown keys are collected as
+//! warnings instead of failing, so an older conductor can read a newer file.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::size::{ByteSize, Cpu};
+use crate::validate;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Config {
+    pub isolated_workspace: IsolatedWorkspace,
+    pub podman_config: PodmanConfig,
+    pub storage: Storage,
+    pub network: Network,
+    pub task_execution: TaskExecution,
+    pub container_lifecycle: ContainerLifecycle,
+    pub security: Security,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct IsolatedWorkspace {
+    /// When false, `conductor serve` refuses isolated_execution tasks.
+    pub enabled: bool,
+    pub mode: Mode,
+    pub agent_containers: AgentContainers,
+    pub cleanup: Cleanup,
+    /// Number of pre-started idle workspaces kept per environment.
+    pub warm_pool: BTreeMap<String, u32>,
+}
+
+impl Default for IsolatedWorkspace {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: Mode::Sandbox,
+            agent_containers: AgentContainers::default(),
+            cleanup: Cleanup::default(),
+            warm_pool: BTreeMap::new(),
+        }
+    }
+}
+
+/// How tasks get their workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A fresh workspace per task, destroyed afterwards.
+    Sandbox,
+    /// Tasks of one agent and environment reuse one persistent workspace.
+    Shared,
+    /// Shared, plus snapshot before each task and restore on error.
+    Hybrid,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sandbox => "sandbox",
+            Mode::Shared => "shared",
+            Mode::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// Network given to a workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkPolicy {
+    /// No network interface but loopback.
+    None,
+    /// Its own internal network: no route out, no DNS forwarding, no other workspace.
+    Isolated,
+    /// Opt-in: a bridge with a route to the outside. Never the default.
+    Egress,
+}
+
+impl NetworkPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkPolicy::None => "none",
+            NetworkPolicy::Isolated => "isolated",
+            NetworkPolicy::Egress => "egress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AgentContainers {
+    /// The image presets build on. The default is made locally with debootstrap, so it
+    /// works without a registry; a registry image (`debian:bookworm-slim`) is pulled.
+    pub base_image: String,
+    /// Keep an agent's volumes after its workspace is destroyed, for the next one.
+    pub persistent_volumes: bool,
+    /// Hard limit of the workspace's data volume (`/workspace` and its sub-volumes).
+    pub volume_size: ByteSize,
+    /// Mount the container's root filesystem read-only (`/tmp` becomes a tmpfs).
+    pub readonly_rootfs: bool,
+    /// Size of the `/tmp` tmpfs when `readonly_rootfs` is on.
+    pub tmpfs_size: ByteSize,
+    pub network: NetworkPolicy,
+    /// Custom environments, added to (or replacing) the presets.
+    pub environments: Vec<EnvironmentConfig>,
+    pub resources: Resources,
+}
+
+/// The image the presets build on by default: made locally by `conductor env build`.
+pub const LOCAL_BASE_IMAGE: &str = "localhost/conductor/base:bookworm";
+
+impl Default for AgentContainers {
+    fn default() -> Self {
+        Self {
+            base_image: LOCAL_BASE_IMAGE.into(),
+            persistent_volumes: true,
+            volume_size: ByteSize::gib(10),
+            readonly_rootfs: false,
+            tmpfs_size: ByteSize::mib(512),
+            network: NetworkPolicy::Isolated,
+            environments: Vec::new(),
+            resources: Resources::default(),
+        }
+    }
+}
+
+/// A custom environment from the configuration file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct EnvironmentConfig {
+    pub name: String,
+    pub description: Option<String>,
+    /// Use this image (local, else pulled).
+    pub image: Option<String>,
+    /// Build this inline Containerfile.
+    pub dockerfile: Option<String>,
+    /// Install these Debian packages on top of the base image.
+    pub packages: Vec<String>,
+    /// Named sub-volumes, `name:/absolute/path`.
+    pub volumes: Vec<String>,
+    pub network: Option<NetworkPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Resources {
+    pub requests: Requests,
+    pub limits: Limits,
+    pub maximums: Maximums,
+}
+
+/// What a workspace is expected to use; used for admission (not a hard limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Requests {
+    pub memory: ByteSize,
+    pub cpu: Cpu,
+}
+
+impl Default for Requests {
+    fn default() -> Self {
+        Self { memory: ByteSize::mib(512), cpu: Cpu(500) }
+    }
+}
+
+/// Hard limits applied to every workspace unless a request lowers them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    pub memory: ByteSize,
+    pub cpu: Cpu,
+    pub pids: u32,
+    pub nofile: u32,
+    pub nproc: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { memory: ByteSize::gib(2), cpu: Cpu(1000), pids: 512, nofile: 1024, nproc: 1024 }
+    }
+}
+
+/// The most a caller may ask for per workspace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Maximums {
+    pub memory: ByteSize,
+    pub cpu: Cpu,
+    pub pids: u32,
+    pub volume_size: ByteSize,
+}
+
+impl Default for Maximums {
+    fn default() -> Self {
+        Self { memory: ByteSize::gib(8), cpu: Cpu(2000), pids: 4096, volume_size: ByteSize::gib(50) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cleanup {
+    /// Workspaces unused for longer than this are removed (0 = never).
+    pub max_age_hours: u64,
+    /// At most this many workspaces hold a container at once.
+    pub max_containers: u32,
+    /// Keep the workspace of a failed task for debugging.
+    pub preserve_on_error: bool,
+}
+
+impl Default for Cleanup {
+    fn default() -> Self {
+        Self { max_age_hours: 24, max_containers: 20, preserve_on_error: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PodmanConfig {
+    pub network: PodmanNetwork,
+    pub security: PodmanSecurity,
+    /// Images pulled (or checked) at start so the first task does not wait.
+    pub preload_images: Vec<String>,
+    pub runtime: RuntimeChoice,
+    /// Use this Podman API socket instead of starting a private `podman system service`.
+    pub socket_path: Option<String>,
+    /// Host ports (on 127.0.0.1 only) that published workspace ports are taken from.
+    pub container_port_range: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// crun when it works on this machine, else runc.
+    #[default]
+    Auto,
+    Crun,
+    Runc,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PodmanNetwork {
+    /// Prefix of the networks conductor creates (`<name>-<workspace>`).
+    pub name: String,
+    /// Address range the per-workspace networks are carved from (a /24 or larger; each
+    /// workspace gets a /28 of it... or Podman's own choice when empty).
+    pub subnet: String,
+    pub mtu: u32,
+    pub driver: String,
+}
+
+impl Default for PodmanNetwork {
+    fn default() -> Self {
+        Self { name: "claude-dev-net".into(), subnet: "10.89.0.0/16".into(), mtu: 1500, driver: "bridge".into() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PodmanSecurity {
+    /// `keep-id` (the spec's value): the workspace user is uid 1000 and files it writes
+    /// are owned by uid 1000 on the host.
+    pub userns: String,
+    /// Path of a seccomp profile to use instead of the one shipped with conductor.
+    pub seccomp_profile: Option<String>,
+}
+
+impl Default for PodmanSecurity {
+    fn default() -> Self {
+        Self { userns: "keep-id".into(), seccomp_profile: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Storage {
+    /// Root of conductor's data; `~` is the home directory of the user running conductor.
+    pub base_path: String,
+    pub isolated_workspaces_path: Option<String>,
+    pub snapshots_path: Option<String>,
+    pub logs_path: Option<String>,
+    pub database_path: Option<String>,
+    pub volumes: VolumeOptions,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            base_path: "~/.claude-conductor".into(),
+            isolated_workspaces_path: None,
+            snapshots_path: None,
+            logs_path: None,
+            database_path: None,
+            volumes: VolumeOptions::default(),
+        }
+    }
+}
+
+/// The spec's `storage.volumes` block. `size=` overrides `volume_size`; `inodes=` sets the
+/// inode count of each data volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct VolumeOptions {
+    pub driver: String,
+    pub options: Vec<String>,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        Self { driver: "overlay".into(), options: Vec::new() }
+    }
+}
+
+/// Resolved absolute locations of conductor's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataPaths {
+    pub base: PathBuf,
+    pub workspaces: PathBuf,
+    pub snapshots: PathBuf,
+    pub logs: PathBuf,
+    pub database: PathBuf,
+}
+
+impl Storage {
+    /// Expands `~` with `home` and fills the derived defaults.
+    pub fn resolve(&self, home: &Path) -> DataPaths {
+        let expand = |p: &str| -> PathBuf {
+            if p == "~" {
+                home.to_path_buf()
+            } else if let Some(rest) = p.strip_prefix("~/") {
+                home.join(rest)
+            } else {
+                PathBuf::from(p)
+            }
+        };
+        let base = expand(&self.base_path);
+        let or = |o: &Option<String>, d: &str| o.as_deref().map(expand).unwrap_or_else(|| base.join(d));
+        DataPaths {
+            workspaces: or(&self.isolated_workspaces_path, "isolated"),
+            snapshots: or(&self.snapshots_path, "snapshots"),
+            logs: or(&self.logs_path, "logs"),
+            database: or(&self.database_path, "conductor.db"),
+            base,
+        }
+    }
+
+    fn option(&self, key: &str) -> Option<&str> {
+        self.volumes
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    }
+
+    /// Inode count requested by `storage.volumes.options: [inodes=100k]`.
+    pub fn volume_inodes(&self) -> Option<u64> {
+        let v = self.option("inodes")?;
+        let (num, mult) = match v.strip_suffix(['k', 'K']) {
+            Some(n) => (n, 1000),
+            None => match v.strip_suffix(['m', 'M']) {
+                Some(n) => (n, 1_000_000),
+                None => (v, 1),
+            },
+        };
+        num.parse::<u64>().ok().map(|n| n * mult)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Network {
+    pub api_port: u16,
+    pub bind_address: String,
+    /// Largest accepted request body.
+    pub max_body_size: ByteSize,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self { api_port: 8081, bind_address: "127.0.0.1".into(), max_body_size: ByteSize::mib(10) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TaskExecution {
+    pub max_workers: u32,
+    /// Default timeout of a task, in seconds.
+    pub task_timeout: u64,
+    pub default_priority: u8,
+    /// Retries after an infrastructure (engine) failure; a failing command is never retried.
+    pub max_retries: u32,
+    /// Seconds between retries.
+    pub retry_delay: u64,
+    /// Seconds running tasks get to finish when the service stops.
+    pub shutdown_grace_period: u64,
+    pub isolation: TaskIsolation,
+}
+
+impl Default for TaskExecution {
+    fn default() -> Self {
+        Self {
+            max_workers: 4,
+            task_timeout: 1800,
+            default_priority: 5,
+            max_retries: 2,
+            retry_delay: 5,
+            shutdown_grace_period: 30,
+            isolation: TaskIsolation::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct TaskIsolation {
+    pub snapshot_before_task: bool,
+    pub restore_on_error: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContainerLifecycle {
+    /// Shell commands run in the workspace before each task's commands.
+    pub pre_task: Vec<String>,
+    /// Shell commands run after each task's commands (also after a failure).
+    pub post_task: Vec<String>,
+    /// Remove a sandbox workspace whose task failed (false keeps it for debugging).
+    pub cleanup_on_failure: bool,
+}
+
+impl Default for ContainerLifecycle {
+    fn default() -> Self {
+        Self { pre_task: Vec::new(), post_task: Vec::new(), cleanup_on_failure: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct Security {
+    pub api_key_required: bool,
+    /// File holding the bearer token (created with mode 0600 when missing).
+    pub api_key_file: Option<String>,
+}
+
+/// A configuration that cannot be used. `Display` is the message shown to the user.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid YAML: {0}")]
+    Syntax(String),
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl ConfigError {
+    fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid { path: path.into(), message: message.into() }
+    }
+}
+
+/// A parsed configuration plus the warnings (unknown keys) found while reading it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+impl Config {
+    /// Parses and validates the text of a configuration file.
+    pub fn parse(text: &str) -> Result<Loaded, ConfigError> {
+        let value: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let value = match value {
+            serde_yaml_ng::Value::Null => serde_yaml_ng::Value::Mapping(Default::default()),
+            v => v,
+        };
+        let mut unknown = Vec::new();
+        let mut on_unknown = |path: serde_ignored::Path| unknown.push(path.to_string());
+        let de = serde_ignored::Deserializer::new(value, &mut on_unknown);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { "(top level)".to_string() } else { path };
+            ConfigError::invalid(path, clean_serde_message(&e.into_inner().to_string()))
+        })?;
+        config.validate()?;
+        let warnings = unknown.into_iter().map(|k| format!("unknown configuration key {k:?} ignored")).collect();
+        Ok(Loaded { config, warnings })
+    }
+
+    /// Cross-field checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ac = &self.isolated_workspace.agent_containers;
+        let r = &ac.resources;
+        let p = "isolated_workspace.agent_containers";
+        validate::image_ref(&ac.base_image).map_err(|m| ConfigError::invalid(format!("{p}.base_image"), m))?;
+        if r.limits.memory > r.maximums.memory {
+            return Err(ConfigError::invalid(
+                format!("{p}.resources.limits.memory"),
+                format!("{} is above resources.maximums.memory ({})", r.limits.memory, r.maximums.memory),
+            ));
+        }
+        if r.limits.memory < ByteSize::mib(6) {
+            return Err(ConfigError::invalid(format!("{p}.resources.limits.memory"), "must be at least 6Mi"));
+        }
+        if r.limits.cpu > r.maximums.cpu {
+            return Err(ConfigError::invalid(
+                format!("{p}.resources.limits.cpu"),
+                format!("{} is above resources.maximums.cpu ({})", r.limits.cpu, r.maximums.cpu),
+            ));
+        }
+        if r.requests.memory > r.limits.memory {
+            return Err(ConfigError::invalid(
+                format!("{p}.resources.requests.memory"),
+                format!("{} is above resources.limits.memory ({})", r.requests.memory, r.limits.memory),
+            ));
+        }
+        if r.requests.cpu > r.limits.cpu {
+            return Err(ConfigError::invalid(
+                format!("{p}.resources.requests.cpu"),
+                format!("{} is above resources.limits.cpu ({})", r.requests.cpu, r.limits.cpu),
+            ));
+        }
+        for (key, v) in [("pids", r.limits.pids), ("nofile", r.limits.nofile), ("nproc", r.limits.nproc)] {
+            if v < 16 {
+                return Err(ConfigError::invalid(format!("{p}.resources.limits.{key}"), format!("{v} is too small (at least 16)")));
+            }
+        }
+        if r.limits.pids > r.maximums.pids {
+            return Err(ConfigError::invalid(
+                format!("{p}.resources.limits.pids"),
+                format!("{} is above resources.maximums.pids ({})", r.limits.pids, r.maximums.pids),
+            ));
+        }
+        if self.volume_size() > r.maximums.volume_size {
+            return Err(ConfigError::invalid(
+                format!("{p}.volume_size"),
+                format!("{} is above resources.maximums.volume_size ({})", self.volume_size(), r.maximums.volume_size),
+            ));
+        }
+        if self.volume_size() < ByteSize::mib(16) {
+            return Err(ConfigError::invalid(format!("{p}.volume_size"), "must be at least 16Mi"));
+        }
+        for opt in &self.storage.volumes.options {
+            let ok = match opt.split_once('=') {
+                Some(("size", v)) => ByteSize::parse(v).is_ok(),
+                Some(("inodes", _)) => self.storage.volume_inodes().is_some(),
+                _ => false,
+            };
+            if !ok {
+                return Err(ConfigError::invalid(
+                    "storage.volumes.options",
+                    format!("{opt:?} is not understood (allowed: size=<size>, inodes=<count>, e.g. size=5G, inodes=100k)"),
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, env) in ac.environments.iter().enumerate() {
+            let ep = format!("{p}.environments[{i}]");
+            validate::environment_name(&env.name).map_err(|m| ConfigError::invalid(format!("{ep}.name"), m))?;
+            if !seen.insert(env.name.as_str()) {
+                return Err(ConfigError::invalid(format!("{ep}.name"), format!("environment {:?} is defined twice", env.name)));
+            }
+            let sources = [env.image.is_some(), env.dockerfile.is_some()].iter().filter(|b| **b).count();
+            if sources > 1 {
+                return Err(ConfigError::invalid(ep, "set either image or dockerfile, not both"));
+            }
+            if let Some(img) = &env.image {
+                validate::image_ref(img).map_err(|m| ConfigError::invalid(format!("{ep}.image"), m))?;
+            }
+            if let Some(df) = &env.dockerfile {
+                if !df.lines().any(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM ")) {
+                    return Err(ConfigError::invalid(
+                        format!("{ep}.dockerfile"),
+                        "is empty or has no FROM line (a Containerfile must start from an image)",
+                    ));
+                }
+            }
+            if sources == 0 && env.packages.is_empty() {
+                return Err(ConfigError::invalid(ep, "needs one of image, dockerfile or packages"));
+            }
+            for (j, pkg) in env.packages.iter().enumerate() {
+                let ok = !pkg.is_empty()
+                    && pkg.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+                    && pkg.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:=~".contains(c));
+                if !ok {
+                    return Err(ConfigError::invalid(format!("{ep}.packages[{j}]"), format!("{pkg:?} is not a Debian package name")));
+                }
+            }
+            for (j, vol) in env.volumes.iter().enumerate() {
+                crate::environment::VolumeSpec::parse(vol)
+                    .map_err(|m| ConfigError::invalid(format!("{ep}.volumes[{j}]"), m))?;
+            }
+        }
+        for (name, _) in self.isolated_workspace.warm_pool.iter() {
+            validate::environment_name(name)
+                .map_err(|m| ConfigError::invalid(format!("isolated_workspace.warm_pool.{name}"), m))?;
+        }
+        for (i, img) in self.podman_config.preload_images.iter().enumerate() {
+            validate::image_ref(img).map_err(|m| ConfigError::invalid(format!("podman_config.preload_images[{i}]"), m))?;
+        }
+        let net = &self.podman_config.network;
+        validate::name(&net.name, 40).map_err(|m| ConfigError::invalid("podman_config.network.name", m))?;
+        if !net.subnet.is_empty() {
+            parse_cidr(&net.subnet).map_err(|m| ConfigError::invalid("podman_config.network.subnet", m))?;
+        }
+        if !(576..=9216).contains(&net.mtu) {
+            return Err(ConfigError::invalid("podman_config.network.mtu", format!("{} is outside 576..=9216", net.mtu)));
+        }
+        if !matches!(net.driver.as_str(), "bridge" | "macvlan" | "ipvlan") {
+            return Err(ConfigError::invalid(
+                "podman_config.network.driver",
+                format!("{:?} is not supported (allowed: bridge, macvlan, ipvlan)", net.driver),
+            ));
+        }
+        if !matches!(self.podman_config.security.userns.as_str(), "keep-id" | "host" | "") {
+            return Err(ConfigError::invalid(
+                "podman_config.security.userns",
+                format!("{:?} is not supported (allowed: keep-id, host)", self.podman_config.security.userns),
+            ));
+        }
+        self.port_range().map_err(|m| ConfigError::invalid("podman_config.container_port_range", m))?;
+        self.network
+            .bind_address
+            .parse::<IpAddr>()
+            .map_err(|_| ConfigError::invalid("network.bind_address", format!("{:?} is not an IP address", self.network.bind_address)))?;
+        let t = &self.task_execution;
+        if t.max_workers == 0 || t.max_workers > 256 {
+            return Err(ConfigError::invalid("task_execution.max_workers", "must be between 1 and 256"));
+        }
+        if !(1..=10).contains(&t.default_priority) {
+            return Err(ConfigError::invalid("task_execution.default_priority", "must be between 1 and 10"));
+        }
+        if t.task_timeout == 0 {
+            return Err(ConfigError::invalid("task_execution.task_timeout", "must be at least 1 second"));
+        }
+        for (key, list) in [("pre_task", &self.container_lifecycle.pre_task), ("post_task", &self.container_lifecycle.post_task)] {
+            for (i, c) in list.iter().enumerate() {
+                validate::command(c).map_err(|m| ConfigError::invalid(format!("container_lifecycle.{key}[{i}]"), m))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The effective data-volume size (`storage.volumes.options: size=` wins).
+    pub fn volume_size(&self) -> ByteSize {
+        self.storage
+            .option("size")
+            .and_then(|v| ByteSize::parse(v).ok())
+            .unwrap_or(self.isolated_workspace.agent_containers.volume_size)
+    }
+
+    /// Whether a sandbox workspace whose task failed is kept for debugging.
+    pub fn preserve_failed_workspaces(&self) -> bool {
+        self.isolated_workspace.cleanup.preserve_on_error || !self.container_lifecycle.cleanup_on_failure
+    }
+
+    /// `container_port_range` as an inclusive range.
+    pub fn port_range(&self) -> Result<(u16, u16), String> {
+        let s = &self.podman_config.container_port_range;
+        if s.is_empty() {
+            return Ok((20000, 20999));
+        }
+        let err = || format!("{s:?} is not a port range (example: 20000-20999)");
+        let (a, b) = s.split_once('-').ok_or_else(err)?;
+        let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?);
+        if a < 1024 || a > b {
+            return Err(err());
+        }
+        Ok((a, b))
+    }
+}
+
+/// Parses `a.b.c.d/n` (IPv4 only; workspace networks are IPv4).
+pub fn parse_cidr(s: &str) -> Result<([u8; 4], u8), String> {
+    let err = || format!("{s:?} is not an IPv4 subnet (example: 10.89.0.0/16)");
+    let (ip, len) = s.split_once('/').ok_or_else(err)?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| err())?;
+    let len: u8 = len.parse().map_err(|_| err())?;
+    if !(8..=28).contains(&len) {
+        return Err(format!("{s:?}: the prefix length must be between 8 and 28"));
+    }
+    let bits = u32::from(ip);
+    if bits & ((1u32 << (32 - len)) - 1) != 0 {
+        return Err(format!("{s:?} has host bits set"));
+    }
+    Ok((ip.octets(), len))
+}
+
+/// serde messages mention Rust-isms; make them read like configuration advice.
+fn clean_serde_message(m: &str) -> String {
+    m.replace("invalid type: ", "wrong type: ").replace("variant", "value")
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let l = Config::parse("").unwrap();
+        assert_eq!(l.config, Config::default());
+        assert!(l.warnings.is_empty());
+        let l = Config::parse("# only a comment\n").unwrap();
+        assert_eq!(l.config, Config::default());
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.network.api_port, 8081);
+        assert_eq!(c.network.bind_address, "127.0.0.1");
+        assert_eq!(c.isolated_workspace.mode, Mode::Sandbox);
+        assert_eq!(c.isolated_workspace.agent_containers.volume_size, ByteSize::gib(10));
+        assert_eq!(c.isolated_workspace.agent_containers.network, NetworkPolicy::Isolated);
+        assert_eq!(c.podman_config.network.name, "claude-dev-net");
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_spec_example_parses() {
+        let text = r#"
+isolated_workspace:
+  enabled: true
+  mode: "sandbox"
+  agent_containers:
+    base_image: "ubuntu:22.04"
+    persistent_volumes: true
+    volume_size: "10Gi"
+    resources:
+      requests:
+        memory: "512Mi"
+        cpu: "0.5"
+      limits:
+        memory: "2Gi"
+        cpu: "1.0"
+podman_config:
+  network:
+    name: "claude-dev-net"
+    subnet: "10.89.0.0/24"
+  security:
+    userns: "keep-id"
+"#;
+        let l = Config::parse(text).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let ac = &l.config.isolated_workspace.agent_containers;
+        assert_eq!(ac.base_image, "ubuntu:22.04");
+        assert_eq!(ac.resources.limits.cpu, Cpu(1000));
+        assert_eq!(ac.resources.requests.cpu, Cpu(500));
+        assert_eq!(l.config.podman_config.network.subnet, "10.89.0.0/24");
+    }
+
+    #[test]
+    fn a_bad_size_names_the_key_path() {
+        let text = "isolated_workspace:\n  agent_containers:\n    resources:\n      limits:\n        memory: 2Qi\n";
+        let e = Config::parse(text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "isolated_workspace.agent_containers.resources.limits.memory: \"2Qi\" is not a size (examples: 512Mi, 2Gi)"
+        );
+    }
+
+    #[test]
+    fn a_bad_mode_lists_the_allowed_values() {
+        let e = Config::parse("isolated_workspace:\n  mode: turbo\n").unwrap_err();
+        let m = e.to_string();
+        assert!(m.starts_with("isolated_workspace.mode: "), "{m}");
+        assert!(m.contains("sandbox") && m.contains("hybrid"), "{m}");
+    }
+
+    #[test]
+    fn malformed_yaml_is_a_syntax_error_with_a_position() {
+        let e = Config::parse("isolated_workspace:\n  mode: [unclosed\n").unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax(_)));
+        assert!(e.to_string().contains("line"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_warnings() {
+        let l = Config::parse("isolated_workspace:\n  enabledd: true\nfoo: 1\n").unwrap();
+        assert_eq!(l.warnings.len(), 2, "{:?}", l.warnings);
+        assert!(l.warnings.iter().any(|w| w.contains("isolated_workspace.enabledd")));
+    }
+
+    #[test]
+    fn limits_above_maxima_are_rejected() {
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    resources:\n      limits:\n        memory: 64Gi\n").unwrap_err();
+        assert!(e.to_string().contains("above resources.maximums.memory"), "{e}");
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    volume_size: 100Gi\n").unwrap_err();
+        assert!(e.to_string().starts_with("isolated_workspace.agent_containers.volume_size:"), "{e}");
+    }
+
+    #[test]
+    fn custom_environments_are_checked() {
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n").unwrap_err();
+        assert_eq!(e.to_string(), "isolated_workspace.agent_containers.environments[0]: needs one of image, dockerfile or packages");
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        dockerfile: \"\"\n").unwrap_err();
+        assert!(e.to_string().contains("environments[0].dockerfile: is empty"), "{e}");
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        image: \"-v /:/host\"\n").unwrap_err();
+        assert!(e.to_string().starts_with("isolated_workspace.agent_containers.environments[0].image:"), "{e}");
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        image: a\n        volumes: [\"src:relative\"]\n").unwrap_err();
+        assert!(e.to_string().contains("environments[0].volumes[0]"), "{e}");
+    }
+
+    #[test]
+    fn storage_options_and_paths() {
+        let l = Config::parse("storage:\n  volumes:\n    driver: overlay\n    options: [\"size=5G\", \"inodes=100k\"]\n").unwrap();
+        assert_eq!(l.config.volume_size().bytes(), 5_000_000_000);
+        assert_eq!(l.config.storage.volume_inodes(), Some(100_000));
+        let p = Storage::default().resolve(Path::new("/home/u"));
+        assert_eq!(p.workspaces, Path::new("/home/u/.claude-conductor/isolated"));
+        assert_eq!(p.database, Path::new("/home/u/.claude-conductor/conductor.db"));
+        assert!(Config::parse("storage:\n  volumes:\n    options: [\"foo=1\"]\n").is_err());
+    }
+
+    #[test]
+    fn network_keys() {
+        assert!(Config::parse("network:\n  bind_address: localhost\n").unwrap_err().to_string().starts_with("network.bind_address"));
+        assert!(Config::parse("network:\n  api_port: 70000\n").unwrap_err().to_string().starts_with("network.api_port"));
+        assert!(Config::parse("podman_config:\n  network:\n    subnet: 10.89.0.1/24\n").is_err());
+        assert_eq!(parse_cidr("10.89.0.0/24").unwrap(), ([10, 89, 0, 0], 24));
+        assert!(Config::parse("podman_config:\n  network:\n    mtu: 9000\n").is_ok());
+    }
+
+    #[test]
+    fn preserve_failed_workspaces_honours_both_keys() {
+        let mut c = Config::default();
+        assert!(!c.preserve_failed_workspaces());
+        c.container_lifecycle.cleanup_on_failure = false;
+        assert!(c.preserve_failed_workspaces());
+    }
+}

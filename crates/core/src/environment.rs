@@ -1,0 +1,271 @@
+//! Environments: what image a workspace runs and how that image is made.
+//!
+//! The presets are defined by the Containerfiles in the repository's `environments/`
+//! folder, compiled into the binary so an installed `conductor` needs no source tree.
+//! Custom environments come from the configuration. Every buildable environment has a
+//! definition hash (Containerfile text + base image + conductor's image format version);
+//! the image tag carries it, so an unchanged definition is never rebuilt and a changed one
+//! always is.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, NetworkPolicy};
+use crate::engine::Labels;
+use crate::naming::{LABEL_DEFINITION, LABEL_ENVIRONMENT, LABEL_VERSION};
+use crate::validate;
+
+/// Bump when the way images are built changes, to rebuild every environment once.
+const IMAGE_FORMAT: &str = "1";
+
+/// Built-in presets: (name, description, Containerfile).
+pub const PRESETS: [(&str, &str, &str); 6] = [
+    ("minimal", "Minimal: git, curl, ca-certificates, bash", include_str!("../../../environments/minimal/Containerfile")),
+    (
+        "python-dev",
+        "Python development: python3, pip, venv, pytest, black, flake8, git",
+        include_str!("../../../environments/python-dev/Containerfile"),
+    ),
+    (
+        "nodejs-dev",
+        "Node.js development: nodejs, npm, jest, eslint, prettier, git",
+        include_str!("../../../environments/nodejs-dev/Containerfile"),
+    ),
+    (
+        "fullstack",
+        "Full stack: python3, nodejs, npm, build-essential, postgresql-client, redis-tools",
+        include_str!("../../../environments/fullstack/Containerfile"),
+    ),
+    (
+        "python-ml",
+        "Data science: python3 with numpy, pandas, scikit-learn, jupyter",
+        include_str!("../../../environments/python-ml/Containerfile"),
+    ),
+    (
+        "security-tools",
+        "Security scanning: bandit, shellcheck, safety, pip-audit, npm audit",
+        include_str!("../../../environments/security-tools/Containerfile"),
+    ),
+];
+
+/// Where an environment's image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageSource {
+    /// Built from a Containerfile (presets and `dockerfile:`).
+    Containerfile(String),
+    /// Debian packages installed on top of the base image (`packages:`).
+    Packages(Vec<String>),
+    /// An existing image, used if present locally, else pulled (`image:`).
+    Image(String),
+}
+
+/// A named sub-volume of the workspace's data volume: `source:/workspace/src`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub target: String,
+}
+
+impl VolumeSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (name, target) = s
+            .split_once(':')
+            .ok_or_else(|| format!("{s:?} is not a volume (expected name:/absolute/path, e.g. source:/workspace/src)"))?;
+        validate::name(name, 63).map_err(|m| format!("volume name {m}"))?;
+        validate::container_path(target).map_err(|m| format!("volume target {m}"))?;
+        if target == "/" || !target.starts_with("/workspace") && !target.starts_with("/home/") {
+            return Err(format!("volume target {target:?} must be under /workspace or /home"));
+        }
+        Ok(VolumeSpec { name: name.to_string(), target: target.to_string() })
+    }
+}
+
+/// One environment, resolved from a preset or the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment {
+    pub name: String,
+    pub description: String,
+    pub source: ImageSource,
+    pub volumes: Vec<VolumeSpec>,
+    pub network: Option<NetworkPolicy>,
+    pub builtin: bool,
+}
+
+/// How to obtain the image of an environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImagePlan {
+    /// Use this reference; pull it when it is not present locally.
+    Use(String),
+    /// Build `containerfile` into `tag` (skipped when `tag` already exists), FROM `base`.
+    Build { tag: String, containerfile: String, base: String, labels: Labels, definition: String },
+}
+
+impl ImagePlan {
+    /// The reference a workspace of this environment runs.
+    pub fn reference(&self) -> &str {
+        match self {
+            ImagePlan::Use(r) => r,
+            ImagePlan::Build { tag, .. } => tag,
+        }
+    }
+}
+
+/// The Containerfile lines that give any image conductor's workspace layout: a user with
+/// uid 1000 and a `/workspace` it owns.
+const WORKSPACE_LAYOUT: &str = "RUN (getent passwd 1000 >/dev/null || useradd --create-home --uid 1000 --user-group --shell /bin/bash agent) \\\n && mkdir -p /workspace && chown 1000:1000 /workspace\nWORKDIR /workspace\nUSER 1000\n";
+
+impl Environment {
+    /// The Containerfile this environment builds, if it is built.
+    pub fn containerfile(&self) -> Option<String> {
+        match &self.source {
+            ImageSource::Containerfile(text) => Some(text.clone()),
+            ImageSource::Packages(pkgs) => Some(format!(
+                "ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nUSER root\nRUN apt-get update \\\n && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends {} \\\n && rm -rf /var/lib/apt/lists/*\n{WORKSPACE_LAYOUT}",
+                pkgs.join(" ")
+            )),
+            ImageSource::Image(_) => None,
+        }
+    }
+
+    /// Decides how to get this environment's image on top of `base_image`.
+    pub fn plan(&self, base_image: &str) -> ImagePlan {
+        let Some(containerfile) = self.containerfile() else {
+            let ImageSource::Image(r) = &self.source else { unreachable!("only images have no containerfile") };
+            return ImagePlan::Use(r.clone());
+        };
+        let mut h = Sha256::new();
+        for part in [IMAGE_FORMAT, base_image, &containerfile] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        let definition = hex::encode(h.finalize());
+        let tag = format!("localhost/conductor/{}:{}", self.name, &definition[..12]);
+        let labels = Labels::from([
+            (LABEL_ENVIRONMENT.to_string(), self.name.clone()),
+            (LABEL_DEFINITION.to_string(), definition.clone()),
+            (LABEL_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
+        ]);
+        ImagePlan::Build { tag, containerfile, base: base_image.to_string(), labels, definition }
+    }
+}
+
+/// All environments known to a configuration, by name.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    envs: BTreeMap<String, Environment>,
+}
+
+impl Catalog {
+    /// Presets plus the configuration's custom environments (a custom one with a preset's
+    /// name replaces the preset).
+    pub fn from_config(config: &Config) -> Self {
+        let mut envs = BTreeMap::new();
+        for (name, description, containerfile) in PRESETS {
+            envs.insert(
+                name.to_string(),
+                Environment {
+                    name: name.to_string(),
+                    description: description.to_string(),
+                    source: ImageSource::Containerfile(containerfile.to_string()),
+                    volumes: Vec::new(),
+                    network: None,
+                    builtin: true,
+                },
+            );
+        }
+        for c in &config.isolated_workspace.agent_containers.environments {
+            let source = match (&c.image, &c.dockerfile) {
+                (Some(image), _) => ImageSource::Image(image.clone()),
+                (None, Some(df)) => ImageSource::Containerfile(df.clone()),
+                (None, None) => ImageSource::Packages(c.packages.clone()),
+            };
+            let volumes = c.volumes.iter().filter_map(|v| VolumeSpec::parse(v).ok()).collect();
+            let description = c.description.clone().unwrap_or_else(|| format!("Custom environment {}", c.name));
+            envs.insert(
+                c.name.clone(),
+                Environment { name: c.name.clone(), description, source, volumes, network: c.network, builtin: false },
+            );
+        }
+        Catalog { envs }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Environment> {
+        self.envs.get(name)
+    }
+
+    /// Looks an environment up, with an error that lists the known ones.
+    pub fn require(&self, name: &str) -> Result<&Environment, String> {
+        self.get(name).ok_or_else(|| {
+            format!("unknown environment {name:?} (known: {})", self.names().collect::<Vec<_>>().join(", "))
+        })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.envs.keys().map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Environment> {
+        self.envs.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_are_all_there_and_build_from_the_base() {
+        let cat = Catalog::from_config(&Config::default());
+        for name in ["minimal", "python-dev", "nodejs-dev", "fullstack", "python-ml", "security-tools"] {
+            let env = cat.get(name).unwrap();
+            let cf = env.containerfile().unwrap();
+            assert!(cf.contains("BASE_IMAGE"), "{name} must build FROM the configurable base");
+            match env.plan("localhost/conductor/base:bookworm") {
+                ImagePlan::Build { tag, labels, .. } => {
+                    assert!(tag.starts_with(&format!("localhost/conductor/{name}:")));
+                    assert_eq!(labels[LABEL_ENVIRONMENT], name);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn definition_hash_changes_with_the_definition_only() {
+        let cat = Catalog::from_config(&Config::default());
+        let env = cat.get("minimal").unwrap();
+        assert_eq!(env.plan("b:1"), env.plan("b:1"));
+        assert_ne!(env.plan("b:1").reference(), env.plan("b:2").reference());
+        let mut edited = env.clone();
+        edited.source = ImageSource::Containerfile(format!("{}\nRUN true\n", env.containerfile().unwrap()));
+        assert_ne!(edited.plan("b:1").reference(), env.plan("b:1").reference());
+    }
+
+    #[test]
+    fn custom_environments_from_config() {
+        let cfg = Config::parse(
+            "isolated_workspace:\n  agent_containers:\n    environments:\n      - name: custom-env\n        dockerfile: |\n          FROM ubuntu:22.04\n          WORKDIR /workspace\n        volumes: [\"source:/workspace/src\", \"cache:/workspace/.cache\"]\n      - name: py\n        image: python:3.11-slim\n      - name: tools\n        packages: [jq]\n",
+        )
+        .unwrap()
+        .config;
+        let cat = Catalog::from_config(&cfg);
+        let env = cat.get("custom-env").unwrap();
+        assert_eq!(env.volumes.len(), 2);
+        assert_eq!(env.volumes[0], VolumeSpec { name: "source".into(), target: "/workspace/src".into() });
+        assert_eq!(cat.get("py").unwrap().plan("x"), ImagePlan::Use("python:3.11-slim".into()));
+        let tools = cat.get("tools").unwrap().containerfile().unwrap();
+        assert!(tools.contains("install -y --no-install-recommends jq"), "{tools}");
+        assert!(tools.contains("useradd"));
+        let e = cat.require("nope").unwrap_err();
+        assert!(e.contains("unknown environment \"nope\"") && e.contains("python-dev"), "{e}");
+    }
+
+    #[test]
+    fn volume_specs() {
+        assert!(VolumeSpec::parse("src").is_err());
+        assert!(VolumeSpec::parse("src:/etc").unwrap_err().contains("under /workspace"));
+        assert!(VolumeSpec::parse("Src:/workspace/x").is_err());
+        assert!(VolumeSpec::parse("src:/workspace/../etc").is_err());
+    }
+}
