@@ -98,6 +98,20 @@ impl NetworkPolicy {
     }
 }
 
+impl std::str::FromStr for NetworkPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(NetworkPolicy::None),
+            "isolated" => Ok(NetworkPolicy::Isolated),
+            "egress" => Ok(NetworkPolicy::Egress),
+            _ => Err(format!(
+                "{s:?} is not a network policy (allowed: none, isolated, egress)"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AgentContainers {
@@ -171,7 +185,10 @@ pub struct Requests {
 
 impl Default for Requests {
     fn default() -> Self {
-        Self { memory: ByteSize::mib(512), cpu: Cpu(500) }
+        Self {
+            memory: ByteSize::mib(512),
+            cpu: Cpu(500),
+        }
     }
 }
 
@@ -188,7 +205,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { memory: ByteSize::gib(2), cpu: Cpu(1000), pids: 512, nofile: 1024, nproc: 1024 }
+        Self {
+            memory: ByteSize::gib(2),
+            cpu: Cpu(1000),
+            pids: 512,
+            nofile: 1024,
+            nproc: 1024,
+        }
     }
 }
 
@@ -204,7 +227,12 @@ pub struct Maximums {
 
 impl Default for Maximums {
     fn default() -> Self {
-        Self { memory: ByteSize::gib(8), cpu: Cpu(2000), pids: 4096, volume_size: ByteSize::gib(50) }
+        Self {
+            memory: ByteSize::gib(8),
+            cpu: Cpu(2000),
+            pids: 4096,
+            volume_size: ByteSize::gib(50),
+        }
     }
 }
 
@@ -221,7 +249,11 @@ pub struct Cleanup {
 
 impl Default for Cleanup {
     fn default() -> Self {
-        Self { max_age_hours: 24, max_containers: 20, preserve_on_error: false }
+        Self {
+            max_age_hours: 24,
+            max_containers: 20,
+            preserve_on_error: false,
+        }
     }
 }
 
@@ -263,7 +295,12 @@ pub struct PodmanNetwork {
 
 impl Default for PodmanNetwork {
     fn default() -> Self {
-        Self { name: "claude-dev-net".into(), subnet: "10.89.0.0/16".into(), mtu: 1500, driver: "bridge".into() }
+        Self {
+            name: "claude-dev-net".into(),
+            subnet: "10.89.0.0/16".into(),
+            mtu: 1500,
+            driver: "bridge".into(),
+        }
     }
 }
 
@@ -279,7 +316,10 @@ pub struct PodmanSecurity {
 
 impl Default for PodmanSecurity {
     fn default() -> Self {
-        Self { userns: "keep-id".into(), seccomp_profile: None }
+        Self {
+            userns: "keep-id".into(),
+            seccomp_profile: None,
+        }
     }
 }
 
@@ -319,7 +359,10 @@ pub struct VolumeOptions {
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        Self { driver: "overlay".into(), options: Vec::new() }
+        Self {
+            driver: "overlay".into(),
+            options: Vec::new(),
+        }
     }
 }
 
@@ -388,7 +431,11 @@ pub struct Network {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { api_port: 8081, bind_address: "127.0.0.1".into(), max_body_size: ByteSize::mib(10) }
+        Self {
+            api_port: 8081,
+            bind_address: "127.0.0.1".into(),
+            max_body_size: ByteSize::mib(10),
+        }
     }
 }
 
@@ -442,7 +489,11 @@ pub struct ContainerLifecycle {
 
 impl Default for ContainerLifecycle {
     fn default() -> Self {
-        Self { pre_task: Vec::new(), post_task: Vec::new(), cleanup_on_failure: true }
+        Self {
+            pre_task: Vec::new(),
+            post_task: Vec::new(),
+            cleanup_on_failure: true,
+        }
     }
 }
 
@@ -465,7 +516,10 @@ pub enum ConfigError {
 
 impl ConfigError {
     fn invalid(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError::Invalid { path: path.into(), message: message.into() }
+        ConfigError::Invalid {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -494,7 +548,10 @@ impl Config {
             ConfigError::invalid(path, clean_serde_message(&e.into_inner().to_string()))
         })?;
         config.validate()?;
-        let warnings = unknown.into_iter().map(|k| format!("unknown configuration key {k:?} ignored")).collect();
+        let warnings = unknown
+            .into_iter()
+            .map(|k| format!("unknown configuration key {k:?} ignored"))
+            .collect();
         Ok(Loaded { config, warnings })
     }
 
@@ -507,11 +564,17 @@ impl Config {
         if r.limits.memory > r.maximums.memory {
             return Err(ConfigError::invalid(
                 format!("{p}.resources.limits.memory"),
-                format!("{} is above resources.maximums.memory ({})", r.limits.memory, r.maximums.memory),
+                format!(
+                    "{} is above resources.maximums.memory ({})",
+                    r.limits.memory, r.maximums.memory
+                ),
             ));
         }
         if r.limits.memory < ByteSize::mib(6) {
-            return Err(ConfigError::invalid(format!("{p}.resources.limits.memory"), "must be at least 6Mi"));
+            return Err(ConfigError::invalid(
+                format!("{p}.resources.limits.memory"),
+                "must be at least 6Mi",
+            ));
         }
         if r.limits.cpu > r.maximums.cpu {
             return Err(ConfigError::invalid(
@@ -522,7 +585,10 @@ impl Config {
         if r.requests.memory > r.limits.memory {
             return Err(ConfigError::invalid(
                 format!("{p}.resources.requests.memory"),
-                format!("{} is above resources.limits.memory ({})", r.requests.memory, r.limits.memory),
+                format!(
+                    "{} is above resources.limits.memory ({})",
+                    r.requests.memory, r.limits.memory
+                ),
             ));
         }
         if r.requests.cpu > r.limits.cpu {
@@ -531,25 +597,42 @@ impl Config {
                 format!("{} is above resources.limits.cpu ({})", r.requests.cpu, r.limits.cpu),
             ));
         }
-        for (key, v) in [("pids", r.limits.pids), ("nofile", r.limits.nofile), ("nproc", r.limits.nproc)] {
+        for (key, v) in [
+            ("pids", r.limits.pids),
+            ("nofile", r.limits.nofile),
+            ("nproc", r.limits.nproc),
+        ] {
             if v < 16 {
-                return Err(ConfigError::invalid(format!("{p}.resources.limits.{key}"), format!("{v} is too small (at least 16)")));
+                return Err(ConfigError::invalid(
+                    format!("{p}.resources.limits.{key}"),
+                    format!("{v} is too small (at least 16)"),
+                ));
             }
         }
         if r.limits.pids > r.maximums.pids {
             return Err(ConfigError::invalid(
                 format!("{p}.resources.limits.pids"),
-                format!("{} is above resources.maximums.pids ({})", r.limits.pids, r.maximums.pids),
+                format!(
+                    "{} is above resources.maximums.pids ({})",
+                    r.limits.pids, r.maximums.pids
+                ),
             ));
         }
         if self.volume_size() > r.maximums.volume_size {
             return Err(ConfigError::invalid(
                 format!("{p}.volume_size"),
-                format!("{} is above resources.maximums.volume_size ({})", self.volume_size(), r.maximums.volume_size),
+                format!(
+                    "{} is above resources.maximums.volume_size ({})",
+                    self.volume_size(),
+                    r.maximums.volume_size
+                ),
             ));
         }
         if self.volume_size() < ByteSize::mib(16) {
-            return Err(ConfigError::invalid(format!("{p}.volume_size"), "must be at least 16Mi"));
+            return Err(ConfigError::invalid(
+                format!("{p}.volume_size"),
+                "must be at least 16Mi",
+            ));
         }
         for opt in &self.storage.volumes.options {
             let ok = match opt.split_once('=') {
@@ -560,7 +643,9 @@ impl Config {
             if !ok {
                 return Err(ConfigError::invalid(
                     "storage.volumes.options",
-                    format!("{opt:?} is not understood (allowed: size=<size>, inodes=<count>, e.g. size=5G, inodes=100k)"),
+                    format!(
+                        "{opt:?} is not understood (allowed: size=<size>, inodes=<count>, e.g. size=5G, inodes=100k)"
+                    ),
                 ));
             }
         }
@@ -569,9 +654,15 @@ impl Config {
             let ep = format!("{p}.environments[{i}]");
             validate::environment_name(&env.name).map_err(|m| ConfigError::invalid(format!("{ep}.name"), m))?;
             if !seen.insert(env.name.as_str()) {
-                return Err(ConfigError::invalid(format!("{ep}.name"), format!("environment {:?} is defined twice", env.name)));
+                return Err(ConfigError::invalid(
+                    format!("{ep}.name"),
+                    format!("environment {:?} is defined twice", env.name),
+                ));
             }
-            let sources = [env.image.is_some(), env.dockerfile.is_some()].iter().filter(|b| **b).count();
+            let sources = [env.image.is_some(), env.dockerfile.is_some()]
+                .iter()
+                .filter(|b| **b)
+                .count();
             if sources > 1 {
                 return Err(ConfigError::invalid(ep, "set either image or dockerfile, not both"));
             }
@@ -579,7 +670,10 @@ impl Config {
                 validate::image_ref(img).map_err(|m| ConfigError::invalid(format!("{ep}.image"), m))?;
             }
             if let Some(df) = &env.dockerfile {
-                if !df.lines().any(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM ")) {
+                if !df
+                    .lines()
+                    .any(|l| l.trim_start().to_ascii_uppercase().starts_with("FROM "))
+                {
                     return Err(ConfigError::invalid(
                         format!("{ep}.dockerfile"),
                         "is empty or has no FROM line (a Containerfile must start from an image)",
@@ -594,7 +688,10 @@ impl Config {
                     && pkg.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
                     && pkg.chars().all(|c| c.is_ascii_alphanumeric() || "+-.:=~".contains(c));
                 if !ok {
-                    return Err(ConfigError::invalid(format!("{ep}.packages[{j}]"), format!("{pkg:?} is not a Debian package name")));
+                    return Err(ConfigError::invalid(
+                        format!("{ep}.packages[{j}]"),
+                        format!("{pkg:?} is not a Debian package name"),
+                    ));
                 }
             }
             for (j, vol) in env.volumes.iter().enumerate() {
@@ -607,7 +704,8 @@ impl Config {
                 .map_err(|m| ConfigError::invalid(format!("isolated_workspace.warm_pool.{name}"), m))?;
         }
         for (i, img) in self.podman_config.preload_images.iter().enumerate() {
-            validate::image_ref(img).map_err(|m| ConfigError::invalid(format!("podman_config.preload_images[{i}]"), m))?;
+            validate::image_ref(img)
+                .map_err(|m| ConfigError::invalid(format!("podman_config.preload_images[{i}]"), m))?;
         }
         let net = &self.podman_config.network;
         validate::name(&net.name, 40).map_err(|m| ConfigError::invalid("podman_config.network.name", m))?;
@@ -615,7 +713,10 @@ impl Config {
             parse_cidr(&net.subnet).map_err(|m| ConfigError::invalid("podman_config.network.subnet", m))?;
         }
         if !(576..=9216).contains(&net.mtu) {
-            return Err(ConfigError::invalid("podman_config.network.mtu", format!("{} is outside 576..=9216", net.mtu)));
+            return Err(ConfigError::invalid(
+                "podman_config.network.mtu",
+                format!("{} is outside 576..=9216", net.mtu),
+            ));
         }
         if !matches!(net.driver.as_str(), "bridge" | "macvlan" | "ipvlan") {
             return Err(ConfigError::invalid(
@@ -626,25 +727,43 @@ impl Config {
         if !matches!(self.podman_config.security.userns.as_str(), "keep-id" | "host" | "") {
             return Err(ConfigError::invalid(
                 "podman_config.security.userns",
-                format!("{:?} is not supported (allowed: keep-id, host)", self.podman_config.security.userns),
+                format!(
+                    "{:?} is not supported (allowed: keep-id, host)",
+                    self.podman_config.security.userns
+                ),
             ));
         }
-        self.port_range().map_err(|m| ConfigError::invalid("podman_config.container_port_range", m))?;
-        self.network
-            .bind_address
-            .parse::<IpAddr>()
-            .map_err(|_| ConfigError::invalid("network.bind_address", format!("{:?} is not an IP address", self.network.bind_address)))?;
+        self.port_range()
+            .map_err(|m| ConfigError::invalid("podman_config.container_port_range", m))?;
+        self.network.bind_address.parse::<IpAddr>().map_err(|_| {
+            ConfigError::invalid(
+                "network.bind_address",
+                format!("{:?} is not an IP address", self.network.bind_address),
+            )
+        })?;
         let t = &self.task_execution;
         if t.max_workers == 0 || t.max_workers > 256 {
-            return Err(ConfigError::invalid("task_execution.max_workers", "must be between 1 and 256"));
+            return Err(ConfigError::invalid(
+                "task_execution.max_workers",
+                "must be between 1 and 256",
+            ));
         }
         if !(1..=10).contains(&t.default_priority) {
-            return Err(ConfigError::invalid("task_execution.default_priority", "must be between 1 and 10"));
+            return Err(ConfigError::invalid(
+                "task_execution.default_priority",
+                "must be between 1 and 10",
+            ));
         }
         if t.task_timeout == 0 {
-            return Err(ConfigError::invalid("task_execution.task_timeout", "must be at least 1 second"));
+            return Err(ConfigError::invalid(
+                "task_execution.task_timeout",
+                "must be at least 1 second",
+            ));
         }
-        for (key, list) in [("pre_task", &self.container_lifecycle.pre_task), ("post_task", &self.container_lifecycle.post_task)] {
+        for (key, list) in [
+            ("pre_task", &self.container_lifecycle.pre_task),
+            ("post_task", &self.container_lifecycle.post_task),
+        ] {
             for (i, c) in list.iter().enumerate() {
                 validate::command(c).map_err(|m| ConfigError::invalid(format!("container_lifecycle.{key}[{i}]"), m))?;
             }
@@ -673,7 +792,10 @@ impl Config {
         }
         let err = || format!("{s:?} is not a port range (example: 20000-20999)");
         let (a, b) = s.split_once('-').ok_or_else(err)?;
-        let (a, b): (u16, u16) = (a.trim().parse().map_err(|_| err())?, b.trim().parse().map_err(|_| err())?);
+        let (a, b): (u16, u16) = (
+            a.trim().parse().map_err(|_| err())?,
+            b.trim().parse().map_err(|_| err())?,
+        );
         if a < 1024 || a > b {
             return Err(err());
         }
@@ -800,27 +922,47 @@ podman_config:
 
     #[test]
     fn limits_above_maxima_are_rejected() {
-        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    resources:\n      limits:\n        memory: 64Gi\n").unwrap_err();
+        let e = Config::parse(
+            "isolated_workspace:\n  agent_containers:\n    resources:\n      limits:\n        memory: 64Gi\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("above resources.maximums.memory"), "{e}");
         let e = Config::parse("isolated_workspace:\n  agent_containers:\n    volume_size: 100Gi\n").unwrap_err();
-        assert!(e.to_string().starts_with("isolated_workspace.agent_containers.volume_size:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("isolated_workspace.agent_containers.volume_size:"),
+            "{e}"
+        );
     }
 
     #[test]
     fn custom_environments_are_checked() {
-        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n").unwrap_err();
-        assert_eq!(e.to_string(), "isolated_workspace.agent_containers.environments[0]: needs one of image, dockerfile or packages");
-        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        dockerfile: \"\"\n").unwrap_err();
+        let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "isolated_workspace.agent_containers.environments[0]: needs one of image, dockerfile or packages"
+        );
+        let e = Config::parse(
+            "isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        dockerfile: \"\"\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("environments[0].dockerfile: is empty"), "{e}");
         let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        image: \"-v /:/host\"\n").unwrap_err();
-        assert!(e.to_string().starts_with("isolated_workspace.agent_containers.environments[0].image:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("isolated_workspace.agent_containers.environments[0].image:"),
+            "{e}"
+        );
         let e = Config::parse("isolated_workspace:\n  agent_containers:\n    environments:\n      - name: x\n        image: a\n        volumes: [\"src:relative\"]\n").unwrap_err();
         assert!(e.to_string().contains("environments[0].volumes[0]"), "{e}");
     }
 
     #[test]
     fn storage_options_and_paths() {
-        let l = Config::parse("storage:\n  volumes:\n    driver: overlay\n    options: [\"size=5G\", \"inodes=100k\"]\n").unwrap();
+        let l =
+            Config::parse("storage:\n  volumes:\n    driver: overlay\n    options: [\"size=5G\", \"inodes=100k\"]\n")
+                .unwrap();
         assert_eq!(l.config.volume_size().bytes(), 5_000_000_000);
         assert_eq!(l.config.storage.volume_inodes(), Some(100_000));
         let p = Storage::default().resolve(Path::new("/home/u"));
@@ -831,8 +973,14 @@ podman_config:
 
     #[test]
     fn network_keys() {
-        assert!(Config::parse("network:\n  bind_address: localhost\n").unwrap_err().to_string().starts_with("network.bind_address"));
-        assert!(Config::parse("network:\n  api_port: 70000\n").unwrap_err().to_string().starts_with("network.api_port"));
+        assert!(Config::parse("network:\n  bind_address: localhost\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("network.bind_address"));
+        assert!(Config::parse("network:\n  api_port: 70000\n")
+            .unwrap_err()
+            .to_string()
+            .starts_with("network.api_port"));
         assert!(Config::parse("podman_config:\n  network:\n    subnet: 10.89.0.1/24\n").is_err());
         assert_eq!(parse_cidr("10.89.0.0/24").unwrap(), ([10, 89, 0, 0], 24));
         assert!(Config::parse("podman_config:\n  network:\n    mtu: 9000\n").is_ok());

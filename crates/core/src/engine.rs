@@ -30,12 +30,19 @@ pub enum EngineError {
     Failed { op: String, message: String },
     /// An image build failed; `step` is the failing instruction, `log_tail` its last lines.
     #[error("building image '{image}' failed at step {step}\n{log_tail}")]
-    BuildFailed { image: String, step: String, log_tail: String },
+    BuildFailed {
+        image: String,
+        step: String,
+        log_tail: String,
+    },
 }
 
 impl EngineError {
     pub fn failed(op: impl Into<String>, message: impl ToString) -> Self {
-        EngineError::Failed { op: op.into(), message: message.to_string() }
+        EngineError::Failed {
+            op: op.into(),
+            message: message.to_string(),
+        }
     }
     pub fn is_not_found(&self) -> bool {
         matches!(self, EngineError::NotFound { .. })
@@ -64,9 +71,17 @@ pub struct EngineInfo {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mount {
     /// A host directory or file.
-    Bind { source: PathBuf, target: String, readonly: bool },
+    Bind {
+        source: PathBuf,
+        target: String,
+        readonly: bool,
+    },
     /// A tmpfs, e.g. `/tmp` with `size_bytes` and options like `noexec,nosuid,nodev`.
-    Tmpfs { target: String, size_bytes: u64, options: Vec<String> },
+    Tmpfs {
+        target: String,
+        size_bytes: u64,
+        options: Vec<String>,
+    },
 }
 
 /// Which network namespace a container gets.
@@ -256,7 +271,12 @@ pub trait Engine: Send + Sync + 'static {
     async fn image_pull(&self, reference: &str, progress: ProgressSink) -> EngineResult<ImageInfo>;
     async fn image_build(&self, spec: BuildSpec, progress: ProgressSink) -> EngineResult<ImageInfo>;
     /// Imports a root file system tarball as an image.
-    async fn image_import(&self, rootfs_tar: PathBuf, reference: &str, progress: ProgressSink) -> EngineResult<ImageInfo>;
+    async fn image_import(
+        &self,
+        rootfs_tar: PathBuf,
+        reference: &str,
+        progress: ProgressSink,
+    ) -> EngineResult<ImageInfo>;
     async fn image_remove(&self, reference: &str) -> EngineResult<()>;
     /// Commits a container's file system changes as an image (the container may be paused).
     async fn image_commit(&self, container: &str, reference: &str, labels: Labels) -> EngineResult<ImageInfo>;

@@ -21,7 +21,11 @@ const IMAGE_FORMAT: &str = "1";
 
 /// Built-in presets: (name, description, Containerfile).
 pub const PRESETS: [(&str, &str, &str); 6] = [
-    ("minimal", "Minimal: git, curl, ca-certificates, bash", include_str!("../../../environments/minimal/Containerfile")),
+    (
+        "minimal",
+        "Minimal: git, curl, ca-certificates, bash",
+        include_str!("../../../environments/minimal/Containerfile"),
+    ),
     (
         "python-dev",
         "Python development: python3, pip, venv, pytest, black, flake8, git",
@@ -69,15 +73,18 @@ pub struct VolumeSpec {
 
 impl VolumeSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let (name, target) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?} is not a volume (expected name:/absolute/path, e.g. source:/workspace/src)"))?;
+        let (name, target) = s.split_once(':').ok_or_else(|| {
+            format!("{s:?} is not a volume (expected name:/absolute/path, e.g. source:/workspace/src)")
+        })?;
         validate::name(name, 63).map_err(|m| format!("volume name {m}"))?;
         validate::container_path(target).map_err(|m| format!("volume target {m}"))?;
         if target == "/" || !target.starts_with("/workspace") && !target.starts_with("/home/") {
             return Err(format!("volume target {target:?} must be under /workspace or /home"));
         }
-        Ok(VolumeSpec { name: name.to_string(), target: target.to_string() })
+        Ok(VolumeSpec {
+            name: name.to_string(),
+            target: target.to_string(),
+        })
     }
 }
 
@@ -98,7 +105,13 @@ pub enum ImagePlan {
     /// Use this reference; pull it when it is not present locally.
     Use(String),
     /// Build `containerfile` into `tag` (skipped when `tag` already exists), FROM `base`.
-    Build { tag: String, containerfile: String, base: String, labels: Labels, definition: String },
+    Build {
+        tag: String,
+        containerfile: String,
+        base: String,
+        labels: Labels,
+        definition: String,
+    },
 }
 
 impl ImagePlan {
@@ -131,7 +144,9 @@ impl Environment {
     /// Decides how to get this environment's image on top of `base_image`.
     pub fn plan(&self, base_image: &str) -> ImagePlan {
         let Some(containerfile) = self.containerfile() else {
-            let ImageSource::Image(r) = &self.source else { unreachable!("only images have no containerfile") };
+            let ImageSource::Image(r) = &self.source else {
+                unreachable!("only images have no containerfile")
+            };
             return ImagePlan::Use(r.clone());
         };
         let mut h = Sha256::new();
@@ -146,7 +161,13 @@ impl Environment {
             (LABEL_DEFINITION.to_string(), definition.clone()),
             (LABEL_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string()),
         ]);
-        ImagePlan::Build { tag, containerfile, base: base_image.to_string(), labels, definition }
+        ImagePlan::Build {
+            tag,
+            containerfile,
+            base: base_image.to_string(),
+            labels,
+            definition,
+        }
     }
 }
 
@@ -181,10 +202,20 @@ impl Catalog {
                 (None, None) => ImageSource::Packages(c.packages.clone()),
             };
             let volumes = c.volumes.iter().filter_map(|v| VolumeSpec::parse(v).ok()).collect();
-            let description = c.description.clone().unwrap_or_else(|| format!("Custom environment {}", c.name));
+            let description = c
+                .description
+                .clone()
+                .unwrap_or_else(|| format!("Custom environment {}", c.name));
             envs.insert(
                 c.name.clone(),
-                Environment { name: c.name.clone(), description, source, volumes, network: c.network, builtin: false },
+                Environment {
+                    name: c.name.clone(),
+                    description,
+                    source,
+                    volumes,
+                    network: c.network,
+                    builtin: false,
+                },
             );
         }
         Catalog { envs }
@@ -197,7 +228,10 @@ impl Catalog {
     /// Looks an environment up, with an error that lists the known ones.
     pub fn require(&self, name: &str) -> Result<&Environment, String> {
         self.get(name).ok_or_else(|| {
-            format!("unknown environment {name:?} (known: {})", self.names().collect::<Vec<_>>().join(", "))
+            format!(
+                "unknown environment {name:?} (known: {})",
+                self.names().collect::<Vec<_>>().join(", ")
+            )
         })
     }
 
@@ -217,10 +251,20 @@ mod tests {
     #[test]
     fn presets_are_all_there_and_build_from_the_base() {
         let cat = Catalog::from_config(&Config::default());
-        for name in ["minimal", "python-dev", "nodejs-dev", "fullstack", "python-ml", "security-tools"] {
+        for name in [
+            "minimal",
+            "python-dev",
+            "nodejs-dev",
+            "fullstack",
+            "python-ml",
+            "security-tools",
+        ] {
             let env = cat.get(name).unwrap();
             let cf = env.containerfile().unwrap();
-            assert!(cf.contains("BASE_IMAGE"), "{name} must build FROM the configurable base");
+            assert!(
+                cf.contains("BASE_IMAGE"),
+                "{name} must build FROM the configurable base"
+            );
             match env.plan("localhost/conductor/base:bookworm") {
                 ImagePlan::Build { tag, labels, .. } => {
                     assert!(tag.starts_with(&format!("localhost/conductor/{name}:")));
@@ -252,13 +296,25 @@ mod tests {
         let cat = Catalog::from_config(&cfg);
         let env = cat.get("custom-env").unwrap();
         assert_eq!(env.volumes.len(), 2);
-        assert_eq!(env.volumes[0], VolumeSpec { name: "source".into(), target: "/workspace/src".into() });
-        assert_eq!(cat.get("py").unwrap().plan("x"), ImagePlan::Use("python:3.11-slim".into()));
+        assert_eq!(
+            env.volumes[0],
+            VolumeSpec {
+                name: "source".into(),
+                target: "/workspace/src".into()
+            }
+        );
+        assert_eq!(
+            cat.get("py").unwrap().plan("x"),
+            ImagePlan::Use("python:3.11-slim".into())
+        );
         let tools = cat.get("tools").unwrap().containerfile().unwrap();
         assert!(tools.contains("install -y --no-install-recommends jq"), "{tools}");
         assert!(tools.contains("useradd"));
         let e = cat.require("nope").unwrap_err();
-        assert!(e.contains("unknown environment \"nope\"") && e.contains("python-dev"), "{e}");
+        assert!(
+            e.contains("unknown environment \"nope\"") && e.contains("python-dev"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod environment;
 pub mod lifecycle;
 pub mod naming;
+pub mod resources;
 pub mod size;
 pub mod validate;
 

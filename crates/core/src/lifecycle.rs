@@ -164,7 +164,16 @@ macro_rules! str_enum {
         }
     };
 }
-str_enum!(WorkspaceState, Creating, Running, Stopped, Removing, Removed, Lost, Failed);
+str_enum!(
+    WorkspaceState,
+    Creating,
+    Running,
+    Stopped,
+    Removing,
+    Removed,
+    Lost,
+    Failed
+);
 str_enum!(TaskState, Queued, Running, Succeeded, Failed, TimedOut, Cancelled);
 str_enum!(SnapshotState, Creating, Complete, Deleting);
 

@@ -60,8 +60,14 @@ mod tests {
     #[test]
     fn container_names_follow_the_spec() {
         assert_eq!(workspace_container("a1", "ws-0123456789ab"), "claude-agent-a1-01234567");
-        assert_eq!(service_container("a1", "ws-0123456789ab", "redis"), "claude-agent-a1-01234567-svc-redis");
-        assert_eq!(workspace_network("claude-dev-net", "ws-0123456789ab"), "claude-dev-net-01234567");
+        assert_eq!(
+            service_container("a1", "ws-0123456789ab", "redis"),
+            "claude-agent-a1-01234567-svc-redis"
+        );
+        assert_eq!(
+            workspace_network("claude-dev-net", "ws-0123456789ab"),
+            "claude-dev-net-01234567"
+        );
         assert_eq!(agent_dir("a1"), "agent_a1");
     }
 

@@ -25,9 +25,7 @@ impl ByteSize {
     pub fn parse(s: &str) -> Result<Self, String> {
         let err = || format!("{s:?} is not a size (examples: 512Mi, 2Gi)");
         let t = s.trim();
-        let split = t
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(t.len());
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         if num.is_empty() {
             return Err(err());
@@ -53,12 +51,26 @@ impl ByteSize {
     }
 }
 
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ByteSize::parse(s)
+    }
+}
+
+impl std::str::FromStr for Cpu {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Cpu::parse(s)
+    }
+}
+
 impl fmt::Display for ByteSize {
     /// Shows the largest binary unit that divides the value exactly (`2Gi`, `512Mi`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const UNITS: [(&str, u64); 4] = [("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)];
         for (name, m) in UNITS {
-            if self.0 >= m && self.0 % m == 0 {
+            if self.0 >= m && self.0.is_multiple_of(m) {
                 return write!(f, "{}{name}", self.0 / m);
             }
         }
@@ -124,13 +136,13 @@ impl Cpu {
     }
 
     fn from_millis_f64(m: f64) -> Option<Self> {
-        (m.is_finite() && m >= 1.0 && m <= 1_000_000.0).then(|| Cpu(m.round() as u32))
+        (m.is_finite() && (1.0..=1_000_000.0).contains(&m)).then(|| Cpu(m.round() as u32))
     }
 }
 
 impl fmt::Display for Cpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             write!(f, "{}", self.0 / 1000)
         } else {
             write!(f, "{}", f64::from(self.0) / 1000.0)
@@ -189,7 +201,10 @@ mod tests {
             let e = ByteSize::parse(bad).unwrap_err();
             assert!(e.contains("is not a size (examples: 512Mi, 2Gi)"), "{bad}: {e}");
         }
-        assert_eq!(ByteSize::parse("2Qi").unwrap_err(), "\"2Qi\" is not a size (examples: 512Mi, 2Gi)");
+        assert_eq!(
+            ByteSize::parse("2Qi").unwrap_err(),
+            "\"2Qi\" is not a size (examples: 512Mi, 2Gi)"
+        );
     }
 
     #[test]

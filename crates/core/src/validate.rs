@@ -54,11 +54,15 @@ pub fn image_ref(value: &str) -> Result<(), String> {
         return Err("is longer than 255 characters".into());
     }
     if value.starts_with(['-', '.', '/', ':', '@']) {
-        return Err(format!("{value:?} is not an image reference (it must start with a letter or digit)"));
+        return Err(format!(
+            "{value:?} is not an image reference (it must start with a letter or digit)"
+        ));
     }
     let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@');
     if let Some(bad) = value.chars().find(|c| !ok(*c)) {
-        return Err(format!("{value:?} is not an image reference (character {bad:?} is not allowed)"));
+        return Err(format!(
+            "{value:?} is not an image reference (character {bad:?} is not allowed)"
+        ));
     }
     let (name_part, digest) = match value.split_once('@') {
         Some((n, d)) => (n, Some(d)),
@@ -69,7 +73,9 @@ pub fn image_ref(value: &str) -> Result<(), String> {
             .strip_prefix("sha256:")
             .is_some_and(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()));
         if !valid {
-            return Err(format!("{value:?} has an invalid digest (expected sha256:<64 hex digits>)"));
+            return Err(format!(
+                "{value:?} has an invalid digest (expected sha256:<64 hex digits>)"
+            ));
         }
     }
     // A tag is what follows the last ':' after the last '/'.
@@ -178,7 +184,19 @@ mod tests {
         ] {
             image_ref(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
-        for bad in ["", "-v", "--privileged", "a b", "a;b", "x:$(id)", "a|b", "/abs", "a//b", "a:", "x@sha256:12"] {
+        for bad in [
+            "",
+            "-v",
+            "--privileged",
+            "a b",
+            "a;b",
+            "x:$(id)",
+            "a|b",
+            "/abs",
+            "a//b",
+            "a:",
+            "x@sha256:12",
+        ] {
             assert!(image_ref(bad).is_err(), "{bad} should be rejected");
         }
     }
@@ -188,7 +206,9 @@ mod tests {
         env_name("PATH").unwrap();
         env_name("_x1").unwrap();
         for bad in ["", "1A", "A-B", "A=B", "A B"] {
-            assert!(env_name(bad).unwrap_err().contains("not a valid environment variable name"));
+            assert!(env_name(bad)
+                .unwrap_err()
+                .contains("not a valid environment variable name"));
         }
         assert!(env_value("X", "a\0b").is_err());
     }

@@ -1,1 +1,136 @@
+//! The conductor application layer.
+//!
+//! [`Conductor`] owns the configuration, the store, the engine and the environment catalog
+//! and offers the workflows the CLI and the HTTP API call: building images, creating and
+//! driving workspaces, reconciling after a crash. Each workflow asks the core for decisions,
+//! records intent in the store before acting on the engine, and records the outcome after,
+//! so a crash at any point leaves something the reconciler can finish or undo.
 
+pub mod bootstrap;
+pub mod config_file;
+pub mod doctor;
+pub mod error;
+pub mod exec;
+pub mod host;
+pub mod images;
+pub mod reconcile;
+pub mod volumes;
+pub mod workspaces;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use conductor_core::config::DataPaths;
+use conductor_core::engine::Engine;
+use conductor_core::environment::Catalog;
+use conductor_core::Config;
+use conductor_engine_podman::{PodmanEngine, PodmanOptions};
+use conductor_store::Store;
+
+pub use error::{Result, ServiceError};
+
+/// The seccomp profile shipped with conductor: Podman's default minus namespace creation,
+/// keyrings, ptrace, mounts, BPF, perf, kexec and module loading (see docs/security.md).
+pub const SECCOMP_PROFILE: &str = include_str!("../../../profiles/seccomp.json");
+
+/// One running conductor: configuration, state and engine.
+pub struct Conductor {
+    pub config: Config,
+    pub paths: DataPaths,
+    pub catalog: Catalog,
+    pub engine: Arc<dyn Engine>,
+    pub store: Arc<Store>,
+    /// Identifies this conductor's objects in the engine (label `io.conductor.instance`).
+    pub instance: String,
+    seccomp_path: PathBuf,
+    /// Serialises network address allocation.
+    net_lock: tokio::sync::Mutex<()>,
+}
+
+/// The user's home directory (for `~` in paths).
+pub fn home_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| ServiceError::host(format!("create directory {}", path.display()), e))
+}
+
+impl Conductor {
+    /// Opens the store, writes the seccomp profile and connects to (or starts) Podman.
+    pub async fn open(config: Config) -> Result<Self> {
+        let paths = config.storage.resolve(&home_dir());
+        for dir in [&paths.base, &paths.workspaces, &paths.snapshots, &paths.logs] {
+            create_dir(dir)?;
+        }
+        if let Some(parent) = paths.database.parent() {
+            create_dir(parent)?;
+        }
+        let store = Store::open(&paths.database)?;
+        let instance = store.instance_id()?;
+        let seccomp_path = match &config.podman_config.security.seccomp_profile {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let p = paths.base.join("seccomp.json");
+                std::fs::write(&p, SECCOMP_PROFILE)
+                    .map_err(|e| ServiceError::host(format!("write {}", p.display()), e))?;
+                p
+            }
+        };
+        let engine = PodmanEngine::connect(PodmanOptions {
+            socket_path: config
+                .podman_config
+                .socket_path
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            data_dir: paths.base.clone(),
+            runtime: config.podman_config.runtime,
+        })
+        .await?;
+        Ok(Self::with_parts(
+            config,
+            paths,
+            Arc::new(engine),
+            Arc::new(store),
+            instance,
+            seccomp_path,
+        ))
+    }
+
+    /// Assembles a conductor from parts (tests use their own data directories).
+    pub fn with_parts(
+        config: Config,
+        paths: DataPaths,
+        engine: Arc<dyn Engine>,
+        store: Arc<Store>,
+        instance: String,
+        seccomp_path: PathBuf,
+    ) -> Self {
+        let catalog = Catalog::from_config(&config);
+        Conductor {
+            config,
+            paths,
+            catalog,
+            engine,
+            store,
+            instance,
+            seccomp_path,
+            net_lock: Default::default(),
+        }
+    }
+
+    pub fn seccomp_path(&self) -> &Path {
+        &self.seccomp_path
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

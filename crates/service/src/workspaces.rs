@@ -1,0 +1,620 @@
+//! Workspaces: one agent's isolated container, its data volume and its network.
+//!
+//! Creation records intent first (`creating`), then makes the volume, the network and the
+//! container, then records `running`; any failure undoes what was made and records
+//! `failed`. Removal records `removing` before touching the engine. A crash in between is
+//! finished by [`Conductor::reconcile`](crate::reconcile).
+
+use std::collections::BTreeMap;
+
+use conductor_core::config::{parse_cidr, NetworkPolicy};
+use conductor_core::engine::{
+    ContainerSpec, Labels, Mount, NetworkAttachment, NetworkSpec, OutputChunk, ProgressSink, ResourceLimits,
+    SecurityOptions,
+};
+use conductor_core::lifecycle::WorkspaceState;
+use conductor_core::naming;
+use conductor_core::resources::{LimitOverrides, WorkspaceLimits};
+use conductor_core::validate;
+use conductor_store::{WorkspaceFilter, WorkspaceRecord};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::exec::{self, ExecOutcome, ExecRequest};
+use crate::volumes::{self, DataVolume};
+use crate::{host, now_ms, Conductor, Result, ServiceError};
+
+/// Everything a caller may choose about a new workspace.
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub agent_id: String,
+    pub environment: String,
+    pub limits: LimitOverrides,
+    /// `None` takes the environment's, then the configuration's policy.
+    pub network: Option<NetworkPolicy>,
+    /// A throw-away volume even when `persistent_volumes` is on (sandbox tasks).
+    pub ephemeral: bool,
+    /// May only turn a read-only root file system on, never off.
+    pub readonly_rootfs: bool,
+    pub env: BTreeMap<String, String>,
+    /// Container ports to publish on 127.0.0.1 (host ports from `container_port_range`).
+    pub ports: Vec<u16>,
+    /// Extra labels (e.g. the task id).
+    pub labels: Labels,
+}
+
+/// A workspace as shown to users.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkspaceInfo {
+    pub id: String,
+    pub agent_id: String,
+    pub environment: String,
+    pub image: String,
+    pub container_name: String,
+    pub state: WorkspaceState,
+    pub network: Option<String>,
+    pub limits: WorkspaceLimits,
+    pub volume_dir: String,
+    pub created_at: i64,
+    pub last_used_at: i64,
+    pub error: Option<String>,
+}
+
+/// Live resource use of a running workspace.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Usage {
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub pids: u64,
+    pub pids_limit: u64,
+    /// Processes killed by the kernel for exceeding the memory limit.
+    pub oom_kills: Option<u64>,
+    pub disk_used_bytes: Option<u64>,
+    pub disk_limit_bytes: Option<u64>,
+}
+
+/// Filter for [`Conductor::list_workspaces`].
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub agent_id: Option<String>,
+    pub environment: Option<String>,
+    pub state: Option<WorkspaceState>,
+    /// Include removed, lost and failed workspaces.
+    pub all: bool,
+}
+
+const LIVE_STATES: [WorkspaceState; 4] = [
+    WorkspaceState::Creating,
+    WorkspaceState::Running,
+    WorkspaceState::Stopped,
+    WorkspaceState::Removing,
+];
+
+impl TryFrom<WorkspaceRecord> for WorkspaceInfo {
+    type Error = ServiceError;
+    fn try_from(r: WorkspaceRecord) -> Result<Self> {
+        let limits = serde_json::from_str(&r.limits_json)
+            .map_err(|e| ServiceError::host(format!("decode limits of workspace {}", r.id), e))?;
+        Ok(WorkspaceInfo {
+            id: r.id,
+            agent_id: r.agent_id,
+            environment: r.environment,
+            image: r.image,
+            container_name: r.container_name,
+            state: r.state,
+            network: r.network,
+            limits,
+            volume_dir: r.volume_dir,
+            created_at: r.created_at,
+            last_used_at: r.last_used_at,
+            error: r.error,
+        })
+    }
+}
+
+/// Everything made so far during a create, for undoing it.
+#[derive(Default)]
+struct Made {
+    volume: Option<(DataVolume, bool)>,
+    network: Option<String>,
+    container: Option<String>,
+}
+
+impl Conductor {
+    fn record(&self, id: &str) -> Result<WorkspaceRecord> {
+        self.store
+            .get_workspace(id)?
+            .ok_or_else(|| ServiceError::not_found(format!("workspace '{id}'")))
+    }
+
+    /// Looks up a workspace by id, or by container name.
+    pub fn get_workspace(&self, id: &str) -> Result<WorkspaceInfo> {
+        if let Some(r) = self.store.get_workspace(id)? {
+            return r.try_into();
+        }
+        let all = self.store.list_workspaces(&WorkspaceFilter::default())?;
+        match all.into_iter().rev().find(|r| r.container_name == id) {
+            Some(r) => r.try_into(),
+            None => Err(ServiceError::not_found(format!("workspace '{id}'"))),
+        }
+    }
+
+    pub fn list_workspaces(&self, f: &ListFilter) -> Result<Vec<WorkspaceInfo>> {
+        let states = match (f.state, f.all) {
+            (Some(s), _) => vec![s],
+            (None, true) => Vec::new(),
+            (None, false) => LIVE_STATES.to_vec(),
+        };
+        let filter = WorkspaceFilter {
+            agent_id: f.agent_id.clone(),
+            environment: f.environment.clone(),
+            states,
+        };
+        self.store
+            .list_workspaces(&filter)?
+            .into_iter()
+            .map(TryInto::try_into)
+            .collect()
+    }
+
+    /// Creates and starts a workspace; builds its environment's image first if needed.
+    pub async fn create_workspace(&self, req: CreateRequest, progress: ProgressSink) -> Result<WorkspaceInfo> {
+        validate::agent_id(&req.agent_id).map_err(|m| ServiceError::invalid("agent_id", m))?;
+        let env = self
+            .catalog
+            .require(&req.environment)
+            .map_err(|m| ServiceError::invalid("environment", m))?
+            .clone();
+        let limits = WorkspaceLimits::resolve(&self.config, &req.limits)
+            .map_err(|e| ServiceError::invalid(format!("limits.{}", e.field), e.message))?;
+        for (k, v) in &req.env {
+            validate::env_name(k).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
+            validate::env_value(k, v).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
+        }
+        let (lo, hi) = self
+            .config
+            .port_range()
+            .map_err(|m| ServiceError::invalid("ports", m))?;
+        if req.ports.contains(&0) {
+            return Err(ServiceError::invalid("ports", "0 is not a port"));
+        }
+        let active = self.store.list_workspaces(&WorkspaceFilter {
+            states: LIVE_STATES.to_vec(),
+            ..Default::default()
+        })?;
+        let max = self.config.isolated_workspace.cleanup.max_containers as usize;
+        if active.len() >= max {
+            return Err(ServiceError::Exhausted(format!(
+                "{} workspaces exist, the configured maximum (isolated_workspace.cleanup.max_containers) is {max}; remove one first",
+                active.len()
+            )));
+        }
+        let image = self.ensure_environment(&env.name, progress, false).await?.reference;
+
+        let id = format!("ws-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let container_name = naming::workspace_container(&req.agent_id, &id);
+        let agent_dir = self.paths.workspaces.join(naming::agent_dir(&req.agent_id));
+        let persistent_dir = agent_dir.join(&env.name);
+        let shared_in_use = active
+            .iter()
+            .any(|w| std::path::Path::new(&w.volume_dir) == persistent_dir);
+        let persistent =
+            self.config.isolated_workspace.agent_containers.persistent_volumes && !req.ephemeral && !shared_in_use;
+        let volume_dir = if persistent {
+            persistent_dir
+        } else {
+            agent_dir.join(&id)
+        };
+        let now = now_ms();
+        let record = WorkspaceRecord {
+            id: id.clone(),
+            agent_id: req.agent_id.clone(),
+            environment: env.name.clone(),
+            image: image.clone(),
+            container_name: container_name.clone(),
+            container_id: None,
+            network: None,
+            state: WorkspaceState::Creating,
+            limits_json: serde_json::to_string(&limits).map_err(|e| ServiceError::host("encode limits", e))?,
+            volume_dir: volume_dir.display().to_string(),
+            created_at: now,
+            last_used_at: now,
+            error: None,
+        };
+        self.store.insert_workspace(&record)?;
+
+        let mut made = Made::default();
+        let result = self
+            .make_workspace(&record, &env, &limits, &req, persistent, (lo, hi), &mut made)
+            .await;
+        match result {
+            Ok(()) => self.get_workspace(&id),
+            Err(e) => {
+                self.undo(&made).await;
+                self.store
+                    .set_workspace_state(&id, WorkspaceState::Failed, Some(&e.to_string()))?;
+                Err(e)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn make_workspace(
+        &self,
+        record: &WorkspaceRecord,
+        env: &conductor_core::environment::Environment,
+        limits: &WorkspaceLimits,
+        req: &CreateRequest,
+        persistent: bool,
+        port_range: (u16, u16),
+        made: &mut Made,
+    ) -> Result<()> {
+        let sub_names: Vec<String> = env.volumes.iter().map(|v| v.name.clone()).collect();
+        let vol = volumes::prepare(
+            std::path::Path::new(&record.volume_dir),
+            limits.volume_size.bytes(),
+            self.config.storage.volume_inodes(),
+            &sub_names,
+        )
+        .await?;
+        made.volume = Some((vol.clone(), persistent));
+
+        let mut labels = naming::workspace_labels(&self.instance, &record.id, &record.agent_id, &env.name);
+        labels.extend(req.labels.clone());
+        let policy = req
+            .network
+            .or(env.network)
+            .unwrap_or(self.config.isolated_workspace.agent_containers.network);
+        let network = match policy {
+            NetworkPolicy::None => NetworkAttachment::None,
+            NetworkPolicy::Isolated | NetworkPolicy::Egress => {
+                let name = naming::workspace_network(&self.config.podman_config.network.name, &record.id);
+                self.create_network(&name, policy == NetworkPolicy::Egress, labels.clone())
+                    .await?;
+                made.network = Some(name.clone());
+                NetworkAttachment::Network(name)
+            }
+        };
+
+        let ac = &self.config.isolated_workspace.agent_containers;
+        let readonly = ac.readonly_rootfs || req.readonly_rootfs;
+        let mut mounts = vec![Mount::Bind {
+            source: vol.workspace_dir(),
+            target: "/workspace".into(),
+            readonly: false,
+        }];
+        for v in &env.volumes {
+            mounts.push(Mount::Bind {
+                source: vol.sub_volume(&v.name),
+                target: v.target.clone(),
+                readonly: false,
+            });
+        }
+        if readonly {
+            mounts.push(Mount::Tmpfs {
+                target: "/tmp".into(),
+                size_bytes: ac.tmpfs_size.bytes(),
+                options: vec!["noexec".into(), "nosuid".into(), "nodev".into()],
+            });
+        }
+        let mut env_vars: Vec<(String, String)> = vec![
+            ("CONDUCTOR_WORKSPACE_ID".into(), record.id.clone()),
+            ("CONDUCTOR_AGENT_ID".into(), record.agent_id.clone()),
+        ];
+        env_vars.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let published = allocate_ports(&req.ports, port_range)?;
+        labels.insert(naming::LABEL_ROLE.into(), "workspace".into());
+        let spec = ContainerSpec {
+            name: record.container_name.clone(),
+            image: record.image.clone(),
+            labels,
+            env: env_vars,
+            // PID 1 is a shell that reaps orphans and exits at once on SIGTERM.
+            entrypoint: Some(vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "trap 'exit 0' TERM INT; while :; do sleep 86400 & wait $!; done".into(),
+            ]),
+            cmd: Some(Vec::new()),
+            user: Some(exec::WORKSPACE_USER.into()),
+            workdir: Some("/workspace".into()),
+            hostname: Some(naming::short_id(&record.id).to_string()),
+            mounts,
+            network,
+            extra_hosts: Vec::new(),
+            published_ports: published,
+            limits: ResourceLimits {
+                memory_bytes: limits.memory.bytes(),
+                nano_cpus: limits.cpu.nano_cpus(),
+                pids: limits.pids,
+                nofile: limits.nofile,
+                nproc: limits.nproc,
+            },
+            security: SecurityOptions {
+                cap_drop_all: true,
+                no_new_privileges: true,
+                seccomp_profile: Some(self.seccomp_path().to_path_buf()),
+                readonly_rootfs: readonly,
+            },
+        };
+        let cid = self.engine.container_create(&spec).await?;
+        made.container = Some(cid.clone());
+        self.engine.container_start(&cid).await?;
+        self.store
+            .set_workspace_container(&record.id, &cid, made.network.as_deref())?;
+        self.store
+            .set_workspace_state(&record.id, WorkspaceState::Running, None)?;
+        Ok(())
+    }
+
+    /// Best-effort removal of what a failed create made.
+    async fn undo(&self, made: &Made) {
+        if let Some(c) = &made.container {
+            let _ = self.engine.container_remove(c).await;
+        }
+        if let Some(n) = &made.network {
+            let _ = self.engine.network_remove(n).await;
+        }
+        if let Some((vol, persistent)) = &made.volume {
+            let _ = if *persistent {
+                volumes::unmount(vol).await
+            } else {
+                volumes::destroy(vol).await
+            };
+        }
+    }
+
+    /// Creates a workspace network on the next free block of `podman_config.network.subnet`.
+    async fn create_network(&self, name: &str, egress: bool, labels: Labels) -> Result<()> {
+        let _guard = self.net_lock.lock().await;
+        let cfg = &self.config.podman_config.network;
+        let taken: Vec<String> = self
+            .engine
+            .network_list(&[])
+            .await?
+            .into_iter()
+            .flat_map(|n| n.subnets)
+            .collect();
+        let subnet = if cfg.subnet.is_empty() {
+            None
+        } else {
+            let (base, len) =
+                parse_cidr(&cfg.subnet).map_err(|m| ServiceError::invalid("podman_config.network.subnet", m))?;
+            Some(next_free_block(base, len, &taken).ok_or_else(|| {
+                ServiceError::Exhausted(format!(
+                    "no free /29 left in podman_config.network.subnet {}",
+                    cfg.subnet
+                ))
+            })?)
+        };
+        let spec = NetworkSpec {
+            name: name.to_string(),
+            internal: !egress,
+            dns: egress,
+            subnet,
+            mtu: Some(cfg.mtu),
+            driver: cfg.driver.clone(),
+            labels,
+        };
+        self.engine.network_create(&spec).await?;
+        Ok(())
+    }
+
+    /// Runs a shell command in a running workspace, streaming its output.
+    pub async fn exec(&self, id: &str, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
+        let w = self.record(id)?;
+        if !w.state.can_exec() {
+            return Err(ServiceError::Conflict(format!(
+                "workspace '{}' is {}; it must be running to exec",
+                w.id, w.state
+            )));
+        }
+        let container = w.container_id.clone().unwrap_or(w.container_name.clone());
+        self.store.touch_workspace(&w.id, now_ms())?;
+        exec::run(self.engine.as_ref(), &container, req, output).await
+    }
+
+    /// Runs a command and collects its output (for the HTTP API).
+    pub async fn exec_collect(&self, id: &str, req: ExecRequest) -> Result<(ExecOutcome, String, String)> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let collector = tokio::spawn(async move {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Some(chunk) = rx.recv().await {
+                match chunk {
+                    OutputChunk::Stdout(b) => out.extend_from_slice(&b),
+                    OutputChunk::Stderr(b) => err.extend_from_slice(&b),
+                }
+            }
+            (
+                String::from_utf8_lossy(&out).into_owned(),
+                String::from_utf8_lossy(&err).into_owned(),
+            )
+        });
+        let outcome = self.exec(id, req, tx).await?;
+        let (out, err) = collector.await.map_err(|e| ServiceError::host("collect output", e))?;
+        Ok((outcome, out, err))
+    }
+
+    /// The workspace plus live usage when it runs.
+    pub async fn inspect_workspace(&self, id: &str) -> Result<(WorkspaceInfo, Option<Usage>)> {
+        let info = self.get_workspace(id)?;
+        if info.state != WorkspaceState::Running {
+            return Ok((info, None));
+        }
+        let container = self
+            .record(&info.id)?
+            .container_id
+            .unwrap_or(info.container_name.clone());
+        let stats = self.engine.container_stats(&container).await?;
+        let pid = self.engine.container_inspect(&container).await?.and_then(|c| c.pid);
+        let disk = host::disk_usage(&DataVolume::at(std::path::Path::new(&info.volume_dir)).mountpoint());
+        let usage = Usage {
+            cpu_percent: stats.cpu_percent,
+            memory_bytes: stats.memory_bytes,
+            memory_limit_bytes: stats.memory_limit_bytes,
+            pids: stats.pids,
+            pids_limit: stats.pids_limit,
+            oom_kills: pid.and_then(host::oom_kills),
+            disk_used_bytes: disk.map(|d| d.0),
+            disk_limit_bytes: disk.map(|d| d.1),
+        };
+        Ok((info, Some(usage)))
+    }
+
+    pub async fn stop_workspace(&self, id: &str) -> Result<WorkspaceInfo> {
+        let w = self.record(id)?;
+        if !w.state.can_stop() {
+            return Err(ServiceError::Conflict(format!(
+                "workspace '{}' is {}; only a running one can be stopped",
+                w.id, w.state
+            )));
+        }
+        let container = w.container_id.clone().unwrap_or(w.container_name.clone());
+        self.engine.container_stop(&container, 5).await?;
+        self.store.set_workspace_state(&w.id, WorkspaceState::Stopped, None)?;
+        self.get_workspace(&w.id)
+    }
+
+    pub async fn start_workspace(&self, id: &str) -> Result<WorkspaceInfo> {
+        let w = self.record(id)?;
+        if !w.state.can_start() {
+            return Err(ServiceError::Conflict(format!(
+                "workspace '{}' is {}; only a stopped one can be started",
+                w.id, w.state
+            )));
+        }
+        let env: Vec<String> = self
+            .catalog
+            .get(&w.environment)
+            .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
+            .unwrap_or_default();
+        let limits: WorkspaceLimits =
+            serde_json::from_str(&w.limits_json).map_err(|e| ServiceError::host("decode limits", e))?;
+        // The volume may have been unmounted (host reboot).
+        volumes::prepare(
+            std::path::Path::new(&w.volume_dir),
+            limits.volume_size.bytes(),
+            self.config.storage.volume_inodes(),
+            &env,
+        )
+        .await?;
+        let container = w.container_id.clone().unwrap_or(w.container_name.clone());
+        self.engine.container_start(&container).await?;
+        self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;
+        self.get_workspace(&w.id)
+    }
+
+    /// Removes a workspace's container and network. `keep_volumes`: `Some(true)` keeps its
+    /// data, `Some(false)` deletes it, `None` keeps it only for a persistent volume with
+    /// `persistent_volumes` on.
+    pub async fn remove_workspace(&self, id: &str, keep_volumes: Option<bool>) -> Result<WorkspaceInfo> {
+        let w = self.record(id)?;
+        if !w.state.can_remove() {
+            return Err(ServiceError::Conflict(format!(
+                "workspace '{}' is already removed",
+                w.id
+            )));
+        }
+        self.store.set_workspace_state(&w.id, WorkspaceState::Removing, None)?;
+        self.release_resources(&w, keep_volumes).await?;
+        self.store.set_workspace_state(&w.id, WorkspaceState::Removed, None)?;
+        self.get_workspace(&w.id)
+    }
+
+    /// Removes the engine objects of a workspace and releases or deletes its volume.
+    pub(crate) async fn release_resources(&self, w: &WorkspaceRecord, keep_volumes: Option<bool>) -> Result<()> {
+        // Sidecars and holders share the workspace label; remove them first.
+        let others = self
+            .engine
+            .container_list(&[(naming::LABEL_WORKSPACE, Some(w.id.as_str()))])
+            .await?;
+        for c in others
+            .iter()
+            .filter(|c| c.labels.get(naming::LABEL_ROLE).map(String::as_str) != Some("workspace"))
+        {
+            self.engine.container_remove(&c.id).await?;
+        }
+        self.engine
+            .container_remove(w.container_id.as_deref().unwrap_or(&w.container_name))
+            .await?;
+        if let Some(n) = &w.network {
+            self.engine.network_remove(n).await?;
+        }
+        let vol = DataVolume::at(std::path::Path::new(&w.volume_dir));
+        let persistent_dir = self
+            .paths
+            .workspaces
+            .join(naming::agent_dir(&w.agent_id))
+            .join(&w.environment);
+        let is_persistent = vol.dir == persistent_dir;
+        let keep =
+            keep_volumes.unwrap_or(is_persistent && self.config.isolated_workspace.agent_containers.persistent_volumes);
+        if keep {
+            volumes::unmount(&vol).await
+        } else {
+            volumes::destroy(&vol).await
+        }
+    }
+}
+
+/// The first /29 inside `base/len` that overlaps none of `taken` (CIDR strings).
+pub fn next_free_block(base: [u8; 4], len: u8, taken: &[String]) -> Option<String> {
+    let start = u32::from_be_bytes(base);
+    let size = 1u32 << (32 - len);
+    let taken: Vec<(u32, u32)> = taken
+        .iter()
+        .filter_map(|t| {
+            let (ip, l) = t.split_once('/')?;
+            let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+            let l: u32 = l.parse().ok()?;
+            let n = 1u32.checked_shl(32 - l).unwrap_or(0);
+            Some((u32::from(ip), n.max(1)))
+        })
+        .collect();
+    (0..size / 8)
+        .map(|i| start + i * 8)
+        .find(|b| !taken.iter().any(|(t, n)| *b < t + n && *t < b + 8))
+        .map(|b| {
+            let ip = std::net::Ipv4Addr::from(b);
+            format!("{ip}/29")
+        })
+}
+
+/// Picks free host ports on 127.0.0.1 for the requested container ports.
+fn allocate_ports(ports: &[u16], (lo, hi): (u16, u16)) -> Result<Vec<(u16, u16)>> {
+    let mut out = Vec::new();
+    let mut next = lo;
+    for &p in ports {
+        let host = (next..=hi)
+            .find(|h| std::net::TcpListener::bind(("127.0.0.1", *h)).is_ok())
+            .ok_or_else(|| ServiceError::Exhausted("no free port left in podman_config.container_port_range".into()))?;
+        out.push((p, host));
+        next = host.saturating_add(1);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_skip_taken_subnets() {
+        assert_eq!(
+            next_free_block([10, 89, 0, 0], 24, &[]).as_deref(),
+            Some("10.89.0.0/29")
+        );
+        let taken = vec![
+            "10.89.0.0/29".to_string(),
+            "10.89.0.8/29".to_string(),
+            "10.88.0.0/16".to_string(),
+        ];
+        assert_eq!(
+            next_free_block([10, 89, 0, 0], 24, &taken).as_deref(),
+            Some("10.89.0.16/29")
+        );
+        let all = vec!["10.89.0.0/24".to_string()];
+        assert_eq!(next_free_block([10, 89, 0, 0], 24, &all), None);
+    }
+}

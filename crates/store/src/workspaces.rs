@@ -1,0 +1,310 @@
+//! The `workspaces` table: one row per workspace container conductor created, kept after
+//! removal (state `removed`) until the service deletes it.
+//!
+//! The service records intent before acting (`creating` before the engine is called,
+//! `removing` before the container is removed), so after a crash the reconciler can tell
+//! from these rows what was half done.
+
+use conductor_core::lifecycle::WorkspaceState;
+use rusqlite::{params, Row};
+
+use crate::{expect_row, query_all, query_opt, Decoder, Result, Store, Where};
+
+const COLUMNS: &str = "id, agent_id, environment, image, container_name, container_id, \
+     network, state, limits_json, volume_dir, created_at, last_used_at, error";
+
+/// A workspace as persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceRecord {
+    /// Conductor's id of the workspace.
+    pub id: String,
+    /// The agent that owns it.
+    pub agent_id: String,
+    /// Name of the environment it was created from.
+    pub environment: String,
+    /// Image reference the container runs.
+    pub image: String,
+    /// Engine container name (`claude-agent-<agent>-<short>`), known before the container is.
+    pub container_name: String,
+    /// Engine container id, once created.
+    pub container_id: Option<String>,
+    /// Engine network the container is attached to, if any.
+    pub network: Option<String>,
+    /// Lifecycle state.
+    pub state: WorkspaceState,
+    /// Resource limits, as the service serialised them.
+    pub limits_json: String,
+    /// Host directory holding the workspace's volumes.
+    pub volume_dir: String,
+    /// Creation time, unix milliseconds.
+    pub created_at: i64,
+    /// Last time a task or exec used it, unix milliseconds (drives idle cleanup).
+    pub last_used_at: i64,
+    /// Why the workspace failed or was lost, if it did.
+    pub error: Option<String>,
+}
+
+/// Which workspaces [`Store::list_workspaces`] returns. The default matches all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkspaceFilter {
+    /// Only this agent's workspaces.
+    pub agent_id: Option<String>,
+    /// Only workspaces of this environment.
+    pub environment: Option<String>,
+    /// Only workspaces in one of these states; empty means any state.
+    pub states: Vec<WorkspaceState>,
+}
+
+fn decode(row: &Row<'_>) -> Result<WorkspaceRecord> {
+    let id: String = row.get("id")?;
+    let d = Decoder::new(row, format!("workspaces row '{id}'"));
+    Ok(WorkspaceRecord {
+        agent_id: d.get("agent_id")?,
+        environment: d.get("environment")?,
+        image: d.get("image")?,
+        container_name: d.get("container_name")?,
+        container_id: d.get("container_id")?,
+        network: d.get("network")?,
+        state: d.parse("state")?,
+        limits_json: d.get("limits_json")?,
+        volume_dir: d.get("volume_dir")?,
+        created_at: d.get("created_at")?,
+        last_used_at: d.get("last_used_at")?,
+        error: d.get("error")?,
+        id,
+    })
+}
+
+fn not_found(id: &str) -> impl FnOnce() -> String + '_ {
+    move || format!("workspace '{id}'")
+}
+
+impl Store {
+    /// Records a new workspace. Fails with a uniqueness violation
+    /// ([`crate::StoreError::is_conflict`]) if the id exists.
+    pub fn insert_workspace(&self, ws: &WorkspaceRecord) -> Result<()> {
+        self.conn()
+            .prepare_cached(&format!(
+                "INSERT INTO workspaces ({COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+            ))?
+            .execute(params![
+                ws.id,
+                ws.agent_id,
+                ws.environment,
+                ws.image,
+                ws.container_name,
+                ws.container_id,
+                ws.network,
+                ws.state.as_str(),
+                ws.limits_json,
+                ws.volume_dir,
+                ws.created_at,
+                ws.last_used_at,
+                ws.error,
+            ])?;
+        Ok(())
+    }
+
+    /// The workspace with this id, if any.
+    pub fn get_workspace(&self, id: &str) -> Result<Option<WorkspaceRecord>> {
+        query_opt(
+            &self.conn(),
+            &format!("SELECT {COLUMNS} FROM workspaces WHERE id = ?1"),
+            [id],
+            decode,
+        )
+    }
+
+    /// Workspaces matching `filter`, oldest first.
+    pub fn list_workspaces(&self, filter: &WorkspaceFilter) -> Result<Vec<WorkspaceRecord>> {
+        let mut w = Where::default();
+        w.eq("agent_id", filter.agent_id.as_deref());
+        w.eq("environment", filter.environment.as_deref());
+        w.any_of("state", filter.states.iter().map(|s| s.as_str()));
+        query_all(
+            &self.conn(),
+            &format!("SELECT {COLUMNS} FROM workspaces{} ORDER BY created_at, id", w.sql()),
+            w.params(),
+            decode,
+        )
+    }
+
+    /// Sets the state and the error message (`None` clears a previous error).
+    pub fn set_workspace_state(&self, id: &str, state: WorkspaceState, error: Option<&str>) -> Result<()> {
+        let changed = self
+            .conn()
+            .prepare_cached("UPDATE workspaces SET state = ?2, error = ?3 WHERE id = ?1")?
+            .execute(params![id, state.as_str(), error])?;
+        expect_row(changed, not_found(id))
+    }
+
+    /// Records the engine's container id and the network it joined, once created.
+    pub fn set_workspace_container(&self, id: &str, container_id: &str, network: Option<&str>) -> Result<()> {
+        let changed = self
+            .conn()
+            .prepare_cached("UPDATE workspaces SET container_id = ?2, network = ?3 WHERE id = ?1")?
+            .execute(params![id, container_id, network])?;
+        expect_row(changed, not_found(id))
+    }
+
+    /// Marks the workspace as used at `now_ms`.
+    pub fn touch_workspace(&self, id: &str, now_ms: i64) -> Result<()> {
+        let changed = self
+            .conn()
+            .prepare_cached("UPDATE workspaces SET last_used_at = ?2 WHERE id = ?1")?
+            .execute(params![id, now_ms])?;
+        expect_row(changed, not_found(id))
+    }
+
+    /// Deletes the row. Snapshot rows of the workspace are not touched.
+    pub fn delete_workspace(&self, id: &str) -> Result<()> {
+        let changed = self
+            .conn()
+            .prepare_cached("DELETE FROM workspaces WHERE id = ?1")?
+            .execute([id])?;
+        expect_row(changed, not_found(id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::file_store;
+    use crate::StoreError;
+
+    fn ws(id: &str, agent: &str, env: &str, created_at: i64) -> WorkspaceRecord {
+        WorkspaceRecord {
+            id: id.to_owned(),
+            agent_id: agent.to_owned(),
+            environment: env.to_owned(),
+            image: "localhost/conductor/python-dev:latest".to_owned(),
+            container_name: format!("claude-agent-{agent}-{id}"),
+            container_id: None,
+            network: None,
+            state: WorkspaceState::Creating,
+            limits_json: r#"{"memory":"2g"}"#.to_owned(),
+            volume_dir: format!("/data/isolated/agent_{agent}/{id}"),
+            created_at,
+            last_used_at: created_at,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn insert_get_and_update_round_trip() {
+        let (_dir, store) = file_store();
+        let original = ws("w1", "a1", "python", 100);
+        store.insert_workspace(&original).unwrap();
+        assert_eq!(store.get_workspace("w1").unwrap(), Some(original.clone()));
+        assert_eq!(store.get_workspace("nope").unwrap(), None);
+
+        store
+            .set_workspace_container("w1", "c0ffee", Some("conductor-a1"))
+            .unwrap();
+        store.set_workspace_state("w1", WorkspaceState::Running, None).unwrap();
+        store.touch_workspace("w1", 250).unwrap();
+        let got = store.get_workspace("w1").unwrap().unwrap();
+        assert_eq!(got.container_id.as_deref(), Some("c0ffee"));
+        assert_eq!(got.network.as_deref(), Some("conductor-a1"));
+        assert_eq!(got.state, WorkspaceState::Running);
+        assert_eq!(got.last_used_at, 250);
+        assert_eq!(got.created_at, 100);
+
+        store
+            .set_workspace_state("w1", WorkspaceState::Lost, Some("container vanished"))
+            .unwrap();
+        let got = store.get_workspace("w1").unwrap().unwrap();
+        assert_eq!(got.state, WorkspaceState::Lost);
+        assert_eq!(got.error.as_deref(), Some("container vanished"));
+
+        store.delete_workspace("w1").unwrap();
+        assert_eq!(store.get_workspace("w1").unwrap(), None);
+    }
+
+    #[test]
+    fn duplicate_id_is_a_conflict() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_workspace(&ws("w1", "a1", "python", 1)).unwrap();
+        let err = store.insert_workspace(&ws("w1", "a2", "node", 2)).unwrap_err();
+        assert!(err.is_conflict(), "{err:?}");
+    }
+
+    #[test]
+    fn updates_of_missing_rows_are_not_found() {
+        let store = Store::open_in_memory().unwrap();
+        let expect_not_found = |r: Result<()>| match r {
+            Err(StoreError::NotFound { what }) => assert_eq!(what, "workspace 'ghost'"),
+            other => panic!("expected NotFound, got {other:?}"),
+        };
+        expect_not_found(store.set_workspace_state("ghost", WorkspaceState::Running, None));
+        expect_not_found(store.set_workspace_container("ghost", "c1", None));
+        expect_not_found(store.touch_workspace("ghost", 5));
+        expect_not_found(store.delete_workspace("ghost"));
+    }
+
+    #[test]
+    fn list_filters_and_orders_by_creation() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_workspace(&ws("w3", "a1", "node", 30)).unwrap();
+        store.insert_workspace(&ws("w1", "a1", "python", 10)).unwrap();
+        store.insert_workspace(&ws("w2", "a2", "python", 20)).unwrap();
+        store.set_workspace_state("w1", WorkspaceState::Running, None).unwrap();
+        store.set_workspace_state("w2", WorkspaceState::Removed, None).unwrap();
+
+        let ids = |f: WorkspaceFilter| -> Vec<String> {
+            store.list_workspaces(&f).unwrap().into_iter().map(|w| w.id).collect()
+        };
+        assert_eq!(ids(WorkspaceFilter::default()), ["w1", "w2", "w3"]);
+        assert_eq!(
+            ids(WorkspaceFilter {
+                agent_id: Some("a1".into()),
+                ..Default::default()
+            }),
+            ["w1", "w3"]
+        );
+        assert_eq!(
+            ids(WorkspaceFilter {
+                environment: Some("python".into()),
+                ..Default::default()
+            }),
+            ["w1", "w2"]
+        );
+        assert_eq!(
+            ids(WorkspaceFilter {
+                states: vec![WorkspaceState::Running, WorkspaceState::Creating],
+                ..Default::default()
+            }),
+            ["w1", "w3"]
+        );
+        assert_eq!(
+            ids(WorkspaceFilter {
+                agent_id: Some("a1".into()),
+                environment: Some("python".into()),
+                states: vec![WorkspaceState::Removed],
+            }),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn unknown_state_is_corrupt_naming_the_table_and_row() {
+        let (_dir, store) = file_store();
+        store.insert_workspace(&ws("w1", "a1", "python", 1)).unwrap();
+        store
+            .conn()
+            .execute("UPDATE workspaces SET state = 'exploded' WHERE id = 'w1'", [])
+            .unwrap();
+        match store.get_workspace("w1").unwrap_err() {
+            StoreError::Corrupt { what, detail } => {
+                assert_eq!(what, "workspaces row 'w1', column state");
+                assert!(detail.contains("exploded"), "{detail}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        assert!(matches!(
+            store.list_workspaces(&WorkspaceFilter::default()),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what conductor needs on Debian/Ubuntu (podman, runc, debootstrap, e2fsprogs…),
+# builds the conductor binary and the base + minimal images. Idempotent: quick the second time.
+# Usage: scripts/setup.sh [--no-images | --deps-only]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null; then SUDO="sudo"; else
+    echo "setup: run as root (or install sudo): apt-get needs root, and workspace volumes are loop mounts" >&2; exit 1
+  fi
+fi
+
+declare -A pkg_of=(
+  [podman]=podman [runc]=runc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
+  [tar]=tar [mount]=mount [ip]=iproute2 [python3]=python3 [curl]=curl
+)
+missing=()
+for cmd in "${!pkg_of[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || [ -x "/sbin/$cmd" ] || missing+=("${pkg_of[$cmd]}")
+done
+# uidmap and catatonit are used by Podman; python3-venv for the Python client tests.
+for p in uidmap python3-venv; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: Rust (cargo) is missing: install a stable toolchain from https://rustup.rs and re-run" >&2; exit 1
+fi
+
+[ "${1:-}" = "--deps-only" ] && exit 0
+
+echo "setup: building conductor (release)"
+cargo build --release --locked --bin conductor
+
+if [ "${1:-}" != "--no-images" ]; then
+  ./target/release/conductor env build minimal
+fi
+echo "setup: done. Try: ./target/release/conductor doctor"

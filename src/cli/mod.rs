@@ -1,0 +1,98 @@
+//! Command-line interface: argument definitions and dispatch. Every command is a thin
+//! layer over `conductor_service`; errors print the service's message and exit non-zero.
+
+mod doctor;
+mod env;
+mod progress;
+mod ws;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use conductor_service::{config_file, Conductor, ServiceError};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "conductor",
+    version,
+    about = "Isolated, reproducible Podman workspaces for AI agents"
+)]
+pub struct Cli {
+    /// Configuration file (else $CONDUCTOR_CONFIG, ~/.claude-conductor/config/standalone-isolated.yaml,
+    /// then the repository's config/standalone-isolated.yaml).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Show build output and engine logs.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the host: Podman, runtime, cgroups, storage, environment images.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List and build environments.
+    #[command(subcommand)]
+    Env(env::EnvCommand),
+    /// Create and drive workspaces.
+    #[command(subcommand, name = "ws")]
+    Ws(ws::WsCommand),
+    /// Create a workspace, run one command in it, remove it.
+    Run(ws::RunArgs),
+    /// Agree the database with Podman after a crash: remove orphans, mark vanished workspaces lost.
+    Reconcile,
+    /// Apply the cleanup policy (max_age_hours, max_containers) now.
+    Cleanup,
+}
+
+/// Loads the configuration, printing its warnings.
+pub(crate) fn load_config(cli: &Cli) -> Result<conductor_core::Config, ServiceError> {
+    let (loaded, source) = config_file::load(cli.config.as_deref())?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {source}: {w}");
+    }
+    tracing::info!("configuration: {source}");
+    Ok(loaded.config)
+}
+
+pub(crate) async fn open(cli: &Cli) -> Result<Conductor, ServiceError> {
+    Conductor::open(load_config(cli)?).await
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match &cli.command {
+        Command::Doctor { json } => doctor::run(&cli, *json).await,
+        Command::Env(cmd) => env::run(&cli, cmd).await,
+        Command::Ws(cmd) => ws::run(&cli, cmd).await,
+        Command::Run(args) => ws::run_once(&cli, args).await,
+        Command::Reconcile => reconcile(&cli).await,
+        Command::Cleanup => cleanup(&cli).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn reconcile(cli: &Cli) -> Result<ExitCode, ServiceError> {
+    let c = open(cli).await?;
+    let r = c.reconcile().await?;
+    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cleanup(cli: &Cli) -> Result<ExitCode, ServiceError> {
+    let c = open(cli).await?;
+    let r = c.cleanup(&[]).await?;
+    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
