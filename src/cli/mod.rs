@@ -4,6 +4,7 @@
 mod doctor;
 mod env;
 mod progress;
+mod serve;
 mod ws;
 
 use std::path::PathBuf;
@@ -49,6 +50,10 @@ pub enum Command {
     Reconcile,
     /// Apply the cleanup policy (max_age_hours, max_containers) now.
     Cleanup,
+    /// Run the HTTP API and the task orchestrator until SIGINT or SIGTERM.
+    Serve(serve::ServeArgs),
+    /// Print the resolved data paths, pid and log file, and API address as JSON.
+    Paths,
 }
 
 /// Loads the configuration, printing its warnings.
@@ -73,6 +78,8 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Run(args) => ws::run_once(&cli, args).await,
         Command::Reconcile => reconcile(&cli).await,
         Command::Cleanup => cleanup(&cli).await,
+        Command::Serve(args) => serve::run(&cli, args).await,
+        Command::Paths => serve::paths(&cli),
     };
     match result {
         Ok(code) => code,

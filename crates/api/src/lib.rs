@@ -1,1 +1,145 @@
+//! The conductor HTTP API: axum routes over [`Conductor`].
+//!
+//! [`router`] assembles the routes (one module per resource under `routes/`) with the
+//! guards every request passes, outermost first: a request log line, the body size limit
+//! (`network.max_body_size`), the `Host` check against DNS rebinding ([`host`]), and the
+//! bearer token when `security.api_key_required` is on ([`auth`]). Handlers only parse
+//! and validate, then call the service; every failure becomes an [`ApiError`], whose one
+//! `IntoResponse` writes `{"error":{"code","message","field"}}`.
+//!
+//! The routes are registered through `utoipa_axum`, so the OpenAPI document ([`openapi`])
+//! is generated from the same list and cannot drift from what is served.
 
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod host;
+pub mod openapi;
+pub mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use conductor_service::{Conductor, Result, ServiceError};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use error::{ApiError, ApiResult};
+
+use routes::{environments, system, tasks, workspaces};
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub conductor: Arc<Conductor>,
+    /// `network.max_body_size` in bytes.
+    pub body_limit: usize,
+    /// Turns `true` when the server begins to shut down; long-lived responses (log
+    /// streams, `?wait=true`) end then instead of holding the shutdown up.
+    pub closing: watch::Receiver<bool>,
+    pub openapi: Arc<utoipa::openapi::OpenApi>,
+}
+
+/// Every route, with its OpenAPI description.
+fn api_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(tasks::submit_tasks, tasks::list_tasks))
+        .routes(routes!(tasks::get_task))
+        .routes(routes!(tasks::task_logs))
+        .routes(routes!(tasks::cancel_task))
+        .routes(routes!(workspaces::create_workspace, workspaces::list_workspaces))
+        .routes(routes!(workspaces::get_workspace, workspaces::delete_workspace))
+        .routes(routes!(workspaces::exec))
+        .routes(routes!(environments::list_environments))
+        .routes(routes!(system::health))
+        .routes(routes!(system::metrics))
+        .routes(routes!(system::openapi_json))
+}
+
+/// The OpenAPI 3 document of the API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
+
+/// The complete application for a server listening on `local`. Reads (or creates) the API
+/// key file when `security.api_key_required` is on.
+pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Receiver<bool>) -> Result<Router> {
+    let (routes, api) = api_routes().split_for_parts();
+    let body_limit = usize::try_from(conductor.config.network.max_body_size.bytes()).unwrap_or(usize::MAX);
+    let key = if conductor.config.security.api_key_required {
+        Some(Arc::new(auth::ApiKey::load_or_create(&auth::key_path(
+            &conductor.config,
+            &conductor.paths,
+        ))?))
+    } else {
+        None
+    };
+    let state = AppState {
+        conductor,
+        body_limit,
+        closing,
+        openapi: Arc::new(api),
+    };
+    let mut app = routes
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not support the method",
+            )
+        })
+        .with_state(state);
+    if let Some(key) = key {
+        app = app.layer(middleware::from_fn_with_state(key, auth::require_token));
+    }
+    let policy = Arc::new(host::HostPolicy::new(local.ip()));
+    Ok(app
+        .layer(middleware::from_fn_with_state(policy, host::check_host))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(log_request)))
+}
+
+/// Logs one line per request: method, path, status, duration.
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let start = Instant::now();
+    let response = next.run(req).await;
+    tracing::info!(
+        "{method} {path} -> {} in {} ms",
+        response.status().as_u16(),
+        start.elapsed().as_millis()
+    );
+    response
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting
+/// connections, ends long-lived responses and waits for the requests in flight.
+pub async fn serve(
+    conductor: Arc<Conductor>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| ServiceError::host("read the listening address", e))?;
+    let (tx, rx) = watch::channel(false);
+    let app = router(conductor, local, rx)?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        })
+        .await
+        .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e))
+}

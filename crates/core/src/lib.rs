@@ -14,6 +14,7 @@ pub mod lifecycle;
 pub mod naming;
 pub mod resources;
 pub mod size;
+pub mod task;
 pub mod validate;
 
 pub use config::Config;

@@ -221,10 +221,18 @@ pub(crate) async fn remove(docker: &Docker, reference: &str) -> EngineResult<()>
         .map_err(|e| api_error(format!("remove image '{reference}'"), Some(&object(reference)), e))
 }
 
-/// A `LABEL "key"="value"` instruction with Containerfile quoting.
-fn label_change(key: &str, value: &str) -> String {
-    let quote = |text: &str| format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""));
-    format!("LABEL {}={}", quote(key), quote(value))
+/// A `LABEL "key"="value"` change for `POST /commit`.
+///
+/// Podman 4.3 parses changes one per line and strips one pair of quotes around key and
+/// value without unescaping anything, so the value is taken verbatim; only a line break
+/// (or a key with `=` or `"`) cannot be expressed.
+fn label_change(key: &str, value: &str) -> Result<String, String> {
+    if key.contains(['=', '"', '\n']) || value.contains('\n') {
+        return Err(format!(
+            "label '{key}' cannot be set by a commit (line break, '=' or '\"' in it)"
+        ));
+    }
+    Ok(format!("LABEL \"{key}\"=\"{value}\""))
 }
 
 pub(crate) async fn commit(
@@ -235,7 +243,11 @@ pub(crate) async fn commit(
 ) -> EngineResult<ImageInfo> {
     let op = format!("commit container '{container}' as image '{reference}'");
     let (repo, tag) = split_reference(reference);
-    let changes: Vec<String> = labels.iter().map(|(key, value)| label_change(key, value)).collect();
+    let changes = labels
+        .iter()
+        .map(|(key, value)| label_change(key, value))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| EngineError::failed(&op, e))?;
     let options = CommitContainerOptions {
         container: Some(container.to_string()),
         repo: Some(repo.to_string()),
@@ -280,8 +292,13 @@ mod tests {
     }
 
     #[test]
-    fn label_changes_are_quoted() {
-        assert_eq!(label_change("io.x", r#"a "b" \c"#), r#"LABEL "io.x"="a \"b\" \\c""#);
+    fn label_changes_quote_without_escaping() {
+        assert_eq!(
+            label_change("io.x", r#"a "b" \c"#).unwrap(),
+            r#"LABEL "io.x"="a "b" \c""#
+        );
+        assert!(label_change("io.x", "two\nlines").is_err());
+        assert!(label_change("a=b", "v").is_err());
     }
 
     #[test]

@@ -150,7 +150,8 @@ pub(crate) async fn ping(socket: &Path) -> Option<Docker> {
     }
 }
 
-fn find_in_path(program: &str) -> Option<PathBuf> {
+/// The first executable file named `program` in `PATH`.
+pub(crate) fn find_in_path(program: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

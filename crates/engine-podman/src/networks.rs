@@ -3,8 +3,10 @@
 //! The Docker-compatible `POST /networks/create` of Podman 4.3 always turns DNS on (an
 //! option like `dns_enabled=false` is ignored with a warning), and aardvark-dns forwards
 //! outside names to the host's resolver even on an internal network. Only libpod's create
-//! takes `dns_enabled`, so all network operations use libpod, whose `force` removal also
-//! works when containers are still attached.
+//! takes `dns_enabled`, so all network operations use libpod.
+//!
+//! Podman publishes no ports of containers on an internal network (the mapping is accepted
+//! but nothing answers on the host port).
 
 use conductor_core::engine::{EngineError, EngineResult, NetworkSpec, NetworkSummary};
 use hyper::Method;
@@ -64,6 +66,8 @@ pub(crate) async fn create(libpod: &Libpod, spec: &NetworkSpec) -> EngineResult<
         .map_err(|e| api_error(op, None, e))
 }
 
+/// Removes the network with libpod's `force`, which also removes containers still attached
+/// (without it the removal fails while any exists); a missing network is not an error.
 pub(crate) async fn remove(libpod: &Libpod, name: &str) -> EngineResult<()> {
     let op = format!("remove network '{name}'");
     let path = format!("/networks/{}?force=true", encode_query_value(name));

@@ -2,8 +2,8 @@
 //!
 //! crun is Podman's default and the faster runtime, but it refuses to run on hosts with
 //! hybrid cgroups v1 ("cgroups in hybrid mode not supported"), where runc works. With
-//! `RuntimeChoice::Auto` we therefore pick crun outright on a unified cgroup v2 host and
-//! otherwise *try* it: one throw-away container with crun from a local image. If that fails
+//! `RuntimeChoice::Auto` we therefore pick runc when crun is not installed, crun outright on
+//! a unified cgroup v2 host, and otherwise *try* crun: one throw-away container with crun from a local image. If that fails
 //! while the same container runs with runc, crun is broken here and runc is used; when both
 //! fail the image is to blame and the cgroup version decides. The decision and its reason
 //! are reported by `conductor doctor`.
@@ -86,9 +86,22 @@ impl RuntimeDecision {
 /// Resolves `choice` into a runtime name. `podman` is the CLI used for the probe, when
 /// installed.
 pub(crate) async fn decide(choice: RuntimeChoice, podman: Option<&Path>, cgroup: CgroupVersion) -> RuntimeDecision {
+    decide_with(choice, podman, cgroup, crun_installed()).await
+}
+
+async fn decide_with(
+    choice: RuntimeChoice,
+    podman: Option<&Path>,
+    cgroup: CgroupVersion,
+    crun_installed: bool,
+) -> RuntimeDecision {
     match choice {
         RuntimeChoice::Crun => RuntimeDecision::new("crun", "configured (podman_config.runtime: crun)"),
         RuntimeChoice::Runc => RuntimeDecision::new("runc", "configured (podman_config.runtime: runc)"),
+        RuntimeChoice::Auto if !crun_installed => RuntimeDecision::new(
+            "runc",
+            format!("auto: crun is not installed (cgroups {cgroup}); using runc"),
+        ),
         RuntimeChoice::Auto if cgroup == CgroupVersion::V2 => {
             RuntimeDecision::new("crun", "auto: cgroup v2 unified, crun supports it")
         }
@@ -106,6 +119,22 @@ pub(crate) async fn decide(choice: RuntimeChoice, podman: Option<&Path>, cgroup:
             }
         }
     }
+}
+
+/// Whether a crun binary is on `PATH` or in one of the directories Podman searches.
+fn crun_installed() -> bool {
+    const PODMAN_RUNTIME_DIRS: [&str; 6] = [
+        "/usr/bin",
+        "/usr/sbin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/bin",
+        "/sbin",
+    ];
+    crate::find_in_path("crun").is_some()
+        || PODMAN_RUNTIME_DIRS
+            .iter()
+            .any(|dir| Path::new(dir).join("crun").is_file())
 }
 
 /// Runs the probe container with crun, and with runc when crun fails.
@@ -198,17 +227,45 @@ mod tests {
 
     #[tokio::test]
     async fn explicit_choices_are_honoured_without_probing() {
-        let crun = decide(RuntimeChoice::Crun, None, CgroupVersion::V1Hybrid).await;
+        let crun = decide_with(RuntimeChoice::Crun, None, CgroupVersion::V1Hybrid, false).await;
         assert_eq!(crun.name, "crun");
-        let runc = decide(RuntimeChoice::Runc, None, CgroupVersion::V2).await;
+        let runc = decide_with(RuntimeChoice::Runc, None, CgroupVersion::V2, true).await;
         assert_eq!(runc.name, "runc");
     }
 
     #[tokio::test]
-    async fn auto_without_a_probe_follows_the_cgroup_version() {
-        assert_eq!(decide(RuntimeChoice::Auto, None, CgroupVersion::V2).await.name, "crun");
-        let v1 = decide(RuntimeChoice::Auto, None, CgroupVersion::V1).await;
+    async fn auto_without_a_probe_follows_installation_and_cgroup_version() {
+        assert_eq!(
+            decide_with(RuntimeChoice::Auto, None, CgroupVersion::V2, true)
+                .await
+                .name,
+            "crun"
+        );
+        let missing = decide_with(RuntimeChoice::Auto, None, CgroupVersion::V2, false).await;
+        assert_eq!(missing.name, "runc");
+        assert!(missing.reason.contains("crun is not installed"), "{}", missing.reason);
+        let v1 = decide_with(RuntimeChoice::Auto, None, CgroupVersion::V1, true).await;
         assert_eq!(v1.name, "runc");
         assert!(v1.reason.contains("no local image"), "{}", v1.reason);
+    }
+
+    /// Runs real probe containers: needs podman and conductor's base image.
+    #[tokio::test]
+    async fn the_probe_falls_back_to_runc_where_crun_fails() {
+        let podman = crate::find_in_path("podman").expect("podman is not installed");
+        let cgroup = CgroupVersion::detect();
+        if cgroup == CgroupVersion::V2 {
+            return; // crun works on cgroup v2; nothing falls back.
+        }
+        let image = local_image(&podman)
+            .await
+            .expect("no local image: build localhost/conductor/base:bookworm first");
+        let decision = probe(&podman, &image, cgroup).await;
+        assert_eq!(decision.name, "runc", "{decision:?}");
+        assert!(
+            decision.reason.starts_with("auto: crun failed on this host"),
+            "{}",
+            decision.reason
+        );
     }
 }

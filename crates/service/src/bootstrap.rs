@@ -102,6 +102,24 @@ async fn pump_lines<R: AsyncRead + Unpin>(
     }
 }
 
+/// Copies the host's locally added CA certificates (`/usr/local/share/ca-certificates`)
+/// into the rootfs, so that image builds behind a TLS-intercepting proxy (corporate or
+/// sandbox egress proxies) trust what the host trusts. Presets install `ca-certificates`,
+/// whose trigger adds them to the system bundle.
+fn trust_host_cas(rootfs: &Path) -> Result<()> {
+    let src = Path::new("/usr/local/share/ca-certificates");
+    let Ok(entries) = std::fs::read_dir(src) else { return Ok(()) };
+    let dst = rootfs.join("usr/local/share/ca-certificates");
+    std::fs::create_dir_all(&dst).map_err(|e| ServiceError::host("copy host CA certificates", e))?;
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "crt") && p.is_file() {
+            std::fs::copy(&p, dst.join(e.file_name())).map_err(|e| ServiceError::host("copy host CA certificates", e))?;
+        }
+    }
+    Ok(())
+}
+
 impl Conductor {
     /// Creates `reference` (normally `localhost/conductor/base:bookworm`) with debootstrap.
     pub async fn bootstrap_base(&self, reference: &str, progress: ProgressSink) -> Result<ImageInfo> {
@@ -138,6 +156,7 @@ impl Conductor {
                 }
             }
         }
+        trust_host_cas(&rootfs)?;
         progress(Progress::Step {
             index: 2,
             total: 3,

@@ -67,6 +67,21 @@ pub fn is_mounted(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Mount points at or below `dir` (from `/proc/self/mountinfo`).
+pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(canon) = dir.canonicalize() else { return Vec::new() };
+    let prefix = canon.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            m.lines()
+                .filter_map(|l| l.split_whitespace().nth(4))
+                .filter(|p| p.starts_with(&prefix))
+                .map(|p| std::path::PathBuf::from(p.replace("\\040", " ")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Number of OOM kills in the memory cgroup of the process `pid` (a container's init), for
 /// cgroups v1 (`memory.oom_control`) and v2 (`memory.events`).
 pub fn oom_kills(pid: u32) -> Option<u64> {

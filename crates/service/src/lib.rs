@@ -13,7 +13,10 @@ pub mod error;
 pub mod exec;
 pub mod host;
 pub mod images;
+mod orchestrator;
 pub mod reconcile;
+pub mod sidecars;
+pub mod tasks;
 pub mod volumes;
 pub mod workspaces;
 
@@ -45,6 +48,8 @@ pub struct Conductor {
     seccomp_path: PathBuf,
     /// Serialises network address allocation.
     net_lock: tokio::sync::Mutex<()>,
+    /// In-memory state of the task orchestrator (wake-ups, live logs, cancellation).
+    pub(crate) tasks: tasks::TaskRuntime,
 }
 
 /// The user's home directory (for `~` in paths).
@@ -119,6 +124,7 @@ impl Conductor {
             instance,
             seccomp_path,
             net_lock: Default::default(),
+            tasks: tasks::TaskRuntime::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! - rows left `creating` or `removing` are finished: their resources are removed and the
 //!   row becomes `failed` or `removed`;
 //! - containers and networks with this instance's label that no live row owns are removed;
+//! - data volumes still mounted without a live workspace are unmounted (data kept);
 //! - live rows whose container vanished become `lost` and their network and volume are freed;
 //! - running rows whose container stopped (reboot) become `stopped`.
 
@@ -13,7 +14,10 @@ use conductor_core::naming;
 use conductor_store::WorkspaceFilter;
 use serde::Serialize;
 
-use crate::{now_ms, Conductor, Result};
+use std::path::Path;
+
+use crate::volumes::{self, DataVolume};
+use crate::{host, now_ms, Conductor, Result};
 
 /// What a reconcile pass did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -21,6 +25,8 @@ pub struct ReconcileReport {
     pub finished: Vec<String>,
     pub orphans_removed: Vec<String>,
     pub networks_removed: Vec<String>,
+    /// Data volumes that were mounted without a live workspace (unmounted; data kept).
+    pub volumes_unmounted: Vec<String>,
     pub lost: Vec<String>,
     pub stopped: Vec<String>,
 }
@@ -57,12 +63,17 @@ impl Conductor {
             .engine
             .container_list(&[(naming::LABEL_INSTANCE, Some(self.instance.as_str()))])
             .await?;
-        // Dependants (sidecars, holders) before the containers they join.
+        // Dependants before the containers whose network namespace they join: sidecars
+        // (which join their workspace), then workspaces, then holders.
         let mut orphans: Vec<_> = containers
             .iter()
             .filter(|c| !c.labels.get(naming::LABEL_WORKSPACE).is_some_and(|id| live(id)))
             .collect();
-        orphans.sort_by_key(|c| c.labels.get(naming::LABEL_ROLE).map(String::as_str) == Some("holder"));
+        orphans.sort_by_key(|c| match c.labels.get(naming::LABEL_ROLE).map(String::as_str) {
+            Some("service") => 0,
+            Some("holder") => 2,
+            _ => 1,
+        });
         for c in orphans {
             self.engine.container_remove(&c.id).await?;
             report.orphans_removed.push(c.name.clone());
@@ -75,6 +86,21 @@ impl Conductor {
             if !n.labels.get(naming::LABEL_WORKSPACE).is_some_and(|id| live(id)) {
                 self.engine.network_remove(&n.name).await?;
                 report.networks_removed.push(n.name);
+            }
+        }
+
+        let in_use: Vec<std::path::PathBuf> = rows
+            .iter()
+            .filter(|w| w.state.holds_container())
+            .map(|w| DataVolume::at(Path::new(&w.volume_dir)).mountpoint())
+            .map(|p| p.canonicalize().unwrap_or(p))
+            .collect();
+        for mnt in host::mounts_under(&self.paths.workspaces) {
+            if mnt.file_name().is_some_and(|n| n == "mnt") && !in_use.contains(&mnt) {
+                if let Some(dir) = mnt.parent() {
+                    volumes::unmount(&DataVolume::at(dir)).await?;
+                    report.volumes_unmounted.push(dir.display().to_string());
+                }
             }
         }
 

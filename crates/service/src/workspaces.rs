@@ -41,6 +41,9 @@ pub struct CreateRequest {
     pub ports: Vec<u16>,
     /// Extra labels (e.g. the task id).
     pub labels: Labels,
+    /// Extra `/etc/hosts` entries (name, address): sidecar services that join the
+    /// workspace's network namespace are reached by name on 127.0.0.1.
+    pub extra_hosts: Vec<(String, String)>,
 }
 
 /// A workspace as shown to users.
@@ -322,7 +325,7 @@ impl Conductor {
             hostname: Some(naming::short_id(&record.id).to_string()),
             mounts,
             network,
-            extra_hosts: Vec::new(),
+            extra_hosts: req.extra_hosts.clone(),
             published_ports: published,
             limits: ResourceLimits {
                 memory_bytes: limits.memory.bytes(),

@@ -1,0 +1,389 @@
+//! `/workspaces`: create, list, inspect, remove and exec into workspaces.
+//!
+//! A caller chooses the agent, the environment, the network policy and limits up to the
+//! configured maxima; nothing else. Mounts, capabilities, privileged mode or the host
+//! network have no field, and unknown fields are refused by name.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use conductor_core::config::NetworkPolicy;
+use conductor_core::engine::Progress;
+use conductor_core::lifecycle::WorkspaceState;
+use conductor_core::resources::{LimitOverrides, WorkspaceLimits};
+use conductor_core::size::{ByteSize, Cpu};
+use conductor_service::exec::{ExecOutcome, ExecRequest};
+use conductor_service::workspaces::{CreateRequest, ListFilter, Usage, WorkspaceInfo};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::detached;
+use crate::error::{ApiResult, ErrorBody};
+use crate::extract::{JsonBody, QueryParams};
+use crate::AppState;
+
+/// Network of a new workspace.
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Loopback only.
+    None,
+    /// Its own internal network: no route out, no other workspace.
+    Isolated,
+    /// A bridge with a route to the outside (opt-in).
+    Egress,
+}
+
+impl From<Network> for NetworkPolicy {
+    fn from(n: Network) -> Self {
+        match n {
+            Network::None => NetworkPolicy::None,
+            Network::Isolated => NetworkPolicy::Isolated,
+            Network::Egress => NetworkPolicy::Egress,
+        }
+    }
+}
+
+/// Limits a caller may ask for; each may lower the configured default or raise it up to
+/// `isolated_workspace.agent_containers.resources.maximums`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsRequest {
+    /// Memory, e.g. `2Gi` or a number of bytes.
+    #[schema(value_type = Option<String>, example = "2Gi")]
+    pub memory: Option<ByteSize>,
+    /// CPU cores, e.g. `1.5` or `500m`.
+    #[schema(value_type = Option<String>, example = "1.5")]
+    pub cpu: Option<Cpu>,
+    /// Maximum number of processes.
+    pub pids: Option<u32>,
+    /// Size of `/workspace`, e.g. `5Gi`.
+    #[schema(value_type = Option<String>, example = "5Gi")]
+    pub volume_size: Option<ByteSize>,
+}
+
+/// Body of `POST /workspaces`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspace {
+    /// Owner of the workspace: lowercase letters, digits, `-`, `_`, `.`.
+    #[schema(example = "agent-1")]
+    pub agent_id: String,
+    /// An environment from `GET /environments`.
+    #[schema(example = "python-dev")]
+    pub environment: String,
+    #[serde(default)]
+    pub limits: Option<LimitsRequest>,
+    /// Defaults to the environment's, then the configured policy (`isolated`).
+    pub network: Option<Network>,
+}
+
+/// Limits a workspace runs with.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Limits {
+    #[schema(example = "2Gi")]
+    pub memory: String,
+    #[schema(example = "1")]
+    pub cpu: String,
+    pub pids: u32,
+    pub nofile: u32,
+    pub nproc: u32,
+    #[schema(example = "10Gi")]
+    pub volume_size: String,
+}
+
+impl From<WorkspaceLimits> for Limits {
+    fn from(l: WorkspaceLimits) -> Self {
+        Limits {
+            memory: l.memory.to_string(),
+            cpu: l.cpu.to_string(),
+            pids: l.pids,
+            nofile: l.nofile,
+            nproc: l.nproc,
+            volume_size: l.volume_size.to_string(),
+        }
+    }
+}
+
+/// Live resource use of a running workspace.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceUsage {
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub pids: u64,
+    pub pids_limit: u64,
+    /// Processes the kernel killed for exceeding the memory limit.
+    pub oom_kills: Option<u64>,
+    pub disk_used_bytes: Option<u64>,
+    pub disk_limit_bytes: Option<u64>,
+}
+
+impl From<Usage> for WorkspaceUsage {
+    fn from(u: Usage) -> Self {
+        WorkspaceUsage {
+            cpu_percent: u.cpu_percent,
+            memory_bytes: u.memory_bytes,
+            memory_limit_bytes: u.memory_limit_bytes,
+            pids: u.pids,
+            pids_limit: u.pids_limit,
+            oom_kills: u.oom_kills,
+            disk_used_bytes: u.disk_used_bytes,
+            disk_limit_bytes: u.disk_limit_bytes,
+        }
+    }
+}
+
+/// A workspace.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Workspace {
+    /// Same as `id` (the name the create response is documented with).
+    pub workspace_id: String,
+    #[schema(example = "ws-3f2c9a1b7d4e")]
+    pub id: String,
+    pub agent_id: String,
+    pub environment: String,
+    /// Image the container runs.
+    pub image: String,
+    /// Podman container name (`claude-agent-<agent>-<short id>`).
+    pub container_name: String,
+    /// `creating`, `running`, `stopped`, `removing`, `removed`, `lost` or `failed`.
+    #[schema(example = "running")]
+    pub state: String,
+    /// Name of the workspace's own network, if any.
+    pub network: Option<String>,
+    pub limits: Limits,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub last_used_at: i64,
+    /// Why the workspace failed or was lost.
+    pub error: Option<String>,
+    /// Live usage (`GET /workspaces/{id}` of a running workspace only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<WorkspaceUsage>,
+}
+
+impl From<WorkspaceInfo> for Workspace {
+    fn from(w: WorkspaceInfo) -> Self {
+        Workspace {
+            workspace_id: w.id.clone(),
+            id: w.id,
+            agent_id: w.agent_id,
+            environment: w.environment,
+            image: w.image,
+            container_name: w.container_name,
+            state: w.state.as_str().to_string(),
+            network: w.network,
+            limits: w.limits.into(),
+            created_at: w.created_at,
+            last_used_at: w.last_used_at,
+            error: w.error,
+            usage: None,
+        }
+    }
+}
+
+/// Response of `GET /workspaces`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceList {
+    pub workspaces: Vec<Workspace>,
+}
+
+/// Filters of `GET /workspaces`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WorkspaceQuery {
+    pub agent_id: Option<String>,
+    pub environment: Option<String>,
+    /// One state (`creating`, `running`, `stopped`, `removing`, `removed`, `lost`, `failed`).
+    #[param(value_type = Option<String>)]
+    pub state: Option<WorkspaceState>,
+    /// Include removed, lost and failed workspaces (default: live ones only).
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// Options of `DELETE /workspaces/{id}`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Keep (`true`) or delete (`false`) the workspace's data; by default a persistent
+    /// volume is kept and a throw-away one deleted.
+    pub keep_volumes: Option<bool>,
+}
+
+/// Body of `POST /workspaces/{id}/exec`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecBody {
+    /// A shell command line (`bash -c` when bash exists, else `sh -c`).
+    #[schema(example = "cd /workspace && ls -la")]
+    pub command: String,
+    /// Seconds before the command and its children are killed (default
+    /// `task_execution.task_timeout`).
+    pub timeout: Option<u64>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory inside the workspace (default `/workspace`).
+    pub cwd: Option<String>,
+}
+
+/// Result of `POST /workspaces/{id}/exec`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExecResult {
+    /// The command's exit code (124 when it timed out).
+    pub exit_code: i64,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration_ms: u64,
+    pub timed_out: bool,
+}
+
+impl ExecResult {
+    fn new((o, stdout, stderr): (ExecOutcome, String, String)) -> Self {
+        ExecResult {
+            exit_code: o.exit_code,
+            stdout,
+            stderr,
+            duration_ms: o.duration_ms,
+            timed_out: o.timed_out,
+        }
+    }
+}
+
+/// Create a workspace (building its environment's image first when needed).
+#[utoipa::path(
+    post, path = "/workspaces", tag = "workspaces",
+    request_body = CreateWorkspace,
+    responses(
+        (status = 201, description = "The workspace runs", body = Workspace),
+        (status = 400, description = "Invalid request (field named)", body = ErrorBody),
+        (status = 422, description = "The environment's image could not be made", body = ErrorBody),
+        (status = 429, description = "isolated_workspace.cleanup.max_containers reached", body = ErrorBody),
+    )
+)]
+pub async fn create_workspace(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<CreateWorkspace>,
+) -> ApiResult<(StatusCode, Json<Workspace>)> {
+    let limits = body.limits.unwrap_or_default();
+    let req = CreateRequest {
+        agent_id: body.agent_id,
+        environment: body.environment,
+        limits: LimitOverrides {
+            memory: limits.memory,
+            cpu: limits.cpu,
+            pids: limits.pids,
+            volume_size: limits.volume_size,
+        },
+        network: body.network.map(Into::into),
+        ..Default::default()
+    };
+    let c = state.conductor.clone();
+    let progress = Arc::new(|p: Progress| tracing::debug!("environment image: {p:?}"));
+    let info = detached(async move { c.create_workspace(req, progress).await }).await?;
+    Ok((StatusCode::CREATED, Json(info.into())))
+}
+
+/// List workspaces (live ones unless `all` or `state` says otherwise).
+#[utoipa::path(
+    get, path = "/workspaces", tag = "workspaces",
+    params(WorkspaceQuery),
+    responses(
+        (status = 200, description = "Workspaces, oldest first", body = WorkspaceList),
+        (status = 400, description = "Invalid filter", body = ErrorBody),
+    )
+)]
+pub async fn list_workspaces(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<WorkspaceQuery>,
+) -> ApiResult<Json<WorkspaceList>> {
+    let filter = ListFilter {
+        agent_id: q.agent_id,
+        environment: q.environment,
+        state: q.state,
+        all: q.all,
+    };
+    let list = state.conductor.list_workspaces(&filter)?;
+    Ok(Json(WorkspaceList {
+        workspaces: list.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// A workspace with its live resource usage.
+#[utoipa::path(
+    get, path = "/workspaces/{id}", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id or container name")),
+    responses(
+        (status = 200, description = "The workspace", body = Workspace),
+        (status = 404, description = "No such workspace", body = ErrorBody),
+    )
+)]
+pub async fn get_workspace(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Workspace>> {
+    let (info, usage) = state.conductor.inspect_workspace(&id).await?;
+    let mut w = Workspace::from(info);
+    w.usage = usage.map(Into::into);
+    Ok(Json(w))
+}
+
+/// Remove a workspace: its container, network and (per `keep_volumes`) its data.
+#[utoipa::path(
+    delete, path = "/workspaces/{id}", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id or container name"), DeleteQuery),
+    responses(
+        (status = 200, description = "The removed workspace", body = Workspace),
+        (status = 404, description = "No such workspace", body = ErrorBody),
+        (status = 409, description = "Already removed", body = ErrorBody),
+    )
+)]
+pub async fn delete_workspace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<DeleteQuery>,
+) -> ApiResult<Json<Workspace>> {
+    let c = state.conductor.clone();
+    let id = state.conductor.get_workspace(&id)?.id;
+    let info = detached(async move { c.remove_workspace(&id, q.keep_volumes).await }).await?;
+    Ok(Json(info.into()))
+}
+
+/// Run a shell command in a running workspace and return its output.
+#[utoipa::path(
+    post, path = "/workspaces/{id}/exec", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id or container name")),
+    request_body = ExecBody,
+    responses(
+        (status = 200, description = "The command ran (whatever its exit code)", body = ExecResult),
+        (status = 400, description = "Invalid request (field named)", body = ErrorBody),
+        (status = 404, description = "No such workspace", body = ErrorBody),
+        (status = 409, description = "The workspace is not running", body = ErrorBody),
+    )
+)]
+pub async fn exec(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ExecBody>,
+) -> ApiResult<Json<ExecResult>> {
+    let timeout = body
+        .timeout
+        .unwrap_or(state.conductor.config.task_execution.task_timeout);
+    let req = ExecRequest {
+        command: body.command,
+        cwd: body.cwd,
+        env: body.env,
+        stdin: None,
+        timeout: Some(Duration::from_secs(timeout)),
+    };
+    req.validate()?;
+    let id = state.conductor.get_workspace(&id)?.id;
+    let c = state.conductor.clone();
+    let result = detached(async move { c.exec_collect(&id, req).await }).await?;
+    Ok(Json(ExecResult::new(result)))
+}
