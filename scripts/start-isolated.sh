@@ -45,6 +45,10 @@ start() {
   load_paths
   echo "== environment images (quick when built)"
   "$BIN" env build --all
+  # Sidecar images for `services` (postgres, redis), built locally: no registry needed.
+  if "$BIN" env build --help | grep -q -- '--services'; then
+    "$BIN" env build --services
+  fi
   mkdir -p "$(dirname "$LOG_FILE")" "$(dirname "$PID_FILE")"
   echo "== starting conductor serve (log: $LOG_FILE)"
   nohup "$BIN" serve >>"$LOG_FILE" 2>&1 </dev/null &

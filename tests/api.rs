@@ -112,9 +112,7 @@ impl Drop for Api {
                 if let Some(h) = server {
                     let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
                 }
-                let all = c
-                    .list_workspaces(&ListFilter::default())
-                    .unwrap_or_default();
+                let all = c.list_workspaces(&ListFilter::default()).unwrap_or_default();
                 for w in all {
                     let _ = c.remove_workspace(&w.id, Some(false)).await;
                 }
@@ -141,7 +139,10 @@ fn assert_error(got: &(StatusCode, Value), status: u16, code: &str, field: Optio
     assert_eq!(s.as_u16(), status, "{body}");
     assert_eq!(body["error"]["code"], code, "{body}");
     assert_eq!(body["error"]["field"].as_str(), field, "{body}");
-    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
 }
 
 /// The document served equals `conductor_api::openapi()`, which equals the golden copy in
@@ -168,7 +169,18 @@ async fn health_openapi_and_environments() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(served, serde_json::from_str::<Value>(&golden).unwrap());
     assert!(served["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/tasks", "/tasks/{id}", "/tasks/{id}/logs", "/tasks/{id}/cancel", "/workspaces", "/workspaces/{id}", "/workspaces/{id}/exec", "/environments", "/health", "/metrics"] {
+    for path in [
+        "/tasks",
+        "/tasks/{id}",
+        "/tasks/{id}/logs",
+        "/tasks/{id}/cancel",
+        "/workspaces",
+        "/workspaces/{id}",
+        "/workspaces/{id}/exec",
+        "/environments",
+        "/health",
+        "/metrics",
+    ] {
         assert!(served["paths"][path].is_object(), "{path} is not documented");
     }
 
@@ -180,7 +192,14 @@ async fn health_openapi_and_environments() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    for preset in ["minimal", "python-dev", "nodejs-dev", "fullstack", "python-ml", "security-tools"] {
+    for preset in [
+        "minimal",
+        "python-dev",
+        "nodejs-dev",
+        "fullstack",
+        "python-ml",
+        "security-tools",
+    ] {
         assert!(names.contains(&preset), "{names:?}");
     }
     let minimal = &envs["environments"].as_array().unwrap()[names.iter().position(|n| *n == "minimal").unwrap()];
@@ -191,7 +210,10 @@ async fn health_openapi_and_environments() {
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     let text = r.text().await.unwrap();
-    for line in ["# TYPE conductor_workspaces gauge", "conductor_workspaces{state=\"running\"} 0"] {
+    for line in [
+        "# TYPE conductor_workspaces gauge",
+        "conductor_workspaces{state=\"running\"} 0",
+    ] {
         assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
     }
 }
@@ -238,15 +260,49 @@ async fn workspace_lifecycle_over_http() {
 
     let (s, r) = api.post(&exec, &json!({"command": "sleep 30", "timeout": 1})).await;
     assert_eq!(s, StatusCode::OK, "{r}");
-    assert_eq!((r["exit_code"].as_i64(), r["timed_out"].as_bool()), (Some(124), Some(true)));
+    assert_eq!(
+        (r["exit_code"].as_i64(), r["timed_out"].as_bool()),
+        (Some(124), Some(true))
+    );
     assert!(r["duration_ms"].as_u64().unwrap() < 10_000, "{r}");
 
-    assert_error(&api.post(&exec, &json!({"command": "true", "env": {"BAD-NAME": "x"}})).await, 400, "invalid_request", Some("env.BAD-NAME"));
-    assert_error(&api.post(&exec, &json!({"command": "true", "cwd": "relative"})).await, 400, "invalid_request", Some("cwd"));
-    assert_error(&api.post(&exec, &json!({"command": "true", "timeout": 0})).await, 400, "invalid_request", Some("timeout"));
-    assert_error(&api.post(&exec, &json!({"command": "true", "privileged": true})).await, 400, "invalid_request", Some("privileged"));
-    assert_error(&api.post(&exec, &json!({"command": "true", "user": "root"})).await, 400, "invalid_request", Some("user"));
-    assert_error(&api.post("/workspaces/ws-nope/exec", &json!({"command": "true"})).await, 404, "not_found", None);
+    assert_error(
+        &api.post(&exec, &json!({"command": "true", "env": {"BAD-NAME": "x"}}))
+            .await,
+        400,
+        "invalid_request",
+        Some("env.BAD-NAME"),
+    );
+    assert_error(
+        &api.post(&exec, &json!({"command": "true", "cwd": "relative"})).await,
+        400,
+        "invalid_request",
+        Some("cwd"),
+    );
+    assert_error(
+        &api.post(&exec, &json!({"command": "true", "timeout": 0})).await,
+        400,
+        "invalid_request",
+        Some("timeout"),
+    );
+    assert_error(
+        &api.post(&exec, &json!({"command": "true", "privileged": true})).await,
+        400,
+        "invalid_request",
+        Some("privileged"),
+    );
+    assert_error(
+        &api.post(&exec, &json!({"command": "true", "user": "root"})).await,
+        400,
+        "invalid_request",
+        Some("user"),
+    );
+    assert_error(
+        &api.post("/workspaces/ws-nope/exec", &json!({"command": "true"})).await,
+        404,
+        "not_found",
+        None,
+    );
 
     let (s, list) = api.get("/workspaces?agent_id=http1").await;
     assert_eq!(s, StatusCode::OK);
@@ -256,11 +312,25 @@ async fn workspace_lifecycle_over_http() {
     let (_, list) = api.get("/workspaces?state=running&environment=minimal").await;
     assert_eq!(list["workspaces"].as_array().unwrap().len(), 1, "{list}");
 
-    let (s, gone) = send(api.http.delete(api.url(&format!("/workspaces/{id}?keep_volumes=false")))).await;
+    let (s, gone) = send(
+        api.http
+            .delete(api.url(&format!("/workspaces/{id}?keep_volumes=false"))),
+    )
+    .await;
     assert_eq!(s, StatusCode::OK, "{gone}");
     assert_eq!(gone["state"], "removed");
-    assert_error(&send(api.http.delete(api.url(&format!("/workspaces/{id}")))).await, 409, "conflict", None);
-    assert_error(&api.post(&exec, &json!({"command": "true"})).await, 409, "conflict", None);
+    assert_error(
+        &send(api.http.delete(api.url(&format!("/workspaces/{id}")))).await,
+        409,
+        "conflict",
+        None,
+    );
+    assert_error(
+        &api.post(&exec, &json!({"command": "true"})).await,
+        409,
+        "conflict",
+        None,
+    );
     let (_, list) = api.get("/workspaces").await;
     assert_eq!(list["workspaces"], json!([]));
     let (_, list) = api.get("/workspaces?all=true").await;
@@ -282,11 +352,31 @@ async fn bad_workspace_requests_are_refused_and_leave_nothing() {
         )
     };
     let json_type = "application/json";
-    assert_error(&raw(r#"{"agent_id": "a", "#, json_type).await, 400, "malformed_json", None);
+    assert_error(
+        &raw(r#"{"agent_id": "a", "#, json_type).await,
+        400,
+        "malformed_json",
+        None,
+    );
     assert_error(&raw("not json at all", json_type).await, 400, "malformed_json", None);
-    assert_error(&raw(r#"{"agent_id":"a","environment":"minimal"}"#, "text/plain").await, 415, "unsupported_media_type", None);
-    assert_error(&raw(r#"{"agent_id": 5, "environment": "minimal"}"#, json_type).await, 400, "invalid_request", Some("agent_id"));
-    assert_error(&raw(r#"{"environment": "minimal"}"#, json_type).await, 400, "invalid_request", Some("agent_id"));
+    assert_error(
+        &raw(r#"{"agent_id":"a","environment":"minimal"}"#, "text/plain").await,
+        415,
+        "unsupported_media_type",
+        None,
+    );
+    assert_error(
+        &raw(r#"{"agent_id": 5, "environment": "minimal"}"#, json_type).await,
+        400,
+        "invalid_request",
+        Some("agent_id"),
+    );
+    assert_error(
+        &raw(r#"{"environment": "minimal"}"#, json_type).await,
+        400,
+        "invalid_request",
+        Some("agent_id"),
+    );
     assert_error(&raw(r#"[]"#, json_type).await, 400, "invalid_request", Some("body"));
 
     let ok = json!({"agent_id": "bad1", "environment": "minimal"});
@@ -296,34 +386,98 @@ async fn bad_workspace_requests_are_refused_and_leave_nothing() {
         b
     };
     let cases: Vec<(Value, u16, &str, &str)> = vec![
-        (with("environment", json!("no-such-env")), 400, "invalid_request", "environment"),
+        (
+            with("environment", json!("no-such-env")),
+            400,
+            "invalid_request",
+            "environment",
+        ),
         (with("environment", json!("-rf")), 400, "invalid_request", "environment"),
-        (with("agent_id", json!("Agent;rm -rf /")), 400, "invalid_request", "agent_id"),
+        (
+            with("agent_id", json!("Agent;rm -rf /")),
+            400,
+            "invalid_request",
+            "agent_id",
+        ),
         (with("privileged", json!(true)), 400, "invalid_request", "privileged"),
         (with("mounts", json!(["/:/host"])), 400, "invalid_request", "mounts"),
         (with("cap_add", json!(["SYS_ADMIN"])), 400, "invalid_request", "cap_add"),
         (with("network", json!("host")), 400, "invalid_request", "network"),
-        (with("limits", json!({"memory": "64Gi"})), 400, "invalid_request", "limits.memory"),
+        (
+            with("limits", json!({"memory": "64Gi"})),
+            400,
+            "invalid_request",
+            "limits.memory",
+        ),
         (with("limits", json!({"cpu": 64})), 400, "invalid_request", "limits.cpu"),
-        (with("limits", json!({"pids": 100000})), 400, "invalid_request", "limits.pids"),
-        (with("limits", json!({"volume_size": "1Ti"})), 400, "invalid_request", "limits.volume_size"),
-        (with("limits", json!({"memory": "lots"})), 400, "invalid_request", "limits.memory"),
-        (with("limits", json!({"privileged": true})), 400, "invalid_request", "limits.privileged"),
+        (
+            with("limits", json!({"pids": 100000})),
+            400,
+            "invalid_request",
+            "limits.pids",
+        ),
+        (
+            with("limits", json!({"volume_size": "1Ti"})),
+            400,
+            "invalid_request",
+            "limits.volume_size",
+        ),
+        (
+            with("limits", json!({"memory": "lots"})),
+            400,
+            "invalid_request",
+            "limits.memory",
+        ),
+        (
+            with("limits", json!({"privileged": true})),
+            400,
+            "invalid_request",
+            "limits.privileged",
+        ),
     ];
     for (body, status, code, field) in cases {
         let got = api.post("/workspaces", &body).await;
         assert_error(&got, status, code, Some(field));
     }
-    let huge = format!(r#"{{"agent_id":"a","environment":"minimal","pad":"{}"}}"#, "x".repeat(100 * 1024));
-    let got = send(api.http.post(api.url("/workspaces")).header("content-type", json_type).body(huge)).await;
+    let huge = format!(
+        r#"{{"agent_id":"a","environment":"minimal","pad":"{}"}}"#,
+        "x".repeat(100 * 1024)
+    );
+    let got = send(
+        api.http
+            .post(api.url("/workspaces"))
+            .header("content-type", json_type)
+            .body(huge),
+    )
+    .await;
     assert_error(&got, 413, "payload_too_large", None);
 
     assert_error(&api.get("/workspaces/ws-nope").await, 404, "not_found", None);
-    assert_error(&send(api.http.delete(api.url("/workspaces/ws-nope"))).await, 404, "not_found", None);
-    assert_error(&api.get("/workspaces?state=bogus").await, 400, "invalid_request", Some("state"));
-    assert_error(&api.get("/workspaces?color=red").await, 400, "invalid_request", Some("color"));
+    assert_error(
+        &send(api.http.delete(api.url("/workspaces/ws-nope"))).await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        &api.get("/workspaces?state=bogus").await,
+        400,
+        "invalid_request",
+        Some("state"),
+    );
+    assert_error(
+        &api.get("/workspaces?color=red").await,
+        400,
+        "invalid_request",
+        Some("color"),
+    );
     assert_error(&api.get("/no/such/endpoint").await, 404, "not_found", None);
-    assert_error(&send(api.http.put(api.url("/workspaces"))).await, 405, "method_not_allowed", None);
+    assert_error(
+        &send(api.http.put(api.url("/workspaces"))).await,
+        405,
+        "method_not_allowed",
+        None,
+    );
 
     assert_eq!(api.leftovers().await, (0, 0), "a refused request left something behind");
 }
@@ -346,22 +500,36 @@ async fn token_and_host_checks() {
     assert_error(&got, 401, "unauthorized", None);
     let got = send(api.http.get(api.url("/environments")).bearer_auth("wrong-token")).await;
     assert_error(&got, 401, "unauthorized", None);
-    let got = send(api.http.post(api.url("/workspaces")).bearer_auth("wrong").json(&json!({"agent_id": "t", "environment": "minimal"}))).await;
+    let got = send(
+        api.http
+            .post(api.url("/workspaces"))
+            .bearer_auth("wrong")
+            .json(&json!({"agent_id": "t", "environment": "minimal"})),
+    )
+    .await;
     assert_error(&got, 401, "unauthorized", None);
     let (s, _) = send(api.http.get(api.url("/environments")).bearer_auth(&token)).await;
     assert_eq!(s, StatusCode::OK);
 
-    for host in ["evil.example", "evil.example:8081", "localhost.evil.example", "10.1.2.3"] {
+    for host in [
+        "evil.example",
+        "evil.example:8081",
+        "localhost.evil.example",
+        "10.1.2.3",
+    ] {
         let got = send(api.http.get(api.url("/health")).header("host", host)).await;
         assert_error(&got, 403, "forbidden_host", None);
     }
-    for host in [format!("localhost:{}", api.port), "127.0.0.1".to_string(), "[::1]:1".to_string()] {
+    for host in [
+        format!("localhost:{}", api.port),
+        "127.0.0.1".to_string(),
+        "[::1]:1".to_string(),
+    ] {
         let (s, _) = send(api.http.get(api.url("/health")).header("host", host.as_str())).await;
         assert_eq!(s, StatusCode::OK, "{host}");
     }
     assert_eq!(api.leftovers().await, (0, 0));
 }
-
 
 /// Polls a task until it has finished.
 async fn finished(api: &Api, id: &str) -> Value {
@@ -390,8 +558,18 @@ async fn bad_task_requests_are_refused_and_queue_nothing() {
                 .body(body),
         )
     };
-    assert_error(&raw(r#"{"task_type": "isolated_execution", "#.into()).await, 400, "malformed_json", None);
-    assert_error(&raw(r#"{"task_type": 'single quotes'}"#.into()).await, 400, "malformed_json", None);
+    assert_error(
+        &raw(r#"{"task_type": "isolated_execution", "#.into()).await,
+        400,
+        "malformed_json",
+        None,
+    );
+    assert_error(
+        &raw(r#"{"task_type": 'single quotes'}"#.into()).await,
+        400,
+        "malformed_json",
+        None,
+    );
     let huge = format!(
         r#"{{"task_type":"isolated_execution","environment":"minimal","commands":["echo {}"]}}"#,
         "x".repeat(70 * 1024)
@@ -431,6 +609,7 @@ async fn bad_task_requests_are_refused_and_queue_nothing() {
         (json!({"environment": "minimal", "commands": ["true"]}), "task_type"),
         (json!([ok.clone(), with("commands", json!([]))]), "tasks[1].commands"),
         (json!([ok.clone(), with("user", json!("root"))]), "tasks[1].user"),
+        (json!([with("environment", json!("nope"))]), "tasks[0].environment"),
         (json!([]), "tasks"),
         (json!("just a string"), "body"),
     ];
@@ -438,17 +617,41 @@ async fn bad_task_requests_are_refused_and_queue_nothing() {
         let got = api.post("/tasks", &body).await;
         assert_error(&got, 400, "invalid_request", Some(field));
     }
-    assert_error(&api.post("/tasks?wait=maybe", &ok).await, 400, "invalid_request", Some("wait"));
-    assert_error(&api.get("/tasks?status=bogus").await, 400, "invalid_request", Some("status"));
+    assert_error(
+        &api.post("/tasks?wait=maybe", &ok).await,
+        400,
+        "invalid_request",
+        Some("wait"),
+    );
+    assert_error(
+        &api.get("/tasks?status=bogus").await,
+        400,
+        "invalid_request",
+        Some("status"),
+    );
     assert_error(&api.get("/tasks?limit=0").await, 400, "invalid_request", Some("limit"));
     assert_error(&api.get("/tasks/task-nope").await, 404, "not_found", None);
     assert_error(&api.get("/tasks/task-nope/logs").await, 404, "not_found", None);
-    assert_error(&api.get("/tasks/task-nope/logs?follow=true").await, 404, "not_found", None);
-    assert_error(&api.post("/tasks/task-nope/cancel", &json!({})).await, 404, "not_found", None);
+    assert_error(
+        &api.get("/tasks/task-nope/logs?follow=true").await,
+        404,
+        "not_found",
+        None,
+    );
+    assert_error(
+        &api.post("/tasks/task-nope/cancel", &json!({})).await,
+        404,
+        "not_found",
+        None,
+    );
 
     let (s, page) = api.get("/tasks").await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!((page["total"].as_u64(), page["tasks"].clone()), (Some(0), json!([])), "a refused task was queued");
+    assert_eq!(
+        (page["total"].as_u64(), page["tasks"].clone()),
+        (Some(0), json!([])),
+        "a refused task was queued"
+    );
     assert_eq!(api.leftovers().await, (0, 0));
 }
 
@@ -464,7 +667,10 @@ struct SseEvent {
 async fn read_sse(resp: reqwest::Response) -> Vec<SseEvent> {
     use futures_util::StreamExt;
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut body = resp.bytes_stream();
     let (mut buf, mut out) = (String::new(), Vec::new());
     let read = async {
@@ -497,7 +703,9 @@ async fn read_sse(resp: reqwest::Response) -> Vec<SseEvent> {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(300), read).await.expect("the stream ended with an end event");
+    tokio::time::timeout(Duration::from_secs(300), read)
+        .await
+        .expect("the stream ended with an end event");
     out
 }
 
@@ -518,10 +726,18 @@ async fn task_logs_follow_cancel_and_list() {
     assert_eq!(t["status"], "queued");
     assert_eq!(t["id"], id.as_str());
 
-    let resp = api.http.get(api.url(&format!("/tasks/{id}/logs?follow=true"))).send().await.unwrap();
+    let resp = api
+        .http
+        .get(api.url(&format!("/tasks/{id}/logs?follow=true")))
+        .send()
+        .await
+        .unwrap();
     let events = read_sse(resp).await;
     let end = events.last().unwrap();
-    assert_eq!((end.event.as_str(), &end.data), ("end", &json!({"status": "succeeded"})));
+    assert_eq!(
+        (end.event.as_str(), &end.data),
+        ("end", &json!({"status": "succeeded"}))
+    );
     let outputs: Vec<&SseEvent> = events.iter().filter(|e| e.event == "output").collect();
     let text = |evs: &[&SseEvent], stream: &str| -> String {
         evs.iter()
@@ -531,10 +747,21 @@ async fn task_logs_follow_cancel_and_list() {
     };
     assert_eq!(text(&outputs, "stdout"), "one\nthree\n", "{events:?}");
     assert_eq!(text(&outputs, "stderr"), "two\n", "{events:?}");
-    assert!(outputs.windows(2).all(|w| w[0].id < w[1].id), "ids increase: {events:?}");
+    assert!(
+        outputs.windows(2).all(|w| w[0].id < w[1].id),
+        "ids increase: {events:?}"
+    );
 
-    let logs = api.http.get(api.url(&format!("/tasks/{id}/logs"))).send().await.unwrap();
-    assert!(logs.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let logs = api
+        .http
+        .get(api.url(&format!("/tasks/{id}/logs")))
+        .send()
+        .await
+        .unwrap();
+    assert!(logs.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
     let logs = logs.text().await.unwrap();
     let (one, two, three) = (logs.find("one\n"), logs.find("two\n"), logs.find("three\n"));
     assert!(one < two && two < three && one.is_some(), "{logs}");
@@ -553,8 +780,17 @@ async fn task_logs_follow_cancel_and_list() {
     assert!(resumed.iter().any(|e| e.data["data"] == "three\n"), "{resumed:?}");
 
     let (_, done) = api.get(&format!("/tasks/{id}")).await;
-    assert_eq!((done["status"].as_str(), done["exit_code"].as_i64()), (Some("succeeded"), Some(0)), "{done}");
-    let main: Vec<&Value> = done["commands"].as_array().unwrap().iter().filter(|c| c["phase"] == "main").collect();
+    assert_eq!(
+        (done["status"].as_str(), done["exit_code"].as_i64()),
+        (Some("succeeded"), Some(0)),
+        "{done}"
+    );
+    let main: Vec<&Value> = done["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["phase"] == "main")
+        .collect();
     assert_eq!(main.len(), 4, "{done}");
     assert_eq!(main[2]["stderr"], "two\n");
     assert!(main.iter().all(|c| c["exit_code"] == 0), "{done}");
@@ -570,23 +806,43 @@ async fn task_logs_follow_cancel_and_list() {
     let slow = t["task_id"].as_str().unwrap().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let logs = api.http.get(api.url(&format!("/tasks/{slow}/logs"))).send().await.unwrap().text().await.unwrap();
+        let logs = api
+            .http
+            .get(api.url(&format!("/tasks/{slow}/logs")))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if logs.contains("started\n") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the slow task never started: {logs}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow task never started: {logs}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (s, c) = api.post(&format!("/tasks/{slow}/cancel"), &json!({})).await;
     assert_eq!(s, StatusCode::OK, "{c}");
     assert_eq!(c["status"], "cancelled");
-    assert_error(&api.post(&format!("/tasks/{slow}/cancel"), &json!({})).await, 409, "conflict", None);
+    assert_error(
+        &api.post(&format!("/tasks/{slow}/cancel"), &json!({})).await,
+        409,
+        "conflict",
+        None,
+    );
 
     let (_, page) = api.get("/tasks?status=cancelled").await;
     assert_eq!(page["total"], 1, "{page}");
     assert_eq!(page["tasks"][0]["task_id"], slow.as_str());
     let (_, page) = api.get("/tasks?limit=1").await;
-    assert_eq!((page["total"].as_u64(), page["tasks"].as_array().unwrap().len()), (Some(2), 1), "{page}");
+    assert_eq!(
+        (page["total"].as_u64(), page["tasks"].as_array().unwrap().len()),
+        (Some(2), 1),
+        "{page}"
+    );
     assert_eq!(page["tasks"][0]["task_id"], slow.as_str(), "newest first");
     let (_, page) = api.get("/tasks?limit=1&offset=1").await;
     assert_eq!(page["tasks"][0]["task_id"], id.as_str());
@@ -595,7 +851,15 @@ async fn task_logs_follow_cancel_and_list() {
     let (_, page) = api.get("/tasks?environment=python-dev").await;
     assert_eq!(page["total"], 0);
 
-    let metrics = api.http.get(api.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = api
+        .http
+        .get(api.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for line in [
         "conductor_tasks{status=\"succeeded\"} 1",
         "conductor_tasks{status=\"cancelled\"} 1",
@@ -679,7 +943,11 @@ fn run_curl(example: &str, port: u16) -> Value {
         .output()
         .expect("run curl");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{command}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{command}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("curl printed no JSON ({e}): {stdout}"))
 }
 
@@ -706,10 +974,17 @@ async fn spec_curl_examples_work_as_written() {
     let api = Api::start("isolated_workspace:\n  mode: shared\n").await;
     let projects = api.env.dir.path().join("projects");
     let python = projects.join("python");
-    write_tree(&python, &[
-        ("calc.py", "def add(a, b):\n    return a + b\n", false),
-        ("tests/test_calc.py", "import calc\n\n\ndef test_add():\n    assert calc.add(2, 3) == 5\n", false),
-    ]);
+    write_tree(
+        &python,
+        &[
+            ("calc.py", "def add(a, b):\n    return a + b\n", false),
+            (
+                "tests/test_calc.py",
+                "import calc\n\n\ndef test_add():\n    assert calc.add(2, 3) == 5\n",
+                false,
+            ),
+        ],
+    );
     let node = projects.join("node");
     write_tree(&node, &[
         ("package.json", r#"{"name": "demo", "version": "1.0.0", "private": true, "scripts": {"build": "node build.js", "test": "node test.js"}}"#, false),
@@ -724,19 +999,28 @@ async fn spec_curl_examples_work_as_written() {
         ("scripts/run-integration-tests.sh", "#!/bin/sh\nset -e\nexport PGPASSWORD=postgres\ntest \"$(psql -h postgres -U postgres -tAc 'SELECT name FROM items')\" = conductor\ntest \"$(redis-cli -h redis GET greeting)\" = hello\necho 'integration tests passed'\n", true),
     ]);
     let security = projects.join("security");
-    write_tree(&security, &[("app.py", "def greet(name):\n    return 'hello ' + name\n", false)]);
+    write_tree(
+        &security,
+        &[("app.py", "def greet(name):\n    return 'hello ' + name\n", false)],
+    );
 
     // Put each project where its example expects it.
-    let seed = |env: &str, source: &std::path::Path, commands: Value| {
-        json!({"task_type": "isolated_execution", "environment": env, "source": source, "commands": commands})
-    };
+    let seed = |env: &str, source: &std::path::Path, commands: Value| json!({"task_type": "isolated_execution", "environment": env, "source": source, "commands": commands});
     let (s, seeded) = api
         .post(
             "/tasks?wait=true",
             &json!([
-                seed("python-dev", &python, json!(["test -f /workspace/src/tests/test_calc.py"])),
+                seed(
+                    "python-dev",
+                    &python,
+                    json!(["test -f /workspace/src/tests/test_calc.py"])
+                ),
                 seed("nodejs-dev", &node, json!(["test -f /workspace/src/package.json"])),
-                seed("fullstack", &fullstack, json!(["cp -r /workspace/src/scripts /workspace/"])),
+                seed(
+                    "fullstack",
+                    &fullstack,
+                    json!(["cp -r /workspace/src/scripts /workspace/"])
+                ),
                 seed("security-tools", &security, json!(["true"])),
             ]),
         )
@@ -766,7 +1050,9 @@ async fn spec_curl_examples_work_as_written() {
             .map(|c| format!("{}{}", c["stdout"].as_str().unwrap(), c["stderr"].as_str().unwrap()))
             .collect()
     };
-    let [py, nd, fs, sec] = &results[..] else { unreachable!() };
+    let [py, nd, fs, sec] = &results[..] else {
+        unreachable!()
+    };
     assert_eq!(py["status"], "succeeded", "{py}");
     assert!(main_output(py).contains("1 passed"), "{py}");
     assert_eq!(nd["status"], "succeeded", "{nd}");
@@ -776,9 +1062,17 @@ async fn spec_curl_examples_work_as_written() {
     assert_eq!(fs["services"], json!(["postgres:14", "redis:7"]));
     // bandit scans the project; `safety check` and `npm audit` need their online
     // databases, which this offline machine cannot reach, so the task may fail there.
-    let bandit = sec["commands"].as_array().unwrap().iter().find(|c| c["command"] == "bandit -r src/").expect("bandit ran");
+    let bandit = sec["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["command"] == "bandit -r src/")
+        .expect("bandit ran");
     assert_eq!(bandit["exit_code"], 0, "{sec}");
-    assert!(["succeeded", "failed"].contains(&sec["status"].as_str().unwrap()), "{sec}");
+    assert!(
+        ["succeeded", "failed"].contains(&sec["status"].as_str().unwrap()),
+        "{sec}"
+    );
 
     // The CI example: a file holding an array of tasks.
     let batch = run_curl(SPEC_CI, api.port);
@@ -809,9 +1103,16 @@ async fn spec_curl_examples_work_as_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_binary_serves_and_stops_gracefully() {
     use std::io::BufRead;
-    let dir = tempfile::Builder::new().prefix("conductor-serve-").tempdir_in(test_root()).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("conductor-serve-")
+        .tempdir_in(test_root())
+        .unwrap();
     let config = dir.path().join("config.yaml");
-    std::fs::write(&config, config_text(dir.path(), "task_execution:\n  shutdown_grace_period: 2\n")).unwrap();
+    std::fs::write(
+        &config,
+        config_text(dir.path(), "task_execution:\n  shutdown_grace_period: 2\n"),
+    )
+    .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
         .args(["--config", config.to_str().unwrap(), "serve", "--port", "0"])
         .env_remove("CONDUCTOR_CONFIG")
@@ -819,7 +1120,9 @@ async fn real_binary_serves_and_stops_gracefully() {
         .spawn()
         .expect("start conductor serve");
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let base = line
         .trim()
         .strip_prefix("conductor listening on ")
@@ -838,7 +1141,14 @@ async fn real_binary_serves_and_stops_gracefully() {
     let id = t["task_id"].as_str().unwrap().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let logs = http.get(format!("{base}/tasks/{id}/logs")).send().await.unwrap().text().await.unwrap();
+        let logs = http
+            .get(format!("{base}/tasks/{id}/logs"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if logs.contains("started\n") {
             break;
         }
@@ -852,9 +1162,16 @@ async fn real_binary_serves_and_stops_gracefully() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status}");
-    assert!(stopped_at.elapsed() < Duration::from_secs(30), "took {:?}", stopped_at.elapsed());
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        stopped_at.elapsed()
+    );
 
     // The task ended cancelled, and nothing of this instance is left in Podman.
     let store = conductor_store::Store::open(&dir.path().join("conductor.db")).unwrap();
@@ -862,8 +1179,18 @@ async fn real_binary_serves_and_stops_gracefully() {
     assert_eq!(task.state.as_str(), "cancelled", "{task:?}");
     let instance = store.instance_id().unwrap();
     let out = std::process::Command::new("podman")
-        .args(["ps", "-a", "-q", "--filter", &format!("label=io.conductor.instance={instance}")])
+        .args([
+            "ps",
+            "-a",
+            "-q",
+            "--filter",
+            &format!("label=io.conductor.instance={instance}"),
+        ])
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "containers left behind");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "",
+        "containers left behind"
+    );
 }

@@ -26,7 +26,11 @@ impl Spinner {
         bar.set_prefix(prefix.to_string());
         bar.enable_steady_tick(Duration::from_millis(120));
         let plain = !std::io::stderr().is_terminal();
-        Spinner { bar, prefix: prefix.to_string(), plain }
+        Spinner {
+            bar,
+            prefix: prefix.to_string(),
+            plain,
+        }
     }
 
     pub fn sink(&self, verbose: bool) -> ProgressSink {

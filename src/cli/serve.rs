@@ -65,7 +65,8 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     }));
     println!("conductor listening on http://{addr}");
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| ServiceError::host("install a SIGTERM handler", e))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| ServiceError::host("install a SIGTERM handler", e))?;
     let failed = tokio::select! {
         _ = tokio::signal::ctrl_c() => None,
         _ = sigterm.recv() => None,
@@ -80,10 +81,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
             Err(e) => Err(ServiceError::host("run the HTTP server", e)),
         };
     }
-    tracing::warn!(
-        "shutting down: running tasks get {}s to finish",
-        grace.as_secs()
-    );
+    tracing::warn!("shutting down: running tasks get {}s to finish", grace.as_secs());
     orchestrator.shutdown(grace).await;
     let _ = stop.send(());
     match tokio::time::timeout(HTTP_DRAIN, &mut server).await {

@@ -64,7 +64,8 @@ impl ApiKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(|e| ServiceError::host(op("create the directory of the"), e))?;
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| ServiceError::host(op("create the directory of the"), e))?;
                 }
                 let mut random = [0u8; 32];
                 std::fs::File::open("/dev/urandom")

@@ -89,7 +89,9 @@ impl From<ServiceError> for ApiError {
             }
             ServiceError::Config(c) => {
                 let (field, message) = match &c {
-                    conductor_core::config::ConfigError::Invalid { path, message } => (Some(path.clone()), message.clone()),
+                    conductor_core::config::ConfigError::Invalid { path, message } => {
+                        (Some(path.clone()), message.clone())
+                    }
                     conductor_core::config::ConfigError::Syntax(m) => (None, m.clone()),
                 };
                 ApiError {
@@ -137,7 +139,12 @@ mod tests {
     #[test]
     fn service_errors_map_to_status_and_code() {
         let cases = [
-            (ServiceError::invalid("env.X-Y", "bad"), 400, "invalid_request", Some("env.X-Y")),
+            (
+                ServiceError::invalid("env.X-Y", "bad"),
+                400,
+                "invalid_request",
+                Some("env.X-Y"),
+            ),
             (ServiceError::not_found("workspace 'ws-1'"), 404, "not_found", None),
             (ServiceError::Conflict("busy".into()), 409, "conflict", None),
             (ServiceError::Exhausted("full".into()), 429, "resource_exhausted", None),

@@ -57,7 +57,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 too_large(limit)
             } else {
-                ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", "the request body could not be read")
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_json",
+                    "the request body could not be read",
+                )
             }
         })?;
         parse_json(&bytes).map(JsonBody)
@@ -198,9 +202,18 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_malformed_json() {
-        for body in [r#"{"name": "#, "{not json}", "", r#"{"name":"a","commands":[]} trailing"#] {
+        for body in [
+            r#"{"name": "#,
+            "{not json}",
+            "",
+            r#"{"name":"a","commands":[]} trailing"#,
+        ] {
             let e = err::<Item>(body);
-            assert_eq!((e.status, e.code, e.field), (StatusCode::BAD_REQUEST, "malformed_json", None), "{body}");
+            assert_eq!(
+                (e.status, e.code, e.field),
+                (StatusCode::BAD_REQUEST, "malformed_json", None),
+                "{body}"
+            );
         }
     }
 }

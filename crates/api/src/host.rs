@@ -74,7 +74,12 @@ pub async fn check_host(State(policy): State<Arc<HostPolicy>>, req: Request, nex
             format!("requests for host {h:?} are not served; use localhost or the address the service is bound to"),
         )
         .into_response(),
-        None => ApiError::new(StatusCode::FORBIDDEN, "forbidden_host", "the request has no Host header").into_response(),
+        None => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_host",
+            "the request has no Host header",
+        )
+        .into_response(),
     }
 }
 
@@ -85,10 +90,26 @@ mod tests {
     #[test]
     fn loopback_bind_allows_only_local_names() {
         let p = HostPolicy::new("127.0.0.1".parse().unwrap());
-        for ok in ["localhost", "localhost:8081", "LOCALHOST.", "127.0.0.1", "127.0.0.1:9", "[::1]", "[::1]:8081", "::1"] {
+        for ok in [
+            "localhost",
+            "localhost:8081",
+            "LOCALHOST.",
+            "127.0.0.1",
+            "127.0.0.1:9",
+            "[::1]",
+            "[::1]:8081",
+            "::1",
+        ] {
             assert!(p.allows(ok), "{ok}");
         }
-        for bad in ["evil.example", "evil.example:8081", "localhost.evil.example", "10.0.0.5", "", "[::1"] {
+        for bad in [
+            "evil.example",
+            "evil.example:8081",
+            "localhost.evil.example",
+            "10.0.0.5",
+            "",
+            "[::1",
+        ] {
             assert!(!p.allows(bad), "{bad}");
         }
     }

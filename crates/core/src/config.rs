@@ -40,6 +40,7 @@ pub struct IsolatedWorkspace {
     pub cleanup: Cleanup,
     /// Number of pre-started idle workspaces kept per environment.
     pub warm_pool: BTreeMap<String, u32>,
+    pub snapshots: SnapshotRetention,
 }
 
 impl Default for IsolatedWorkspace {
@@ -50,6 +51,7 @@ impl Default for IsolatedWorkspace {
             agent_containers: AgentContainers::default(),
             cleanup: Cleanup::default(),
             warm_pool: BTreeMap::new(),
+            snapshots: SnapshotRetention::default(),
         }
     }
 }
@@ -253,6 +255,27 @@ impl Default for Cleanup {
             max_age_hours: 24,
             max_containers: 20,
             preserve_on_error: false,
+        }
+    }
+}
+
+/// Retention of workspace snapshots. After each new snapshot, the oldest complete ones are
+/// removed first until both limits hold again (the new one is never removed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SnapshotRetention {
+    /// Most snapshots kept per workspace.
+    pub max_per_workspace: u32,
+    /// Most space all snapshots together may take, counted as their reported sizes (the
+    /// allocated size of each volume copy plus its root file system layer).
+    pub max_total_size: ByteSize,
+}
+
+impl Default for SnapshotRetention {
+    fn default() -> Self {
+        Self {
+            max_per_workspace: 10,
+            max_total_size: ByteSize::gib(20),
         }
     }
 }
@@ -699,6 +722,19 @@ impl Config {
                     .map_err(|m| ConfigError::invalid(format!("{ep}.volumes[{j}]"), m))?;
             }
         }
+        let retention = &self.isolated_workspace.snapshots;
+        if retention.max_per_workspace == 0 {
+            return Err(ConfigError::invalid(
+                "isolated_workspace.snapshots.max_per_workspace",
+                "must be at least 1",
+            ));
+        }
+        if retention.max_total_size.bytes() == 0 {
+            return Err(ConfigError::invalid(
+                "isolated_workspace.snapshots.max_total_size",
+                "must be larger than 0",
+            ));
+        }
         for (name, _) in self.isolated_workspace.warm_pool.iter() {
             validate::environment_name(name)
                 .map_err(|m| ConfigError::invalid(format!("isolated_workspace.warm_pool.{name}"), m))?;
@@ -984,6 +1020,40 @@ podman_config:
         assert!(Config::parse("podman_config:\n  network:\n    subnet: 10.89.0.1/24\n").is_err());
         assert_eq!(parse_cidr("10.89.0.0/24").unwrap(), ([10, 89, 0, 0], 24));
         assert!(Config::parse("podman_config:\n  network:\n    mtu: 9000\n").is_ok());
+    }
+
+    #[test]
+    fn snapshot_retention_defaults_and_checks() {
+        let c = Config::default();
+        assert_eq!(c.isolated_workspace.snapshots.max_per_workspace, 10);
+        assert_eq!(c.isolated_workspace.snapshots.max_total_size, ByteSize::gib(20));
+        let l = Config::parse("isolated_workspace:\n  snapshots:\n    max_per_workspace: 3\n    max_total_size: 5Gi\n")
+            .unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(
+            l.config.isolated_workspace.snapshots,
+            SnapshotRetention {
+                max_per_workspace: 3,
+                max_total_size: ByteSize::gib(5),
+            }
+        );
+        let e = Config::parse("isolated_workspace:\n  snapshots:\n    max_per_workspace: 0\n").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "isolated_workspace.snapshots.max_per_workspace: must be at least 1"
+        );
+        let e = Config::parse("isolated_workspace:\n  snapshots:\n    max_total_size: 0\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("isolated_workspace.snapshots.max_total_size:"),
+            "{e}"
+        );
+        let e = Config::parse("isolated_workspace:\n  snapshots:\n    max_total_size: lots\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("isolated_workspace.snapshots.max_total_size:"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -14,8 +14,10 @@ pub mod exec;
 pub mod host;
 pub mod images;
 mod orchestrator;
+pub mod pool;
 pub mod reconcile;
 pub mod sidecars;
+pub mod snapshots;
 pub mod tasks;
 pub mod volumes;
 pub mod workspaces;
@@ -50,6 +52,8 @@ pub struct Conductor {
     net_lock: tokio::sync::Mutex<()>,
     /// In-memory state of the task orchestrator (wake-ups, live logs, cancellation).
     pub(crate) tasks: tasks::TaskRuntime,
+    /// The storage pool mounted on the workspaces path, held busy while this lives.
+    _pool: Option<pool::Pool>,
 }
 
 /// The user's home directory (for `~` in paths).
@@ -73,6 +77,7 @@ impl Conductor {
         if let Some(parent) = paths.database.parent() {
             create_dir(parent)?;
         }
+        let pool = pool::Pool::open(&paths).await;
         let store = Store::open(&paths.database)?;
         let instance = store.instance_id()?;
         let seccomp_path = match &config.podman_config.security.seccomp_profile {
@@ -95,14 +100,16 @@ impl Conductor {
             runtime: config.podman_config.runtime,
         })
         .await?;
-        Ok(Self::with_parts(
+        let mut conductor = Self::with_parts(
             config,
             paths,
             Arc::new(engine),
             Arc::new(store),
             instance,
             seccomp_path,
-        ))
+        );
+        conductor._pool = pool;
+        Ok(conductor)
     }
 
     /// Assembles a conductor from parts (tests use their own data directories).
@@ -125,6 +132,7 @@ impl Conductor {
             seccomp_path,
             net_lock: Default::default(),
             tasks: tasks::TaskRuntime::new(),
+            _pool: None,
         }
     }
 

@@ -255,7 +255,7 @@ enum Ending {
     Infrastructure(ServiceError),
 }
 
-async fn run_task(c: &Arc<Conductor>, task: TaskRecord) {
+async fn run_task(c: &Conductor, task: TaskRecord) {
     let id = task.id.clone();
     let stop = c.tasks.register(&id);
     let log = c.task_log(&id);
@@ -300,9 +300,8 @@ async fn run_task(c: &Arc<Conductor>, task: TaskRecord) {
                 log.system(&message);
                 let not_before = now_ms() + i64::try_from(te.retry_delay.saturating_mul(1000)).unwrap_or(i64::MAX);
                 match c.store.requeue_task(&id, not_before, Some(&message)) {
-                    Ok(true) => return,
-                    // No longer running: it was cancelled meanwhile.
-                    Ok(false) => return,
+                    // Queued again, or no longer running (its outcome was recorded meanwhile).
+                    Ok(_) => return,
                     Err(error) => tracing::error!(task = %id, %error, "cannot requeue the task"),
                 }
             }
@@ -353,7 +352,7 @@ enum CommandEnd {
 
 /// One attempt of one task.
 struct Attempt<'a> {
-    c: &'a Arc<Conductor>,
+    c: &'a Conductor,
     task: TaskRecord,
     spec: TaskSpec,
     stop: watch::Receiver<Option<StopReason>>,

@@ -6,7 +6,9 @@
 //! - containers and networks with this instance's label that no live row owns are removed;
 //! - data volumes still mounted without a live workspace are unmounted (data kept);
 //! - live rows whose container vanished become `lost` and their network and volume are freed;
-//! - running rows whose container stopped (reboot) become `stopped`.
+//! - running rows whose container stopped (reboot) become `stopped`;
+//! - first of all, interrupted snapshot operations are finished or undone
+//!   ([`crate::snapshots`]).
 
 use conductor_core::engine::ContainerStatus;
 use conductor_core::lifecycle::WorkspaceState;
@@ -29,6 +31,10 @@ pub struct ReconcileReport {
     pub volumes_unmounted: Vec<String>,
     pub lost: Vec<String>,
     pub stopped: Vec<String>,
+    /// Snapshots (`<workspace>/<name>`) whose creation or deletion was interrupted: removed.
+    pub snapshots_discarded: Vec<String>,
+    /// Restores (`<workspace>/<name>`) that were interrupted: finished.
+    pub restores_finished: Vec<String>,
 }
 
 /// What a cleanup pass removed.
@@ -41,6 +47,9 @@ pub struct CleanupReport {
 impl Conductor {
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
+        let repairs = self.reconcile_snapshots().await?;
+        report.snapshots_discarded = repairs.discarded;
+        report.restores_finished = repairs.restored;
         let rows = self.store.list_workspaces(&WorkspaceFilter::default())?;
         for w in rows
             .iter()

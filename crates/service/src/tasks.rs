@@ -493,12 +493,13 @@ impl Conductor {
         if self.tasks.request_stop(id, StopReason::Cancel) {
             return self.wait_task(id).await;
         }
-        match tokio::time::timeout(ORPHAN_CANCEL_GRACE, self.wait_task(id)).await {
+        let waited = tokio::time::timeout(ORPHAN_CANCEL_GRACE, self.wait_task(id)).await;
+        self.tasks.forget_pending(id);
+        match waited {
             Ok(view) => view,
             Err(_) => {
                 // No worker of this process runs it: its process died before recording an
                 // outcome. Recording the cancel is all that is left to do.
-                self.tasks.forget_pending(id);
                 self.conclude_task(
                     id,
                     TaskState::Cancelled,
@@ -630,7 +631,12 @@ async fn forward_log(
             return;
         }
         loop {
-            match events.recv().await {
+            let received = tokio::select! {
+                received = events.recv() => received,
+                // The reader left: stop following.
+                () = tx.closed() => return,
+            };
+            match received {
                 Ok(ev) if *ev.task_id == *id => match ev.event {
                     LogEvent::Output { seq, .. } if seq <= last => {}
                     LogEvent::Output { seq, stream, data } => {

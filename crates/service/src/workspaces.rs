@@ -344,6 +344,7 @@ impl Conductor {
         let cid = self.engine.container_create(&spec).await?;
         made.container = Some(cid.clone());
         self.engine.container_start(&cid).await?;
+        self.save_container_spec(&record.id, &spec)?;
         self.store
             .set_workspace_container(&record.id, &cid, made.network.as_deref())?;
         self.store
@@ -525,7 +526,8 @@ impl Conductor {
         self.get_workspace(&w.id)
     }
 
-    /// Removes the engine objects of a workspace and releases or deletes its volume.
+    /// Removes the engine objects of a workspace and releases or deletes its volume (and
+    /// with it its snapshots).
     pub(crate) async fn release_resources(&self, w: &WorkspaceRecord, keep_volumes: Option<bool>) -> Result<()> {
         // Sidecars and holders share the workspace label; remove them first.
         let others = self
@@ -554,10 +556,11 @@ impl Conductor {
         let keep =
             keep_volumes.unwrap_or(is_persistent && self.config.isolated_workspace.agent_containers.persistent_volumes);
         if keep {
-            volumes::unmount(&vol).await
+            volumes::unmount(&vol).await?;
         } else {
-            volumes::destroy(&vol).await
+            volumes::destroy(&vol).await?;
         }
+        self.release_snapshots(w, keep).await
     }
 }
 

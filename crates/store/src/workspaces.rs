@@ -148,6 +148,15 @@ impl Store {
         expect_row(changed, not_found(id))
     }
 
+    /// Records the image the container now runs (a restore re-creates it from a snapshot).
+    pub fn set_workspace_image(&self, id: &str, image: &str) -> Result<()> {
+        let changed = self
+            .conn()
+            .prepare_cached("UPDATE workspaces SET image = ?2 WHERE id = ?1")?
+            .execute(params![id, image])?;
+        expect_row(changed, not_found(id))
+    }
+
     /// Marks the workspace as used at `now_ms`.
     pub fn touch_workspace(&self, id: &str, now_ms: i64) -> Result<()> {
         let changed = self
@@ -204,7 +213,11 @@ mod tests {
             .unwrap();
         store.set_workspace_state("w1", WorkspaceState::Running, None).unwrap();
         store.touch_workspace("w1", 250).unwrap();
+        store
+            .set_workspace_image("w1", "localhost/conductor-snapshots/w1:base-1")
+            .unwrap();
         let got = store.get_workspace("w1").unwrap().unwrap();
+        assert_eq!(got.image, "localhost/conductor-snapshots/w1:base-1");
         assert_eq!(got.container_id.as_deref(), Some("c0ffee"));
         assert_eq!(got.network.as_deref(), Some("conductor-a1"));
         assert_eq!(got.state, WorkspaceState::Running);
@@ -240,6 +253,7 @@ mod tests {
         expect_not_found(store.set_workspace_state("ghost", WorkspaceState::Running, None));
         expect_not_found(store.set_workspace_container("ghost", "c1", None));
         expect_not_found(store.touch_workspace("ghost", 5));
+        expect_not_found(store.set_workspace_image("ghost", "x"));
         expect_not_found(store.delete_workspace("ghost"));
     }
 

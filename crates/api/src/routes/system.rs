@@ -76,7 +76,13 @@ fn render(m: &TaskMetrics) -> String {
     let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
     let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", h.sum_seconds, h.count);
     let workspaces: Vec<(&str, u64)> = m.workspaces_by_state.iter().map(|(s, n)| (s.as_str(), *n)).collect();
-    gauge(&mut out, "conductor_workspaces", "Workspaces by state.", "state", &workspaces);
+    gauge(
+        &mut out,
+        "conductor_workspaces",
+        "Workspaces by state.",
+        "state",
+        &workspaces,
+    );
     let _ = writeln!(
         out,
         "# HELP conductor_queue_depth Queued tasks.\n# TYPE conductor_queue_depth gauge\nconductor_queue_depth {}",

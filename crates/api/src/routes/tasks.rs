@@ -16,6 +16,7 @@ use axum::Json;
 use conductor_core::lifecycle::TaskState;
 use conductor_core::task::TaskSpec;
 use conductor_service::tasks::{CommandView, LogEvent, TaskListFilter, TaskView};
+use conductor_service::ServiceError;
 use futures_util::future::try_join_all;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -207,7 +208,7 @@ pub struct TaskBatch {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum Submitted {
-    One(Task),
+    One(Box<Task>),
     Many(TaskBatch),
 }
 
@@ -300,6 +301,7 @@ async fn closed(mut closing: watch::Receiver<bool>) {
         (status = 200, description = "With `?wait=true`: the finished task(s)", body = Submitted),
         (status = 400, description = "Invalid request (field named, e.g. `commands[1]` or `tasks[2].environment`)", body = ErrorBody),
         (status = 413, description = "Body above network.max_body_size", body = ErrorBody),
+        (status = 503, description = "With `?wait=true`: the service stopped before the tasks finished", body = ErrorBody),
     )
 )]
 pub async fn submit_tasks(
@@ -312,7 +314,13 @@ pub async fn submit_tasks(
         TaskSubmission::One(t) => (vec![t.into()], false),
         TaskSubmission::Many(ts) => (ts.into_iter().map(Into::into).collect(), true),
     };
-    let mut views = state.conductor.submit_tasks(specs)?;
+    let mut views = state.conductor.submit_tasks(specs).map_err(|e| match e {
+        // The service names fields by position only for two or more tasks.
+        ServiceError::Invalid { field, message } if many && !field.starts_with("tasks") => {
+            ServiceError::invalid(format!("tasks[0].{field}"), message)
+        }
+        other => other,
+    })?;
     let mut status = StatusCode::ACCEPTED;
     if q.wait {
         let c = &state.conductor;
@@ -325,7 +333,7 @@ pub async fn submit_tasks(
     }
     let mut tasks = views.into_iter().map(Task::from);
     let body = match (many, tasks.next()) {
-        (false, Some(one)) => Submitted::One(one),
+        (false, Some(one)) => Submitted::One(Box::new(one)),
         (_, first) => Submitted::Many(TaskBatch {
             tasks: first.into_iter().chain(tasks).collect(),
         }),

@@ -1,0 +1,87 @@
+//! Workspace lifecycle benchmark against raw Podman on the same machine, interleaved:
+//! create (+start), exec `true`, destroy through conductor, next to `podman run -d`,
+//! `podman exec`, `podman rm -f` from the CLI. Prints medians, p95 and ratios.
+//!
+//! Run: `cargo bench --bench lifecycle` (env `BENCH_N`, default 20). Needs root, Podman and
+//! the `minimal` environment (`conductor env build minimal`).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conductor_core::engine::Progress;
+use conductor_core::Config;
+use conductor_service::exec::ExecRequest;
+use conductor_service::workspaces::CreateRequest;
+use conductor_service::Conductor;
+
+fn stats(mut v: Vec<Duration>) -> (f64, f64) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let p = |q: f64| ms(v[((v.len() as f64 - 1.0) * q).round() as usize]);
+    (p(0.5), p(0.95))
+}
+
+fn podman(args: &[&str]) -> String {
+    let out = Command::new("podman").args(args).output().expect("podman");
+    assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn main() {
+    let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(&format!("storage:\n  base_path: {}\n", dir.path().display())).unwrap().config;
+    rt.block_on(async {
+        let c = Conductor::open(config).await.expect("open conductor");
+        let quiet = Arc::new(|_: Progress| {});
+        let image = c.ensure_environment("minimal", quiet.clone(), false).await.expect("minimal image").reference;
+        let runtime = c.engine.info().await.unwrap().runtime;
+        let ul = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"];
+        let (mut cc, mut ce, mut cd, mut pc, mut pe, mut pd) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for i in 0..n {
+            // conductor
+            let t = Instant::now();
+            let req = CreateRequest {
+                agent_id: "bench".into(),
+                environment: "minimal".into(),
+                ephemeral: true,
+                ..Default::default()
+            };
+            let w = c.create_workspace(req, quiet.clone()).await.expect("create");
+            cc.push(t.elapsed());
+            let t = Instant::now();
+            let (o, _, _) = c.exec_collect(&w.id, ExecRequest::new("true")).await.expect("exec");
+            ce.push(t.elapsed());
+            assert_eq!(o.exit_code, 0);
+            let t = Instant::now();
+            c.remove_workspace(&w.id, Some(false)).await.expect("remove");
+            cd.push(t.elapsed());
+            // raw podman CLI, same image, same runtime, network none
+            let name = format!("bench-raw-{i}");
+            let t = Instant::now();
+            let mut args = vec!["--runtime", runtime.as_str(), "run", "-d", "--name", name.as_str(), "--network", "none"];
+            args.extend(ul);
+            args.extend([image.as_str(), "sleep", "600"]);
+            podman(&args);
+            pc.push(t.elapsed());
+            let t = Instant::now();
+            podman(&["exec", &name, "true"]);
+            pe.push(t.elapsed());
+            let t = Instant::now();
+            podman(&["rm", "-f", "-t", "0", &name]);
+            pd.push(t.elapsed());
+        }
+        println!("workspace lifecycle, n={n}, runtime={runtime} (medians and p95 in ms)");
+        println!("{:<28} {:>10} {:>10} {:>12} {:>10} {:>8}", "operation", "conductor", "p95", "raw podman", "p95", "ratio");
+        for (name, a, b) in [
+            ("create+start (vs run -d)", cc, pc),
+            ("exec true (vs podman exec)", ce, pe),
+            ("destroy (vs rm -f)", cd, pd),
+        ] {
+            let ((am, ap), (bm, bp)) = (stats(a), stats(b));
+            println!("{name:<28} {am:>10.1} {ap:>10.1} {bm:>12.1} {bp:>10.1} {:>7.2}x", am / bm);
+        }
+    });
+}
