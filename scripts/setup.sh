@@ -13,7 +13,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 declare -A pkg_of=(
-  [podman]=podman [runc]=runc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs
+  [podman]=podman [runc]=runc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs [mkfs.xfs]=xfsprogs
   [tar]=tar [mount]=mount [ip]=iproute2 [python3]=python3 [curl]=curl
 )
 missing=()

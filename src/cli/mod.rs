@@ -5,6 +5,7 @@ mod doctor;
 mod env;
 mod progress;
 mod serve;
+mod snapshot;
 mod ws;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum Command {
     Ws(ws::WsCommand),
     /// Create a workspace, run one command in it, remove it.
     Run(ws::RunArgs),
+    /// Snapshot a workspace, list, restore and delete its snapshots.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Agree the database with Podman after a crash: remove orphans, mark vanished workspaces lost.
     Reconcile,
     /// Apply the cleanup policy (max_age_hours, max_containers) now.
@@ -76,6 +80,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Env(cmd) => env::run(&cli, cmd).await,
         Command::Ws(cmd) => ws::run(&cli, cmd).await,
         Command::Run(args) => ws::run_once(&cli, args).await,
+        Command::Snapshot(cmd) => snapshot::run(&cli, cmd).await,
         Command::Reconcile => reconcile(&cli).await,
         Command::Cleanup => cleanup(&cli).await,
         Command::Serve(args) => serve::run(&cli, args).await,

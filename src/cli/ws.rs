@@ -210,6 +210,7 @@ async fn exec_streaming(c: &Conductor, id: &str, command: &[String], o: &ExecOpt
         env: parse_pairs("env-var", &o.env)?,
         stdin,
         timeout: o.timeout.map(std::time::Duration::from_secs),
+        ..Default::default()
     };
     let (tx, mut rx) = mpsc::channel(64);
     let printer = tokio::spawn(async move {

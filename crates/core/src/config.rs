@@ -855,6 +855,29 @@ pub fn parse_cidr(s: &str) -> Result<([u8; 4], u8), String> {
     Ok((ip.octets(), len))
 }
 
+/// The first /29 inside `base/len` that overlaps none of `taken` (CIDR strings).
+pub fn next_free_block(base: [u8; 4], len: u8, taken: &[String]) -> Option<String> {
+    let start = u32::from_be_bytes(base);
+    let size = 1u32 << (32 - len);
+    let taken: Vec<(u32, u32)> = taken
+        .iter()
+        .filter_map(|t| {
+            let (ip, l) = t.split_once('/')?;
+            let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+            let l: u32 = l.parse().ok()?;
+            let n = 1u32.checked_shl(32 - l).unwrap_or(0);
+            Some((u32::from(ip), n.max(1)))
+        })
+        .collect();
+    (0..size / 8)
+        .map(|i| start + i * 8)
+        .find(|b| !taken.iter().any(|(t, n)| *b < t + n && *t < b + 8))
+        .map(|b| {
+            let ip = std::net::Ipv4Addr::from(b);
+            format!("{ip}/29")
+        })
+}
+
 /// serde messages mention Rust-isms; make them read like configuration advice.
 fn clean_serde_message(m: &str) -> String {
     m.replace("invalid type: ", "wrong type: ").replace("variant", "value")
@@ -1005,6 +1028,25 @@ podman_config:
         assert_eq!(p.workspaces, Path::new("/home/u/.claude-conductor/isolated"));
         assert_eq!(p.database, Path::new("/home/u/.claude-conductor/conductor.db"));
         assert!(Config::parse("storage:\n  volumes:\n    options: [\"foo=1\"]\n").is_err());
+    }
+
+    #[test]
+    fn blocks_skip_taken_subnets() {
+        assert_eq!(
+            next_free_block([10, 89, 0, 0], 24, &[]).as_deref(),
+            Some("10.89.0.0/29")
+        );
+        let taken = vec![
+            "10.89.0.0/29".to_string(),
+            "10.89.0.8/29".to_string(),
+            "10.88.0.0/16".to_string(),
+        ];
+        assert_eq!(
+            next_free_block([10, 89, 0, 0], 24, &taken).as_deref(),
+            Some("10.89.0.16/29")
+        );
+        let all = vec!["10.89.0.0/24".to_string()];
+        assert_eq!(next_free_block([10, 89, 0, 0], 24, &all), None);
     }
 
     #[test]

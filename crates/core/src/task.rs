@@ -28,8 +28,6 @@ pub const MAX_DESCRIPTION_LEN: usize = 4096;
 /// Where `source` is copied inside the workspace; created empty when a task has no source,
 /// so `cd /workspace/src` always works.
 pub const SOURCE_TARGET: &str = "/workspace/src";
-/// Prefix of the environment variables conductor sets itself; callers may not set them.
-pub const RESERVED_ENV_PREFIX: &str = "CONDUCTOR_";
 
 /// A task as submitted: which environment, which commands, which sidecars.
 ///
@@ -149,15 +147,7 @@ impl TaskSpec {
             validate::agent_id(a).map_err(|m| FieldError::new("agent_id", m))?;
         }
         for (k, v) in &self.env {
-            let field = || format!("env.{k}");
-            validate::env_name(k).map_err(|m| FieldError::new(field(), m))?;
-            if k.starts_with(RESERVED_ENV_PREFIX) {
-                return Err(FieldError::new(
-                    field(),
-                    format!("names starting with {RESERVED_ENV_PREFIX} are reserved for conductor"),
-                ));
-            }
-            validate::env_value(k, v).map_err(|m| FieldError::new(field(), m))?;
+            validate::user_env(k, v).map_err(|m| FieldError::new(format!("env.{k}"), m))?;
         }
         if let Some(s) = &self.source {
             validate_host_path(s).map_err(|m| FieldError::new("source", m))?;

@@ -118,6 +118,21 @@ pub fn env_value(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Prefix of the environment variables conductor sets itself; callers may not set them.
+pub const RESERVED_ENV_PREFIX: &str = "CONDUCTOR_";
+
+/// A caller-supplied environment variable: a valid name outside conductor's reserved
+/// prefix, and a valid value.
+pub fn user_env(name: &str, value: &str) -> Result<(), String> {
+    env_name(name)?;
+    if name.starts_with(RESERVED_ENV_PREFIX) {
+        return Err(format!(
+            "names starting with {RESERVED_ENV_PREFIX} are reserved for conductor"
+        ));
+    }
+    env_value(name, value)
+}
+
 /// A shell command line given to a workspace: non-empty, no NUL byte, at most 1 MiB.
 pub fn command(value: &str) -> Result<(), String> {
     if value.trim().is_empty() {
@@ -211,6 +226,8 @@ mod tests {
                 .contains("not a valid environment variable name"));
         }
         assert!(env_value("X", "a\0b").is_err());
+        assert!(user_env("CONDUCTOR_EXEC_ID", "x").unwrap_err().contains("reserved"));
+        user_env("MY_VAR", "x").unwrap();
     }
 
     #[test]

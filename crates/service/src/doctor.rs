@@ -95,6 +95,20 @@ pub async fn run(config: Config) -> Report {
             ),
         }
     }
+    match tool("mkfs.xfs") {
+        Some(p) => r.push(
+            "mkfs.xfs",
+            Status::Ok,
+            format!("{p} (reflink pool: fast snapshots)"),
+            None,
+        ),
+        None => r.push(
+            "mkfs.xfs",
+            Status::Warn,
+            "not installed: snapshots copy whole volumes",
+            Some("apt-get install xfsprogs (or run scripts/setup.sh)"),
+        ),
+    }
     if host::is_root() {
         r.push(
             "storage limits",

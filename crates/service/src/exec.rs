@@ -30,6 +30,9 @@ pub struct ExecRequest {
     pub env: BTreeMap<String, String>,
     pub stdin: Option<Bytes>,
     pub timeout: Option<Duration>,
+    /// Variables conductor itself sets (e.g. a task marker); not subject to the reserved
+    /// `CONDUCTOR_` prefix check. Never filled from caller input.
+    pub internal_env: Vec<(String, String)>,
 }
 
 impl ExecRequest {
@@ -47,8 +50,7 @@ impl ExecRequest {
             validate::container_path(cwd).map_err(|m| ServiceError::invalid("cwd", m))?;
         }
         for (k, v) in &self.env {
-            validate::env_name(k).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
-            validate::env_value(k, v).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
+            validate::user_env(k, v).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
         }
         if self.timeout == Some(Duration::ZERO) {
             return Err(ServiceError::invalid("timeout", "must be at least 1 second"));
@@ -76,23 +78,27 @@ pub fn shell_argv(command: &str) -> Vec<String> {
     ]
 }
 
-/// Kills every process of the container carrying `marker` in its environment, repeating
-/// until none is left (a process may fork while the first pass runs).
-pub async fn kill_marked(engine: &dyn Engine, container: &str, marker: &str) -> Result<()> {
-    let script = format!(
+/// Shell loop that kills every process of the container whose environment holds
+/// `var=value`, repeating while new ones appear (a process may fork during a pass).
+pub fn kill_script(var: &str, value: &str) -> String {
+    format!(
         "for round in 1 2 3 4 5; do found=0; for p in /proc/[0-9]*; do \
-         if tr '\\0' '\\n' < $p/environ 2>/dev/null | grep -qx '{MARKER}={marker}'; then kill -9 ${{p#/proc/}} 2>/dev/null; found=1; fi; \
+         if tr '\\0' '\\n' < $p/environ 2>/dev/null | grep -qx '{var}={value}'; then kill -9 ${{p#/proc/}} 2>/dev/null; found=1; fi; \
          done; [ $found = 0 ] && break; sleep 0.05; done"
-    );
+    )
+}
+
+/// Runs a maintenance script as the workspace user, discarding its output.
+pub async fn run_quiet(engine: &dyn Engine, container: &str, script: String) -> Result<()> {
     let spec = ExecSpec {
         argv: vec!["/bin/sh".into(), "-c".into(), script],
         user: Some(WORKSPACE_USER.into()),
         ..Default::default()
     };
     let (tx, mut rx) = mpsc::channel(8);
-    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
-    engine.exec(container, spec, tx).await?;
-    let _ = drain.await;
+    let drain = async move { while rx.recv().await.is_some() {} };
+    let (code, ()) = tokio::join!(engine.exec(container, spec, tx), drain);
+    code?;
     Ok(())
 }
 
@@ -106,6 +112,7 @@ pub async fn run(
     req.validate()?;
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let mut env: Vec<(String, String)> = req.env.into_iter().collect();
+    env.extend(req.internal_env);
     env.push((MARKER.into(), marker.clone()));
     let spec = ExecSpec {
         argv: shell_argv(&req.command),
@@ -123,7 +130,7 @@ pub async fn run(
             tokio::select! {
                 r = &mut fut => (r?, false),
                 _ = tokio::time::sleep(limit) => {
-                    kill_marked(engine, container, &marker).await?;
+                    run_quiet(engine, container, kill_script(MARKER, &marker)).await?;
                     // The exec ends once its processes are gone; don't wait forever on it.
                     let _ = tokio::time::timeout(Duration::from_secs(5), &mut fut).await;
                     (TIMEOUT_EXIT_CODE, true)

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conductor_core::config::Mode;
-use conductor_core::engine::{Engine, ExecSpec, OutputChunk, Progress, ProgressSink};
+use conductor_core::engine::{Engine, OutputChunk, Progress, ProgressSink};
 use conductor_core::lifecycle::{TaskState, WorkspaceState};
 use conductor_core::naming;
 use conductor_core::task::{command_script, service_name, source_location, state_dir, TaskSpec, SOURCE_TARGET};
@@ -35,7 +35,7 @@ use nix::unistd::{fchown, fchownat, symlinkat, Gid, Uid};
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
-use crate::exec::{ExecRequest, TIMEOUT_EXIT_CODE, WORKSPACE_USER};
+use crate::exec::{kill_script, run_quiet, ExecRequest, TIMEOUT_EXIT_CODE};
 use crate::sidecars::service_hosts;
 use crate::tasks::{ResultDoc, StopReason, TaskLog};
 use crate::volumes::{DataVolume, WORKSPACE_UID};
@@ -201,40 +201,17 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
     Ok(())
 }
 
-/// Shell loop that kills every process carrying the task's marker (the whole tree of every
-/// command of the task, background ones included), repeating while new ones appear.
-fn kill_script(task_id: &str) -> String {
-    format!(
-        "for round in 1 2 3 4 5; do found=0; for p in /proc/[0-9]*; do \
-         if tr '\\0' '\\n' < $p/environ 2>/dev/null | grep -qx '{TASK_MARKER}={task_id}'; then kill -9 ${{p#/proc/}} 2>/dev/null; found=1; fi; \
-         done; [ $found = 0 ] && break; sleep 0.05; done"
-    )
-}
-
-/// Kills the task's processes in `container`.
+/// Kills the task's processes in `container`: the whole tree of every command of the task,
+/// background ones included.
 async fn kill_task_processes(engine: &dyn Engine, container: &str, task_id: &str) -> Result<()> {
-    run_quiet(engine, container, kill_script(task_id)).await
+    run_quiet(engine, container, kill_script(TASK_MARKER, task_id)).await
 }
 
 /// Kills the task's processes in `container` and removes its shell state: what a shared
 /// workspace keeps of a task is its files.
 async fn end_session(engine: &dyn Engine, container: &str, task_id: &str) -> Result<()> {
-    let script = format!("{}; rm -rf '{}'", kill_script(task_id), state_dir(task_id));
+    let script = format!("{}; rm -rf '{}'", kill_script(TASK_MARKER, task_id), state_dir(task_id));
     run_quiet(engine, container, script).await
-}
-
-/// Runs a maintenance script as the workspace user, discarding its output.
-async fn run_quiet(engine: &dyn Engine, container: &str, script: String) -> Result<()> {
-    let spec = ExecSpec {
-        argv: vec!["/bin/sh".into(), "-c".into(), script],
-        user: Some(WORKSPACE_USER.into()),
-        ..Default::default()
-    };
-    let (tx, mut rx) = mpsc::channel(8);
-    let drain = async move { while rx.recv().await.is_some() {} };
-    let (code, ()) = tokio::join!(engine.exec(container, spec, tx), drain);
-    code?;
-    Ok(())
 }
 
 /// How one attempt of a task ended.
@@ -627,11 +604,10 @@ impl Attempt<'_> {
         };
         self.log.system(&format!("{label}$ {command}"));
 
-        let mut env = self.spec.env.clone();
-        env.insert(TASK_MARKER.to_string(), id.clone());
         let req = ExecRequest {
             command: command_script(&state_dir(&id), command),
-            env,
+            env: self.spec.env.clone(),
+            internal_env: vec![(TASK_MARKER.to_string(), id.clone())],
             timeout: Some(budget),
             ..Default::default()
         };

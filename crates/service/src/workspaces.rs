@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use conductor_core::config::{parse_cidr, NetworkPolicy};
+use conductor_core::config::{next_free_block, parse_cidr, NetworkPolicy};
 use conductor_core::engine::{
     ContainerSpec, Labels, Mount, NetworkAttachment, NetworkSpec, OutputChunk, ProgressSink, ResourceLimits,
     SecurityOptions,
@@ -172,8 +172,7 @@ impl Conductor {
         let limits = WorkspaceLimits::resolve(&self.config, &req.limits)
             .map_err(|e| ServiceError::invalid(format!("limits.{}", e.field), e.message))?;
         for (k, v) in &req.env {
-            validate::env_name(k).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
-            validate::env_value(k, v).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
+            validate::user_env(k, v).map_err(|m| ServiceError::invalid(format!("env.{k}"), m))?;
         }
         let (lo, hi) = self
             .config
@@ -373,36 +372,49 @@ impl Conductor {
     async fn create_network(&self, name: &str, egress: bool, labels: Labels) -> Result<()> {
         let _guard = self.net_lock.lock().await;
         let cfg = &self.config.podman_config.network;
-        let taken: Vec<String> = self
-            .engine
-            .network_list(&[])
-            .await?
-            .into_iter()
-            .flat_map(|n| n.subnets)
-            .collect();
-        let subnet = if cfg.subnet.is_empty() {
-            None
-        } else {
-            let (base, len) =
-                parse_cidr(&cfg.subnet).map_err(|m| ServiceError::invalid("podman_config.network.subnet", m))?;
-            Some(next_free_block(base, len, &taken).ok_or_else(|| {
-                ServiceError::Exhausted(format!(
-                    "no free /29 left in podman_config.network.subnet {}",
-                    cfg.subnet
-                ))
-            })?)
-        };
-        let spec = NetworkSpec {
+        let mut spec = NetworkSpec {
             name: name.to_string(),
             internal: !egress,
             dns: egress,
-            subnet,
+            subnet: None,
             mtu: Some(cfg.mtu),
             driver: cfg.driver.clone(),
             labels,
         };
-        self.engine.network_create(&spec).await?;
-        Ok(())
+        if cfg.subnet.is_empty() {
+            self.engine.network_create(&spec).await?;
+            return Ok(());
+        }
+        let (base, len) =
+            parse_cidr(&cfg.subnet).map_err(|m| ServiceError::invalid("podman_config.network.subnet", m))?;
+        // Another conductor (or a Podman user) may take the same block between our listing
+        // and our create: skip blocks that fail and try the next ones.
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let mut taken: Vec<String> = self
+                .engine
+                .network_list(&[])
+                .await?
+                .into_iter()
+                .flat_map(|n| n.subnets)
+                .collect();
+            taken.extend(tried.iter().cloned());
+            let block = next_free_block(base, len, &taken).ok_or_else(|| {
+                ServiceError::Exhausted(format!(
+                    "no free /29 left in podman_config.network.subnet {}",
+                    cfg.subnet
+                ))
+            })?;
+            spec.subnet = Some(block.clone());
+            match self.engine.network_create(&spec).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tried.len() < 8 => {
+                    tracing::debug!("network {name} on {block} failed ({e}); trying the next block");
+                    tried.push(block);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Runs a shell command in a running workspace, streaming its output.
@@ -564,29 +576,6 @@ impl Conductor {
     }
 }
 
-/// The first /29 inside `base/len` that overlaps none of `taken` (CIDR strings).
-pub fn next_free_block(base: [u8; 4], len: u8, taken: &[String]) -> Option<String> {
-    let start = u32::from_be_bytes(base);
-    let size = 1u32 << (32 - len);
-    let taken: Vec<(u32, u32)> = taken
-        .iter()
-        .filter_map(|t| {
-            let (ip, l) = t.split_once('/')?;
-            let ip: std::net::Ipv4Addr = ip.parse().ok()?;
-            let l: u32 = l.parse().ok()?;
-            let n = 1u32.checked_shl(32 - l).unwrap_or(0);
-            Some((u32::from(ip), n.max(1)))
-        })
-        .collect();
-    (0..size / 8)
-        .map(|i| start + i * 8)
-        .find(|b| !taken.iter().any(|(t, n)| *b < t + n && *t < b + 8))
-        .map(|b| {
-            let ip = std::net::Ipv4Addr::from(b);
-            format!("{ip}/29")
-        })
-}
-
 /// Picks free host ports on 127.0.0.1 for the requested container ports.
 fn allocate_ports(ports: &[u16], (lo, hi): (u16, u16)) -> Result<Vec<(u16, u16)>> {
     let mut out = Vec::new();
@@ -599,28 +588,4 @@ fn allocate_ports(ports: &[u16], (lo, hi): (u16, u16)) -> Result<Vec<(u16, u16)>
         next = host.saturating_add(1);
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blocks_skip_taken_subnets() {
-        assert_eq!(
-            next_free_block([10, 89, 0, 0], 24, &[]).as_deref(),
-            Some("10.89.0.0/29")
-        );
-        let taken = vec![
-            "10.89.0.0/29".to_string(),
-            "10.89.0.8/29".to_string(),
-            "10.88.0.0/16".to_string(),
-        ];
-        assert_eq!(
-            next_free_block([10, 89, 0, 0], 24, &taken).as_deref(),
-            Some("10.89.0.16/29")
-        );
-        let all = vec!["10.89.0.0/24".to_string()];
-        assert_eq!(next_free_block([10, 89, 0, 0], 24, &all), None);
-    }
 }

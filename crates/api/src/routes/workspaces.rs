@@ -380,6 +380,7 @@ pub async fn exec(
         env: body.env,
         stdin: None,
         timeout: Some(Duration::from_secs(timeout)),
+        ..Default::default()
     };
     req.validate()?;
     let id = state.conductor.get_workspace(&id)?.id;
