@@ -15,7 +15,7 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== images used by the tests"
 cargo build --locked --bin conductor
-./target/debug/conductor env build --all
+./target/debug/conductor env build --all --services
 
 echo "== cargo test"
 cargo test --locked --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -27,6 +27,10 @@ pub enum EnvCommand {
         /// Rebuild even when the image for the current definition exists.
         #[arg(long)]
         force: bool,
+        /// Also make the sidecar service images (postgres:14, redis:7): pulled where a
+        /// registry answers, built from services/ otherwise.
+        #[arg(long)]
+        services: bool,
     },
 }
 
@@ -59,13 +63,18 @@ pub async fn run(cli: &Cli, cmd: &EnvCommand) -> Result<ExitCode, ServiceError> 
             println!("{t}");
             Ok(ExitCode::SUCCESS)
         }
-        EnvCommand::Build { names, all, force } => {
+        EnvCommand::Build {
+            names,
+            all,
+            force,
+            services,
+        } => {
             let names: Vec<String> = if *all {
                 c.catalog.names().map(str::to_string).collect()
-            } else if names.is_empty() {
+            } else if names.is_empty() && !*services {
                 return Err(ServiceError::invalid(
                     "names",
-                    "name at least one environment, or use --all",
+                    "name at least one environment, or use --all or --services",
                 ));
             } else {
                 names.clone()
@@ -89,6 +98,22 @@ pub async fn run(cli: &Cli, cmd: &EnvCommand) -> Result<ExitCode, ServiceError> 
                             start.elapsed().as_secs_f64()
                         ));
                     }
+                    Err(e) => {
+                        spinner.finish(format!("FAILED after {:.1}s", start.elapsed().as_secs_f64()));
+                        eprintln!("error: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if *services {
+                let spinner = Spinner::new("services");
+                let start = Instant::now();
+                match c.build_service_images(spinner.sink(cli.verbose)).await {
+                    Ok(images) => spinner.finish(format!(
+                        "ready: {} in {:.1}s",
+                        images.join(", "),
+                        start.elapsed().as_secs_f64()
+                    )),
                     Err(e) => {
                         spinner.finish(format!("FAILED after {:.1}s", start.elapsed().as_secs_f64()));
                         eprintln!("error: {e}");

@@ -57,7 +57,11 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     let conductor = Arc::new(Conductor::open(config).await?);
     let report = conductor.reconcile().await?;
     tracing::info!("reconciled: {}", serde_json::to_string(&report).unwrap_or_default());
+    for (image, why) in conductor.preload_images().await {
+        tracing::warn!("podman_config.preload_images: {image}: {why}");
+    }
     let orchestrator = Orchestrator::start(conductor.clone());
+    let cleanup = conductor_service::maintenance::spawn_cleanup(conductor.clone());
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(conductor_api::serve(conductor.clone(), listener, async {
@@ -81,6 +85,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
             Err(e) => Err(ServiceError::host("run the HTTP server", e)),
         };
     }
+    cleanup.abort();
     tracing::warn!("shutting down: running tasks get {}s to finish", grace.as_secs());
     orchestrator.shutdown(grace).await;
     let _ = stop.send(());

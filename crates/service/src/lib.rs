@@ -13,6 +13,7 @@ pub mod error;
 pub mod exec;
 pub mod host;
 pub mod images;
+pub mod maintenance;
 mod orchestrator;
 pub mod pool;
 pub mod reconcile;
