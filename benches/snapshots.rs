@@ -1,13 +1,14 @@
 //! Snapshot benchmark: time to take and restore a snapshot and the disk each snapshot uses,
 //! for workspaces holding 10 MiB, 100 MiB and 1 GiB of data in `/workspace`.
 //!
-//! For each size: write the data (random, synced), take snapshot `s1`, make a small change
-//! (1 MiB new file in /workspace, a file in /home/agent), take `s2`, restore `s1`. Disk per
-//! snapshot is what the pool file system gained while the snapshot was taken (the volume
-//! copy's own blocks) plus the root file system layer Podman stored. For comparison, the
-//! last column is a full copy of the volume image (`cp --sparse=always` + fsync), which is
-//! what a snapshot costs where the workspaces path cannot reflink. Medians of `BENCH_N` runs
-//! (default 3). Prints a Markdown table.
+//! For each size: write the data (random, synced) and take snapshot `s1`; overwrite 1 MiB in
+//! the middle of the data and write a file in /home/agent (a small change), take `s2`;
+//! restore `s1`. Disk columns: what the pool file system gained while a snapshot was taken
+//! plus the root file system layer Podman stored, and what it gained during the change (a
+//! 1 MiB overwrite in place costs nothing without a snapshot, so this is what keeping `s1`
+//! costs once the workspace diverges). The last column is what a snapshot costs where the
+//! workspaces path cannot reflink: a full copy of the volume image on the host's ext4
+//! (`cp --sparse=always` + fsync). Medians of `BENCH_N` runs (default 3), as a Markdown table.
 //!
 //! Run: `cargo bench --bench snapshots`. Needs root, Podman, `mkfs.xfs` and the `minimal`
 //! environment (`conductor env build minimal`).
@@ -31,6 +32,7 @@ struct Round {
     restore: Duration,
     disk_first: u64,
     disk_second: u64,
+    diverged: u64,
     full_copy: Duration,
     full_bytes: u64,
 }
@@ -45,7 +47,11 @@ fn ms(d: Duration) -> String {
 }
 
 fn mb(bytes: u64) -> String {
-    format!("{:.1} MB", bytes as f64 / 1e6)
+    if bytes < 1_000_000 {
+        format!("{:.0} kB", bytes as f64 / 1e3)
+    } else {
+        format!("{:.1} MB", bytes as f64 / 1e6)
+    }
 }
 
 async fn sh(c: &Conductor, id: &str, cmd: &str) {
@@ -88,34 +94,35 @@ async fn round(c: &Conductor, mib: u64) -> Round {
     )
     .await;
     let (first, disk_first) = snapshot(c, &w.id, &w.image, "s1").await;
-    sh(
-        c,
-        &w.id,
-        "head -c 1M /dev/urandom > /workspace/change && echo changed > /home/agent/note && sync",
-    )
-    .await;
+    let before = pool_used(c);
+    let change = format!(
+        "dd if=/dev/urandom of=/workspace/data bs=1M count=1 seek={} conv=notrunc status=none && echo changed > /home/agent/note && sync",
+        mib / 2
+    );
+    sh(c, &w.id, &change).await;
+    let diverged = pool_used(c).saturating_sub(before);
     let (second, disk_second) = snapshot(c, &w.id, &w.image, "s2").await;
     let t = Instant::now();
     c.restore_snapshot(&w.id, "s1").await.expect("restore");
     let restore = t.elapsed();
 
+    // The fallback: an ext4 image copied on the host's ext4 (cp in the pool would clone).
     let image = Path::new(&w.volume_dir).join("data.img");
-    let copy = c.paths.workspaces.join(format!("bench-copy-{}.img", w.id));
+    let host_dir = c.paths.base.join("bench-copies");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let (src, dst) = (host_dir.join("src.img"), host_dir.join("dst.img"));
+    let run = |cmd: String| assert!(Command::new("sh").arg("-c").arg(cmd).status().expect("sh").success());
+    run(format!("cp --sparse=always '{}' '{}'", image.display(), src.display()));
     let t = Instant::now();
-    let ok = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cp --sparse=always '{}' '{}' && sync '{}'",
-            image.display(),
-            copy.display(),
-            copy.display()
-        ))
-        .status()
-        .expect("cp");
-    assert!(ok.success());
+    run(format!(
+        "cp --sparse=always '{}' '{}' && sync '{}'",
+        src.display(),
+        dst.display(),
+        dst.display()
+    ));
     let full_copy = t.elapsed();
-    let full_bytes = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&copy).unwrap()) * 512;
-    std::fs::remove_file(&copy).unwrap();
+    let full_bytes = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&dst).unwrap()) * 512;
+    std::fs::remove_dir_all(&host_dir).unwrap();
     c.remove_workspace(&w.id, Some(false)).await.expect("remove");
     Round {
         first,
@@ -123,6 +130,7 @@ async fn round(c: &Conductor, mib: u64) -> Round {
         restore,
         disk_first,
         disk_second,
+        diverged,
         full_copy,
         full_bytes,
     }
@@ -148,10 +156,15 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let c = Conductor::open(config).await.expect("open conductor");
-        println!("{n} runs per size, medians; workspaces path on the pool: {}", host::is_mounted(&c.paths.workspaces));
+        println!(
+            "{n} runs per size, medians; workspaces path on the pool: {}",
+            host::is_mounted(&c.paths.workspaces)
+        );
         println!();
-        println!("| data in /workspace | snapshot | snapshot after a small change | restore | disk, first snapshot | disk, after a small change | full copy without reflink |");
-        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        println!(
+            "| data in /workspace | snapshot | disk per snapshot | disk kept by it after a 1 MiB overwrite | snapshot after the change | its disk | restore | full copy without reflink |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
         for mib in [10u64, 100, 1024] {
             let mut rounds = Vec::new();
             for _ in 0..n {
@@ -160,13 +173,14 @@ fn main() {
             let pick = |f: fn(&Round) -> Duration| median(rounds.iter().map(f).collect());
             let pick_bytes = |f: fn(&Round) -> u64| median(rounds.iter().map(f).collect());
             println!(
-                "| {} | {} | {} | {} | {} | {} | {} ({}) |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} ({}) |",
                 if mib < 1024 { format!("{mib} MiB") } else { "1 GiB".to_string() },
                 ms(pick(|r| r.first)),
-                ms(pick(|r| r.second)),
-                ms(pick(|r| r.restore)),
                 mb(pick_bytes(|r| r.disk_first)),
+                mb(pick_bytes(|r| r.diverged)),
+                ms(pick(|r| r.second)),
                 mb(pick_bytes(|r| r.disk_second)),
+                ms(pick(|r| r.restore)),
                 ms(pick(|r| r.full_copy)),
                 mb(pick_bytes(|r| r.full_bytes)),
             );

@@ -39,6 +39,8 @@ fi
 
 echo "setup: building conductor (release)"
 cargo build --release --locked --bin conductor
+# The in-workspace agent (PID 1 of every workspace): static, so it runs in any image.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p conductor-agent
 
 if [ "${1:-}" != "--no-images" ]; then
   ./target/release/conductor env build minimal

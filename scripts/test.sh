@@ -15,9 +15,14 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== images used by the tests"
 cargo build --locked --bin conductor
+# The in-workspace agent (PID 1 of every workspace): static, so it runs in any image.
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p conductor-agent
 ./target/debug/conductor env build --all --services
 
 echo "== cargo test"
 cargo test --locked --workspace -- --test-threads="${TEST_THREADS:-2}"
+
+echo "== Python client tests (against a real conductor serve)"
+clients/python/run-tests.sh
 
 echo "== tests finished in $(( $(date +%s) - start ))s"

@@ -191,3 +191,29 @@ fn managed_podman_service_is_gone_after_exit() {
         .collect();
     assert!(alive.is_empty(), "podman service still running: {alive:?}");
 }
+
+/// The base image is made from nothing: debootstrap from the host's Debian mirror, then
+/// imported; a container of it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_image_bootstraps_from_nothing() {
+    let t = TestEnv::new("").await;
+    let c = t.c();
+    let reference = format!("localhost/conductor-test/base:{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = lines.clone();
+    let progress: conductor_core::engine::ProgressSink = std::sync::Arc::new(move |_| {
+        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    });
+    let info = c.bootstrap_base(&reference, progress).await.expect("bootstrap");
+    assert!(info.size_bytes > 50_000_000, "{}", info.size_bytes);
+    assert!(lines.load(std::sync::atomic::Ordering::Relaxed) > 10, "progress was reported");
+    let runtime = c.engine.info().await.unwrap().runtime;
+    let out = Command::new("podman")
+        .args(["run", "--rm", "--runtime", runtime.as_str(), "--network", "none"])
+        .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
+        .args([reference.as_str(), "sh", "-c", ". /etc/os-release && echo $VERSION_CODENAME"])
+        .output()
+        .unwrap();
+    c.engine.image_remove(&reference).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "bookworm", "{}", String::from_utf8_lossy(&out.stderr));
+}

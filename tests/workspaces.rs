@@ -333,3 +333,45 @@ async fn cleanup_by_age_and_by_count() {
     let busy = c.cleanup(std::slice::from_ref(&mid.id)).await.unwrap();
     assert!(busy.expired.is_empty() && busy.over_count.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readonly_root_with_a_noexec_tmp() {
+    let t = TestEnv::new("").await;
+    let c = t.c();
+    let w = create(c, CreateRequest { readonly_rootfs: true, ..req("ro1", "minimal") }).await;
+    let (code, _, err) = sh(c, &w.id, "touch /etc/x").await;
+    assert_ne!(code, 0);
+    assert!(err.contains("Read-only file system"), "{err}");
+    let (code, out, err) = sh(c, &w.id, "echo ok > /tmp/f && cat /tmp/f && grep ' /tmp ' /proc/mounts").await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ok\n"), "{out}");
+    assert!(out.contains("noexec") && out.contains("nosuid"), "{out}");
+    let (code, out, _) = sh(c, &w.id, "touch /workspace/ok && echo writable").await;
+    assert_eq!((code, out.trim()), (0, "writable"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_above_max_containers_removes_the_least_recently_used() {
+    let t = TestEnv::new("isolated_workspace:\n  cleanup:\n    max_containers: 3\n").await;
+    let c = t.c();
+    let a = create(c, req("cnt1", "minimal")).await;
+    let b = create(c, req("cnt2", "minimal")).await;
+    let d = create(c, req("cnt3", "minimal")).await;
+    c.store.touch_workspace(&b.id, conductor_service::now_ms() + 1000).unwrap();
+    c.store.touch_workspace(&d.id, conductor_service::now_ms() + 2000).unwrap();
+    // The same state seen by a conductor whose policy allows one workspace.
+    let mut config = c.config.clone();
+    config.isolated_workspace.cleanup.max_containers = 1;
+    let strict = Conductor::with_parts(
+        config,
+        c.paths.clone(),
+        c.engine.clone(),
+        c.store.clone(),
+        c.instance.clone(),
+        c.seccomp_path().to_path_buf(),
+    );
+    let r = strict.cleanup(&[]).await.unwrap();
+    assert_eq!(r.over_count, vec![a.id.clone(), b.id.clone()], "oldest first");
+    assert_eq!(c.get_workspace(&d.id).unwrap().state, WorkspaceState::Running);
+    assert_eq!(c.get_workspace(&a.id).unwrap().state, WorkspaceState::Removed);
+}

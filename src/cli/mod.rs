@@ -3,6 +3,7 @@
 
 mod doctor;
 mod env;
+mod mcp;
 mod progress;
 mod serve;
 mod snapshot;
@@ -58,6 +59,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Print the resolved data paths, pid and log file, and API address as JSON.
     Paths,
+    /// Serve the Model Context Protocol on stdin/stdout: workspaces as tools for AI agents.
+    Mcp,
 }
 
 /// Loads the configuration, printing its warnings.
@@ -85,6 +88,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Cleanup => cleanup(&cli).await,
         Command::Serve(args) => serve::run(&cli, args).await,
         Command::Paths => serve::paths(&cli),
+        Command::Mcp => mcp::run(&cli).await,
     };
     match result {
         Ok(code) => code,

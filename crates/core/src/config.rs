@@ -132,6 +132,10 @@ pub struct AgentContainers {
     /// Custom environments, added to (or replacing) the presets.
     pub environments: Vec<EnvironmentConfig>,
     pub resources: Resources,
+    /// Host path of the static `conductor-agent` binary run as PID 1 of every workspace.
+    /// Unset: looked for next to the `conductor` executable and in the build directory
+    /// (`target/x86_64-unknown-linux-gnu/{release,debug}/`); empty: no agent (Podman exec).
+    pub agent_binary: Option<String>,
 }
 
 /// The image the presets build on by default: made locally by `conductor env build`.
@@ -148,6 +152,7 @@ impl Default for AgentContainers {
             network: NetworkPolicy::Isolated,
             environments: Vec::new(),
             resources: Resources::default(),
+            agent_binary: None,
         }
     }
 }

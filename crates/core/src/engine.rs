@@ -288,6 +288,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn container_stop(&self, id: &str, timeout_secs: u32) -> EngineResult<()>;
     /// Removes a container (force kills it when running); a missing one is not an error.
     async fn container_remove(&self, id: &str) -> EngineResult<()>;
+    /// Renames a container (running or not); its id, labels and state stay.
+    async fn container_rename(&self, id: &str, name: &str) -> EngineResult<()>;
     async fn container_pause(&self, id: &str) -> EngineResult<()>;
     async fn container_unpause(&self, id: &str) -> EngineResult<()>;
     /// `Ok(None)` when the container does not exist.

@@ -15,7 +15,8 @@ use bollard::models::{
     Mount as ApiMount, MountType, PortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, StatsOptions, StopContainerOptions,
+    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions, StatsOptions,
+    StopContainerOptions,
 };
 use bollard::Docker;
 use conductor_core::engine::{
@@ -212,6 +213,14 @@ pub(crate) async fn remove(docker: &Docker, id: &str) -> EngineResult<()> {
             other => Err(other),
         },
     }
+}
+
+pub(crate) async fn rename(docker: &Docker, id: &str, name: &str) -> EngineResult<()> {
+    let options = RenameContainerOptions { name: name.to_string() };
+    docker
+        .rename_container(id, options)
+        .await
+        .map_err(|e| api_error(format!("rename container '{id}' to '{name}'"), Some(&object(id)), e))
 }
 
 pub(crate) async fn pause(docker: &Docker, id: &str) -> EngineResult<()> {

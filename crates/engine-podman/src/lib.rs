@@ -233,6 +233,10 @@ impl Engine for PodmanEngine {
         containers::remove(&self.docker, id).await
     }
 
+    async fn container_rename(&self, id: &str, name: &str) -> EngineResult<()> {
+        containers::rename(&self.docker, id, name).await
+    }
+
     async fn container_pause(&self, id: &str) -> EngineResult<()> {
         containers::pause(&self.docker, id).await
     }

@@ -127,7 +127,10 @@ mod tests {
         assert_eq!(k.dropped, 19_990);
         assert_eq!(k.text, "5\n6\n7\n8\n9\n");
         let shown = k.render("stderr");
-        assert!(shown.starts_with("stderr:\n[stderr truncated: the first 19990 of 20000 bytes"), "{shown}");
+        assert!(
+            shown.starts_with("stderr:\n[stderr truncated: the first 19990 of 20000 bytes"),
+            "{shown}"
+        );
         assert!(shown.ends_with("8\n9\n"), "{shown}");
     }
 

@@ -7,6 +7,7 @@
 //! (children, grandchildren, even ones that called `setsid`), not just the client.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use conductor_core::engine::{Engine, ExecSpec, OutputChunk};
 use conductor_core::validate;
 use tokio::sync::mpsc;
 
+use crate::agent_client::AgentConn;
 use crate::{Result, ServiceError};
 
 /// The user commands run as.
@@ -141,6 +143,64 @@ pub async fn run(
     Ok(ExecOutcome {
         exit_code,
         timed_out,
+        duration_ms: start.elapsed().as_millis() as u64,
+    })
+}
+
+/// Which way commands reach a workspace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecPath {
+    /// The in-workspace agent over its Unix socket (a few ms).
+    Agent,
+    /// Podman's exec API (tens of ms).
+    Podman,
+}
+
+/// Runs `req` in a workspace: through its agent when the agent in `agent_dir` answers,
+/// else through Podman exec. Same shell, environment, marker and outcome either way.
+pub async fn run_in_workspace(
+    engine: &dyn Engine,
+    container: &str,
+    agent_dir: Option<&Path>,
+    req: ExecRequest,
+    output: mpsc::Sender<OutputChunk>,
+) -> Result<(ExecOutcome, ExecPath)> {
+    if let Some(dir) = agent_dir {
+        req.validate()?;
+        match AgentConn::connect(dir).await {
+            Ok(conn) => return Ok((run_agent(conn, req, output).await?, ExecPath::Agent)),
+            Err(e) => tracing::debug!(container, "exec through podman: {e}"),
+        }
+    }
+    Ok((run(engine, container, req, output).await?, ExecPath::Podman))
+}
+
+/// Runs `req` through a connected agent; the agent enforces the timeout and kills the
+/// process group and the marked processes.
+async fn run_agent(conn: AgentConn, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
+    let start = Instant::now();
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let mut env: Vec<(String, String)> = req.env.into_iter().collect();
+    env.extend(req.internal_env);
+    env.push((MARKER.into(), marker.clone()));
+    let agent_req = conductor_agent_protocol::ExecRequest {
+        argv: Some(shell_argv(&req.command)),
+        shell: None,
+        cwd: req.cwd,
+        env,
+        stdin: req.stdin.is_some(),
+        timeout_ms: req.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        kill_marker: Some(format!("{MARKER}={marker}")),
+    };
+    let exit = conn.exec(agent_req, req.stdin, output).await?;
+    Ok(ExecOutcome {
+        exit_code: if exit.timed_out {
+            TIMEOUT_EXIT_CODE
+        } else {
+            i64::from(exit.code)
+        },
+        timed_out: exit.timed_out,
         duration_ms: start.elapsed().as_millis() as u64,
     })
 }

@@ -6,6 +6,7 @@
 //! records intent in the store before acting on the engine, and records the outcome after,
 //! so a crash at any point leaves something the reconciler can finish or undo.
 
+pub mod agent_client;
 pub mod bootstrap;
 pub mod config_file;
 pub mod doctor;
@@ -21,6 +22,7 @@ pub mod sidecars;
 pub mod snapshots;
 pub mod tasks;
 pub mod volumes;
+pub mod warm_pool;
 pub mod workspaces;
 
 use std::path::{Path, PathBuf};

@@ -111,6 +111,7 @@ async fn supervise(c: Arc<Conductor>, stop: watch::Receiver<bool>) {
         return;
     }
     let mut workers = tokio::task::JoinSet::new();
+    workers.spawn(crate::warm_pool::keep_filled(c.clone(), stop.clone()));
     for _ in 0..c.config.task_execution.max_workers {
         workers.spawn(worker(c.clone(), stop.clone()));
     }
@@ -192,7 +193,10 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
     }
     if let Some(ws) = &t.workspace_id {
         if let Some(w) = c.store.get_workspace(ws)? {
-            if w.state == WorkspaceState::Running {
+            // A sandbox claimed from the warm pool has no task label (labels are immutable).
+            if c.config.isolated_workspace.mode == Mode::Sandbox && c.born_in_warm_pool(&w) && w.state.can_remove() {
+                c.remove_workspace(ws, Some(false)).await?;
+            } else if w.state == WorkspaceState::Running {
                 let container = w.container_id.clone().unwrap_or(w.container_name.clone());
                 end_session(c.engine.as_ref(), &container, &t.id).await?;
             }

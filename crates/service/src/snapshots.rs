@@ -203,7 +203,7 @@ impl Conductor {
         write_atomic(&dir.join(SPEC_FILE), &json)
     }
 
-    fn load_container_spec(&self, workspace_id: &str) -> Result<ContainerSpec> {
+    pub(crate) fn load_container_spec(&self, workspace_id: &str) -> Result<ContainerSpec> {
         let path = self.snapshot_meta_dir(workspace_id).join(SPEC_FILE);
         let bytes = std::fs::read(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {

@@ -20,7 +20,8 @@ use conductor_store::{WorkspaceFilter, WorkspaceRecord};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::exec::{self, ExecOutcome, ExecRequest};
+use crate::agent_client;
+use crate::exec::{self, ExecOutcome, ExecPath, ExecRequest};
 use crate::volumes::{self, DataVolume};
 use crate::{host, now_ms, Conductor, Result, ServiceError};
 
@@ -75,6 +76,9 @@ pub struct Usage {
     pub oom_kills: Option<u64>,
     pub disk_used_bytes: Option<u64>,
     pub disk_limit_bytes: Option<u64>,
+    /// How commands reach the workspace now: its agent, or Podman exec when the agent does
+    /// not answer.
+    pub exec_path: Option<ExecPath>,
 }
 
 /// Filter for [`Conductor::list_workspaces`].
@@ -164,6 +168,9 @@ impl Conductor {
     /// Creates and starts a workspace; builds its environment's image first if needed.
     pub async fn create_workspace(&self, req: CreateRequest, progress: ProgressSink) -> Result<WorkspaceInfo> {
         validate::agent_id(&req.agent_id).map_err(|m| ServiceError::invalid("agent_id", m))?;
+        if let Some(claimed) = self.warm_pool_first(&req).await? {
+            return Ok(claimed);
+        }
         let env = self
             .catalog
             .require(&req.environment)
@@ -234,6 +241,7 @@ impl Conductor {
             Ok(()) => self.get_workspace(&id),
             Err(e) => {
                 self.undo(&made).await;
+                agent_client::remove_dir(&self.paths, &id);
                 self.store
                     .set_workspace_state(&id, WorkspaceState::Failed, Some(&e.to_string()))?;
                 Err(e)
@@ -307,7 +315,7 @@ impl Conductor {
         env_vars.extend(req.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         let published = allocate_ports(&req.ports, port_range)?;
         labels.insert(naming::LABEL_ROLE.into(), "workspace".into());
-        let spec = ContainerSpec {
+        let mut spec = ContainerSpec {
             name: record.container_name.clone(),
             image: record.image.clone(),
             labels,
@@ -340,9 +348,18 @@ impl Conductor {
                 readonly_rootfs: readonly,
             },
         };
+        // With the agent binary, the agent is PID 1 instead of the shell loop.
+        let agent = agent_client::container_setup(&self.config, &self.paths, &record.id)?;
+        if let Some((agent_mounts, entrypoint)) = agent.clone() {
+            spec.mounts.extend(agent_mounts);
+            spec.entrypoint = Some(entrypoint);
+        }
         let cid = self.engine.container_create(&spec).await?;
         made.container = Some(cid.clone());
         self.engine.container_start(&cid).await?;
+        if agent.is_some() && !agent_client::wait_ready(&agent_client::socket_dir(&self.paths, &record.id)).await {
+            tracing::warn!(workspace = %record.id, "the workspace agent does not answer; exec uses podman");
+        }
         self.save_container_spec(&record.id, &spec)?;
         self.store
             .set_workspace_container(&record.id, &cid, made.network.as_deref())?;
@@ -418,8 +435,10 @@ impl Conductor {
     }
 
     /// Runs a shell command in a running workspace, streaming its output.
-    pub async fn exec(&self, id: &str, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
+    pub async fn exec(&self, id: &str, mut req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
         let w = self.record(id)?;
+        // The container's own value is its creator's (a warm-pool workspace keeps the pool's).
+        req.internal_env.push(("CONDUCTOR_AGENT_ID".into(), w.agent_id.clone()));
         if !w.state.can_exec() {
             return Err(ServiceError::Conflict(format!(
                 "workspace '{}' is {}; it must be running to exec",
@@ -428,7 +447,10 @@ impl Conductor {
         }
         let container = w.container_id.clone().unwrap_or(w.container_name.clone());
         self.store.touch_workspace(&w.id, now_ms())?;
-        exec::run(self.engine.as_ref(), &container, req, output).await
+        let agent_dir = agent_client::socket_dir(&self.paths, &w.id);
+        let (outcome, _) =
+            exec::run_in_workspace(self.engine.as_ref(), &container, Some(&agent_dir), req, output).await?;
+        Ok(outcome)
     }
 
     /// Runs a command and collects its output (for the HTTP API).
@@ -474,6 +496,13 @@ impl Conductor {
             oom_kills: pid.and_then(host::oom_kills),
             disk_used_bytes: disk.map(|d| d.0),
             disk_limit_bytes: disk.map(|d| d.1),
+            exec_path: Some(
+                if agent_client::answers(&agent_client::socket_dir(&self.paths, &info.id)).await {
+                    ExecPath::Agent
+                } else {
+                    ExecPath::Podman
+                },
+            ),
         };
         Ok((info, Some(usage)))
     }
@@ -555,6 +584,7 @@ impl Conductor {
         self.engine
             .container_remove(w.container_id.as_deref().unwrap_or(&w.container_name))
             .await?;
+        agent_client::remove_dir(&self.paths, &w.id);
         if let Some(n) = &w.network {
             self.engine.network_remove(n).await?;
         }

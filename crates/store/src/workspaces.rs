@@ -166,6 +166,27 @@ impl Store {
         expect_row(changed, not_found(id))
     }
 
+    /// Hands a running workspace of `from_agent` to `to_agent` under a new container name
+    /// (a warm-pool claim). Returns false, changing nothing, when the row is not a running
+    /// workspace of `from_agent` any more: another process claimed it first.
+    pub fn reassign_workspace(
+        &self,
+        id: &str,
+        from_agent: &str,
+        to_agent: &str,
+        container_name: &str,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let changed = self
+            .conn()
+            .prepare_cached(
+                "UPDATE workspaces SET agent_id = ?3, container_name = ?4, last_used_at = ?5 \
+                 WHERE id = ?1 AND agent_id = ?2 AND state = 'running'",
+            )?
+            .execute(params![id, from_agent, to_agent, container_name, now_ms])?;
+        Ok(changed == 1)
+    }
+
     /// Deletes the row. Snapshot rows of the workspace are not touched.
     pub fn delete_workspace(&self, id: &str) -> Result<()> {
         let changed = self
@@ -233,6 +254,27 @@ mod tests {
 
         store.delete_workspace("w1").unwrap();
         assert_eq!(store.get_workspace("w1").unwrap(), None);
+    }
+
+    #[test]
+    fn a_workspace_is_reassigned_once() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_workspace(&ws("w1", "pool", "python", 1)).unwrap();
+        assert!(
+            !store.reassign_workspace("w1", "pool", "a1", "c-a1", 5).unwrap(),
+            "not running yet"
+        );
+        store.set_workspace_state("w1", WorkspaceState::Running, None).unwrap();
+        assert!(store.reassign_workspace("w1", "pool", "a1", "c-a1", 5).unwrap());
+        assert!(
+            !store.reassign_workspace("w1", "pool", "a2", "c-a2", 6).unwrap(),
+            "already claimed"
+        );
+        let got = store.get_workspace("w1").unwrap().unwrap();
+        assert_eq!(
+            (got.agent_id.as_str(), got.container_name.as_str(), got.last_used_at),
+            ("a1", "c-a1", 5)
+        );
     }
 
     #[test]

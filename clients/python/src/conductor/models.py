@@ -1,0 +1,286 @@
+"""Typed views of the API's JSON objects.
+
+Each class is a frozen dataclass built with ``from_dict`` from the server's JSON; fields
+the server adds later are ignored, so an older client keeps working against a newer
+service. Objects also support ``obj["field"]`` and ``to_dict()`` for code that treats
+results as dictionaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
+
+__all__ = [
+    "Health",
+    "Environment",
+    "Limits",
+    "WorkspaceUsage",
+    "Workspace",
+    "ExecResult",
+    "Snapshot",
+    "TaskCommand",
+    "Task",
+    "TaskPage",
+    "TaskSpec",
+    "LogChunk",
+    "LogEnd",
+    "LogEvent",
+    "TERMINAL_TASK_STATES",
+]
+
+M = TypeVar("M", bound="_Model")
+
+#: Task statuses after which a task no longer changes.
+TERMINAL_TASK_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled"})
+
+
+class _Model:
+    """Shared helpers: construction from JSON, item access, conversion back to a dict."""
+
+    @classmethod
+    def from_dict(cls: Type[M], data: Mapping[str, Any]) -> M:
+        return cls._from_fields(data)
+
+    @classmethod
+    def _from_fields(cls: Type[M], data: Mapping[str, Any]) -> M:
+        """An instance from the keys that are fields; other keys are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def __getitem__(self, key: str) -> Any:
+        if key in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+
+
+@dataclass(frozen=True)
+class Health(_Model):
+    status: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Environment(_Model):
+    """An environment workspaces and tasks can use (``GET /environments``)."""
+
+    name: str
+    description: str = ""
+    image: str = ""
+    built: bool = False
+    size_bytes: Optional[int] = None
+    builtin: bool = False
+    kind: str = ""
+
+
+@dataclass(frozen=True)
+class Limits(_Model):
+    memory: str = ""
+    cpu: str = ""
+    pids: int = 0
+    nofile: int = 0
+    nproc: int = 0
+    volume_size: str = ""
+
+
+@dataclass(frozen=True)
+class WorkspaceUsage(_Model):
+    cpu_percent: float = 0.0
+    memory_bytes: int = 0
+    memory_limit_bytes: int = 0
+    pids: int = 0
+    pids_limit: int = 0
+    oom_kills: Optional[int] = None
+    disk_used_bytes: Optional[int] = None
+    disk_limit_bytes: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Workspace(_Model):
+    """A workspace: one agent's isolated container."""
+
+    id: str
+    agent_id: str
+    environment: str
+    state: str
+    image: str = ""
+    container_name: str = ""
+    network: Optional[str] = None
+    limits: Limits = field(default_factory=Limits)
+    created_at: int = 0
+    last_used_at: int = 0
+    error: Optional[str] = None
+    usage: Optional[WorkspaceUsage] = None
+
+    @property
+    def workspace_id(self) -> str:
+        return self.id
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Workspace":
+        d = dict(data)
+        d["limits"] = Limits.from_dict(d.get("limits") or {})
+        if d.get("usage") is not None:
+            d["usage"] = WorkspaceUsage.from_dict(d["usage"])
+        return cls._from_fields(d)
+
+
+@dataclass(frozen=True)
+class ExecResult(_Model):
+    """The outcome of a command run in a workspace."""
+
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: int = 0
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with 0."""
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class Snapshot(_Model):
+    name: str
+    workspace_id: str
+    created_at: str = ""
+    size_bytes: int = 0
+    state: str = ""
+
+
+@dataclass(frozen=True)
+class TaskCommand(_Model):
+    """One command of a task: its phase (``pre``, ``main``, ``post``), result and output."""
+
+    phase: str
+    index: int
+    command: str
+    exit_code: Optional[int] = None
+    stdout: str = ""
+    stderr: str = ""
+    duration_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Task(_Model):
+    """A task and its results so far."""
+
+    id: str
+    status: str
+    task_type: str = "isolated_execution"
+    environment: str = ""
+    description: Optional[str] = None
+    batch_id: Optional[str] = None
+    agent_id: Optional[str] = None
+    priority: int = 0
+    attempt: int = 0
+    workspace_id: Optional[str] = None
+    exit_code: Optional[int] = None
+    error: Optional[str] = None
+    commands: List[TaskCommand] = field(default_factory=list)
+    services: List[str] = field(default_factory=list)
+    created_at: str = ""
+    started_at: Optional[str] = None
+    finished_at: Optional[str] = None
+    duration_ms: Optional[int] = None
+    snapshot: Optional[str] = None
+
+    @property
+    def task_id(self) -> str:
+        return self.id
+
+    @property
+    def finished(self) -> bool:
+        """Whether the task has reached a final status."""
+        return self.status in TERMINAL_TASK_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == "succeeded"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Task":
+        d = dict(data)
+        d["commands"] = [TaskCommand.from_dict(c) for c in d.get("commands") or []]
+        return cls._from_fields(d)
+
+
+@dataclass(frozen=True)
+class TaskPage(_Model):
+    tasks: List[Task]
+    total: int
+    limit: int
+    offset: int
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TaskPage":
+        return cls(
+            tasks=[Task.from_dict(t) for t in data.get("tasks") or []],
+            total=int(data.get("total", 0)),
+            limit=int(data.get("limit", 0)),
+            offset=int(data.get("offset", 0)),
+        )
+
+
+@dataclass
+class TaskSpec(_Model):
+    """A task to submit (the body of ``POST /tasks``); see :func:`conductor.orchestrator.create_task`."""
+
+    environment: str
+    commands: List[str]
+    task_type: str = "isolated_execution"
+    description: Optional[str] = None
+    services: List[str] = field(default_factory=list)
+    priority: Optional[int] = None
+    timeout: Optional[int] = None
+    agent_id: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)
+    source: Optional[str] = None
+
+    def to_json(self) -> Dict[str, Any]:
+        """The request body: unset optional fields are left out."""
+        body: Dict[str, Any] = {
+            "task_type": self.task_type,
+            "environment": self.environment,
+            "commands": list(self.commands),
+        }
+        for key in ("description", "priority", "timeout", "agent_id", "source"):
+            value = getattr(self, key)
+            if value is not None:
+                body[key] = value
+        if self.services:
+            body["services"] = list(self.services)
+        if self.env:
+            body["env"] = dict(self.env)
+        return body
+
+
+@dataclass(frozen=True)
+class LogChunk(_Model):
+    """Output of a task as it is written: ``stream`` is ``stdout``, ``stderr`` or ``system``."""
+
+    seq: int
+    stream: str
+    data: str
+
+
+@dataclass(frozen=True)
+class LogEnd(_Model):
+    """The last event of a followed log: the task finished with ``status``."""
+
+    status: str
+
+
+LogEvent = Union[LogChunk, LogEnd]

@@ -1,0 +1,457 @@
+//! The agent binary on the host (no container): protocol, exec, kill, file confinement, init.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use conductor_agent_protocol::{encode, parse_prefix, ErrorCode, ExecRequest, FileKind, Request, Response, VERSION};
+
+const BIN: &str = env!("CARGO_BIN_EXE_conductor-agent");
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(mode: &str) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new(BIN)
+            .args([
+                mode,
+                "--socket",
+                socket.to_str().unwrap(),
+                "--root",
+                root.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(5), "agent did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Agent {
+            child,
+            socket,
+            root,
+            _dir: dir,
+        }
+    }
+
+    fn connect(&self) -> Client {
+        let mut c = Client(UnixStream::connect(&self.socket).unwrap());
+        c.send(&Request::Hello { version: VERSION }, b"");
+        match c.recv().0 {
+            Response::Hello { version, .. } => assert_eq!(version, VERSION),
+            other => panic!("{other:?}"),
+        }
+        c
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Client(UnixStream);
+
+impl Client {
+    fn send(&mut self, msg: &Request, data: &[u8]) {
+        let mut buf = Vec::new();
+        encode(msg, data, &mut buf);
+        self.0.write_all(&buf).unwrap();
+    }
+
+    fn recv(&mut self) -> (Response, Vec<u8>) {
+        let mut prefix = [0u8; 8];
+        self.0.read_exact(&mut prefix).unwrap();
+        let (h, d) = parse_prefix(&prefix).unwrap();
+        let mut header = vec![0u8; h];
+        self.0.read_exact(&mut header).unwrap();
+        let mut data = vec![0u8; d];
+        self.0.read_exact(&mut data).unwrap();
+        (serde_json::from_slice(&header).unwrap(), data)
+    }
+
+    /// Runs a command; returns (exit message, stdout, stderr).
+    fn exec(&mut self, req: ExecRequest, stdin: Option<&[u8]>) -> (Response, String, String) {
+        self.send(&Request::Exec(req), b"");
+        if let Some(input) = stdin {
+            self.send(&Request::Data, input);
+            self.send(&Request::Eof, b"");
+        }
+        self.collect()
+    }
+
+    fn collect(&mut self) -> (Response, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match self.recv() {
+                (Response::Started { .. }, _) => {}
+                (Response::Stdout, d) => out.extend(d),
+                (Response::Stderr, d) => err.extend(d),
+                (exit @ Response::Exit { .. }, _) => {
+                    return (exit, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn op(&mut self, req: Request) -> Response {
+        self.send(&req, b"");
+        self.recv().0
+    }
+}
+
+fn shell(cmd: &str) -> ExecRequest {
+    ExecRequest {
+        shell: Some(cmd.into()),
+        ..Default::default()
+    }
+}
+
+fn code_of(r: &Response) -> i32 {
+    match r {
+        Response::Exit { code, .. } => *code,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn error_code(r: &Response) -> ErrorCode {
+    match r {
+        Response::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie still has a /proc entry: look at its state too.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(pid: u32) -> bool {
+    let t = Instant::now();
+    while alive(pid) {
+        if t.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn exec_streams_output_exit_code_env_cwd_and_stdin() {
+    let a = Agent::start("serve");
+    let mut c = a.connect();
+    let (exit, out, err) = c.exec(shell("echo out; echo err >&2; exit 7"), None);
+    assert_eq!((code_of(&exit), out.as_str(), err.as_str()), (7, "out\n", "err\n"));
+    let req = ExecRequest {
+        argv: Some(vec!["sh".into(), "-c".into(), "echo $GREETING from $(pwd); cat".into()]),
+        cwd: Some("/tmp".into()),
+        env: vec![("GREETING".into(), "hi there".into())],
+        stdin: true,
+        ..Default::default()
+    };
+    let (exit, out, _) = c.exec(req, Some(b"piped\n"));
+    assert_eq!(code_of(&exit), 0);
+    assert_eq!(out, "hi there from /tmp\npiped\n");
+    // Same connection, next request; a missing program is 127 as in a shell.
+    let (exit, _, err) = c.exec(
+        ExecRequest {
+            argv: Some(vec!["/no/such/program".into()]),
+            ..Default::default()
+        },
+        None,
+    );
+    assert_eq!(code_of(&exit), 127, "{err}");
+    let (exit, _, _) = c.exec(shell("kill -TERM $$"), None);
+    match exit {
+        Response::Exit { code, signal, .. } => assert_eq!((code, signal), (143, Some(15))),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn wrong_version_and_garbage_are_refused() {
+    let a = Agent::start("serve");
+    let mut c = Client(UnixStream::connect(&a.socket).unwrap());
+    c.send(&Request::Hello { version: 99 }, b"");
+    assert_eq!(error_code(&c.recv().0), ErrorCode::UnsupportedVersion);
+    let mut c = Client(UnixStream::connect(&a.socket).unwrap());
+    c.0.write_all(&[0, 0, 0, 3, 0, 0, 0, 0, b'{', b'x', b'}']).unwrap();
+    assert_eq!(error_code(&c.recv().0), ErrorCode::Protocol);
+    // The server still answers others.
+    let mut c = a.connect();
+    assert_eq!(code_of(&c.exec(shell("true"), None).0), 0);
+}
+
+#[test]
+fn timeout_and_cancel_kill_grandchildren() {
+    let a = Agent::start("serve");
+    let mut c = a.connect();
+    // The grandchild leaves the process group with setsid; the marker still finds it.
+    let req = ExecRequest {
+        shell: Some("sleep 300 & echo $!; setsid sleep 301 & sleep 0.1; echo $!; wait".into()),
+        env: vec![("MARK".into(), "t1".into())],
+        kill_marker: Some("MARK=t1".into()),
+        timeout_ms: Some(400),
+        ..Default::default()
+    };
+    let t = Instant::now();
+    let (exit, out, _) = c.exec(req, None);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    match exit {
+        Response::Exit {
+            timed_out, cancelled, ..
+        } => assert!(timed_out && !cancelled),
+        other => panic!("{other:?}"),
+    }
+    for pid in out.lines().map(|l| l.parse::<u32>().unwrap()) {
+        assert!(wait_gone(pid), "grandchild {pid} survived the timeout");
+    }
+
+    c.send(&Request::Exec(shell("sleep 300 & echo $!; wait")), b"");
+    let (started, _) = c.recv();
+    assert!(matches!(started, Response::Started { .. }), "{started:?}");
+    let (first, pid) = c.recv();
+    assert_eq!(first, Response::Stdout);
+    let pid: u32 = String::from_utf8(pid).unwrap().trim().parse().unwrap();
+    c.send(&Request::Cancel, b"");
+    let (exit, _, _) = c.collect();
+    match exit {
+        Response::Exit { cancelled, code, .. } => assert!(cancelled && code == 137, "{exit:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(wait_gone(pid), "grandchild {pid} survived the cancel");
+
+    // Hanging up cancels too.
+    let mut c2 = a.connect();
+    c2.send(&Request::Exec(shell("sleep 300 & echo $!; wait")), b"");
+    c2.recv();
+    let pid: u32 = String::from_utf8(c2.recv().1).unwrap().trim().parse().unwrap();
+    drop(c2);
+    assert!(wait_gone(pid), "grandchild {pid} survived the hang-up");
+}
+
+#[test]
+fn large_output_streams() {
+    let a = Agent::start("serve");
+    let mut c = a.connect();
+    c.send(&Request::Exec(shell("head -c 20000000 /dev/zero")), b"");
+    let mut total = 0usize;
+    loop {
+        match c.recv() {
+            (Response::Stdout, d) => total += d.len(),
+            (Response::Started { .. }, _) => {}
+            (Response::Exit { code, .. }, _) => {
+                assert_eq!(code, 0);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(total, 20_000_000);
+}
+
+#[test]
+fn file_operations_stay_inside_the_root() {
+    let a = Agent::start("serve");
+    let outside = a.root.parent().unwrap().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "s").unwrap();
+    std::os::unix::fs::symlink(&outside, a.root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside", a.root.join("rel-link")).unwrap();
+    std::fs::create_dir(a.root.join("d")).unwrap();
+    std::os::unix::fs::symlink("../d", a.root.join("d/up")).unwrap();
+    let mut c = a.connect();
+    let root = a.root.to_str().unwrap().to_string();
+
+    c.send(
+        &Request::Write {
+            path: "new/dir/f.txt".into(),
+            mode: Some(0o600),
+            append: false,
+            create_dirs: true,
+        },
+        b"",
+    );
+    c.send(&Request::Data, b"hello ");
+    c.send(&Request::Data, b"world");
+    c.send(&Request::Eof, b"");
+    assert_eq!(c.recv().0, Response::Done { size: 11 });
+    assert_eq!(
+        std::fs::read_to_string(a.root.join("new/dir/f.txt")).unwrap(),
+        "hello world"
+    );
+
+    c.send(
+        &Request::Read {
+            path: format!("{root}/new/dir/f.txt"),
+        },
+        b"",
+    );
+    let (m, d) = c.recv();
+    assert_eq!((m, d.as_slice()), (Response::Data, &b"hello world"[..]));
+    assert_eq!(c.recv().0, Response::Eof { size: 11 });
+
+    match c.op(Request::Stat {
+        path: "new/dir/f.txt".into(),
+    }) {
+        Response::Stat(s) => assert_eq!((s.kind, s.size, s.mode), (FileKind::File, 11, 0o600)),
+        other => panic!("{other:?}"),
+    }
+    match c.op(Request::List {
+        path: "/".replace('/', &root),
+    }) {
+        Response::List { entries } => {
+            let names: Vec<_> = entries.iter().map(|e| (e.name.as_str(), e.kind)).collect();
+            assert!(names.contains(&("abs-link", FileKind::Symlink)), "{names:?}");
+            assert!(names.contains(&("new", FileKind::Dir)), "{names:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A link that stays inside is followed.
+    assert!(matches!(c.op(Request::Stat { path: "d/up".into() }), Response::Stat(_)));
+
+    for (path, code) in [
+        ("../outside/secret", ErrorCode::InvalidPath),
+        ("new/../../outside/secret", ErrorCode::InvalidPath),
+        ("/etc/passwd", ErrorCode::OutsideRoot),
+        ("abs-link/secret", ErrorCode::OutsideRoot),
+        ("rel-link/secret", ErrorCode::OutsideRoot),
+        ("a\0b", ErrorCode::InvalidPath),
+        ("missing", ErrorCode::NotFound),
+    ] {
+        assert_eq!(
+            error_code(&c.op(Request::Read { path: path.into() })),
+            code,
+            "read {path:?}"
+        );
+        assert_eq!(
+            error_code(&c.op(Request::Stat { path: path.into() })),
+            code,
+            "stat {path:?}"
+        );
+    }
+    let long = "x/".repeat(3000);
+    assert_eq!(error_code(&c.op(Request::Stat { path: long })), ErrorCode::InvalidPath);
+    // Writing through a link to outside is refused and writes nothing.
+    c.send(
+        &Request::Write {
+            path: "abs-link/evil".into(),
+            mode: None,
+            append: false,
+            create_dirs: false,
+        },
+        b"",
+    );
+    c.send(&Request::Data, b"x");
+    c.send(&Request::Eof, b"");
+    assert_eq!(error_code(&c.recv().0), ErrorCode::OutsideRoot);
+    assert!(!outside.join("evil").exists());
+    // Deleting a link deletes the link, not its target.
+    assert_eq!(
+        c.op(Request::Delete {
+            path: "abs-link".into(),
+            recursive: false
+        }),
+        Response::Done { size: 0 }
+    );
+    assert!(outside.join("secret").exists());
+    assert_eq!(
+        error_code(&c.op(Request::Delete {
+            path: "new".into(),
+            recursive: false
+        })),
+        ErrorCode::DirectoryNotEmpty
+    );
+    assert_eq!(
+        c.op(Request::Delete {
+            path: "new".into(),
+            recursive: true
+        }),
+        Response::Done { size: 0 }
+    );
+    assert!(!a.root.join("new").exists());
+    assert_eq!(
+        error_code(&c.op(Request::Delete {
+            path: root.clone(),
+            recursive: true
+        })),
+        ErrorCode::PermissionDenied
+    );
+    assert_eq!(
+        error_code(&c.op(Request::Read { path: "d".into() })),
+        ErrorCode::IsADirectory
+    );
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn init_reaps_orphans_forwards_sigterm_and_survives_its_server() {
+    let mut a = Agent::start("init");
+    let init_pid = a.child.id();
+    let mut c = a.connect();
+    // The background sleep is orphaned when its shell exits; init (a subreaper here, PID 1
+    // in a container) must reap it when it exits.
+    let (exit, out, _) = c.exec(shell("sleep 0.3 >/dev/null 2>&1 & echo $!"), None);
+    assert_eq!(code_of(&exit), 0);
+    let orphan: u32 = out.trim().parse().unwrap();
+    assert!(wait_gone(orphan), "orphan {orphan} stayed a zombie");
+    assert!(
+        !Path::new(&format!("/proc/{orphan}")).exists(),
+        "orphan {orphan} was not reaped"
+    );
+
+    // Killing the server leaves init running.
+    let server = children_of(init_pid);
+    assert_eq!(server.len(), 1, "{server:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_gone(server[0]));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(a.child.try_wait().unwrap().is_none(), "init must outlive its server");
+    assert!(UnixStream::connect(&a.socket).is_err());
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(init_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let t = Instant::now();
+    loop {
+        if let Some(status) = a.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "init did not exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

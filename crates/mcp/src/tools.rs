@@ -1,0 +1,673 @@
+//! The MCP tools: one method per tool over [`Conductor`], with the parameter types whose
+//! doc comments become the JSON Schema descriptions a model reads.
+//!
+//! Every tool returns text written for a model: what happened, the ids to use next, and
+//! for a failure what to do about it. Failures are tool errors (`isError: true` with that
+//! text), never protocol errors, so the model can read them and correct its call; that
+//! includes arguments that do not match the schema (the SDK reports serde's message, e.g.
+//! "unknown field `cmd`"). State-changing calls run on their own task, so a
+//! client that cancels a call or hangs up does not leave a workspace half created or half
+//! restored.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use conductor_core::config::NetworkPolicy;
+use conductor_core::engine::{OutputChunk, Progress};
+use conductor_core::naming;
+use conductor_service::exec::{ExecOutcome, ExecRequest, WORKSPACE_USER};
+use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
+use conductor_service::{Conductor, ServiceError};
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
+use rmcp::schemars::{self, JsonSchema};
+use rmcp::{tool, tool_handler, tool_router, ServerHandler};
+use serde::Deserialize;
+use tokio::sync::{mpsc, RwLock};
+
+use crate::files::{self, EXIT_MISSING, EXIT_WRONG_KIND};
+use crate::output::{Tail, KEEP_BYTES};
+
+/// What a tool returns: text for the model, or the text of a tool error.
+type ToolResult = Result<String, String>;
+
+/// Agent id of workspaces created without one.
+pub const DEFAULT_AGENT: &str = "mcp-agent";
+/// Timeout of `run_command` when the model gives none.
+const DEFAULT_TIMEOUT_SECS: u64 = 120;
+/// Timeout of the file tools' own commands.
+const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+const INSTRUCTIONS: &str = "\
+conductor gives you isolated Linux workspaces: each is a Podman container with its own file \
+system, processes and network, where you can run commands without affecting the host.
+
+Typical flow: list_environments -> create_workspace (remember the workspace_id it returns) -> \
+write_file / run_command / read_file / list_files -> snapshot before a risky change, restore if \
+it goes wrong -> destroy_workspace when finished.
+
+Commands run as an unprivileged user (uid 1000, no root, no sudo) through bash in /workspace, \
+your working directory and data volume. Workspaces have no internet access unless created with \
+network \"egress\". Each tool call is independent: `cd` or `export` in one run_command does not \
+carry over to the next (chain them with && instead).";
+
+/// The tool server: a conductor plus a record of the operations still running.
+#[derive(Clone)]
+pub struct WorkspaceTools {
+    conductor: Arc<Conductor>,
+    /// Held (shared) by every detached operation; the server takes it exclusively at
+    /// shutdown to wait for them.
+    pub(crate) inflight: Arc<RwLock<()>>,
+    tool_router: ToolRouter<Self>,
+}
+
+/// Network of a new workspace.
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Loopback only.
+    None,
+    /// Its own network with no route out (the usual default).
+    Isolated,
+    /// Internet access, e.g. to install packages.
+    Egress,
+}
+
+impl From<Network> for NetworkPolicy {
+    fn from(n: Network) -> Self {
+        match n {
+            Network::None => NetworkPolicy::None,
+            Network::Isolated => NetworkPolicy::Isolated,
+            Network::Egress => NetworkPolicy::Egress,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspaceArgs {
+    /// Environment to create it from, e.g. "python-dev", "nodejs-dev", "fullstack", "minimal"
+    /// (list_environments shows all).
+    pub environment: String,
+    /// Who the workspace belongs to: lowercase letters, digits, '-', '_', '.'. Default
+    /// "mcp-agent". With persistent volumes, a later workspace of the same agent_id and
+    /// environment finds the same /workspace data again.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// "isolated" (own network, no internet), "none" (loopback only) or "egress" (internet
+    /// access). Default: the environment's or the service's setting, normally "isolated".
+    #[serde(default)]
+    pub network: Option<Network>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunCommandArgs {
+    /// Workspace id from create_workspace or list_workspaces, e.g. "ws-3f2c9a1b7d4e".
+    pub workspace_id: String,
+    /// A bash command line, e.g. "cd /workspace/src && python -m pytest -q". Pipes, &&,
+    /// redirections and quoting work as in a terminal. Do not start interactive programs;
+    /// start servers in the background with their output redirected, e.g.
+    /// "nohup python3 -m http.server 8000 > /tmp/server.log 2>&1 &".
+    pub command: String,
+    /// Seconds before the command and all its child processes are killed (default 120).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Absolute working directory inside the workspace (default /workspace).
+    #[serde(default)]
+    pub cwd: Option<String>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WriteFileArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+    /// Absolute path under /workspace or /tmp, e.g. "/workspace/src/app.py". Missing parent
+    /// directories are created; an existing file is replaced.
+    pub path: String,
+    /// The complete new content of the file (UTF-8 text, at most 10 MiB).
+    pub content: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReadFileArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+    /// Absolute path of a text file under /workspace or /tmp.
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListFilesArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+    /// Absolute directory under /workspace or /tmp (default /workspace).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// How many levels to descend, 1 to 10 (default 1: the directory's own entries).
+    #[serde(default)]
+    pub depth: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+    /// Snapshot name: lowercase letters, digits, '-', '_', '.', e.g. "before-refactor".
+    pub name: String,
+    /// Replace an existing snapshot of that name (default false: an existing name is an
+    /// error).
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+    /// Name of a snapshot taken earlier with the snapshot tool.
+    pub name: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    pub workspace_id: String,
+    /// true: keep the /workspace data for a later workspace of the same agent_id and
+    /// environment; false: delete it. Default: the service's persistent_volumes setting.
+    #[serde(default)]
+    pub keep_data: Option<bool>,
+}
+
+/// A service error as a tool error a model can act on.
+fn failure(e: ServiceError) -> String {
+    match e {
+        ServiceError::Invalid { field, message } => format!("invalid {field}: {message}"),
+        ServiceError::NotFound { what } => format!(
+            "{what} not found; list_workspaces shows the live workspaces and list_environments the environments"
+        ),
+        ServiceError::Exhausted(m) => {
+            format!("{m}; destroy workspaces you no longer need (list_workspaces shows them)")
+        }
+        ServiceError::Environment { name, message } => format!(
+            "the image of environment '{name}' could not be built or pulled: {message}; \
+             try another environment (list_environments)"
+        ),
+        e @ (ServiceError::Engine(_) | ServiceError::Host { .. } | ServiceError::Store(_)) => {
+            tracing::error!("{e}");
+            format!("conductor failed: {e}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The command's output, collected as raw bytes with the end of each stream kept.
+struct Collected {
+    outcome: ExecOutcome,
+    stdout: Tail,
+    stderr: Tail,
+}
+
+/// Runs `req` in the workspace and collects its output, keeping at most `limit` bytes of
+/// each stream (the last ones).
+async fn exec_collect(c: &Conductor, id: &str, req: ExecRequest, limit: usize) -> conductor_service::Result<Collected> {
+    let (tx, mut rx) = mpsc::channel(64);
+    let collector = tokio::spawn(async move {
+        let (mut out, mut err) = (Tail::new(limit), Tail::new(limit));
+        while let Some(chunk) = rx.recv().await {
+            match chunk {
+                OutputChunk::Stdout(b) => out.push(&b),
+                OutputChunk::Stderr(b) => err.push(&b),
+            }
+        }
+        (out, err)
+    });
+    let outcome = c.exec(id, req, tx).await?;
+    let (stdout, stderr) = collector
+        .await
+        .map_err(|e| ServiceError::host("collect command output", e))?;
+    Ok(Collected {
+        outcome,
+        stdout,
+        stderr,
+    })
+}
+
+/// A file tool's script with the path in [`files::PATH_VAR`].
+fn file_request(script: String, path: &str) -> ExecRequest {
+    ExecRequest {
+        command: script,
+        env: BTreeMap::from([(files::PATH_VAR.to_string(), path.to_string())]),
+        timeout: Some(FILE_TIMEOUT),
+        ..Default::default()
+    }
+}
+
+/// The error of a file script that failed: its own message, else the exit code.
+fn script_failure(c: Collected, what: &str) -> String {
+    let code = c.outcome.exit_code;
+    if c.outcome.timed_out {
+        return format!("{what} timed out after {} s", FILE_TIMEOUT.as_secs());
+    }
+    let message = c.stderr.finish().text.trim().to_string();
+    match (code, message.is_empty()) {
+        (EXIT_MISSING | EXIT_WRONG_KIND, false) => message,
+        (_, false) => format!("{what} failed: {message}"),
+        (_, true) => format!("{what} failed with exit code {code}"),
+    }
+}
+
+fn check_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        return Err("invalid workspace_id: must not be empty; create_workspace returns one".into());
+    }
+    Ok(())
+}
+
+fn describe(w: &WorkspaceInfo) -> String {
+    format!(
+        "{}  agent={}  environment={}  state={}",
+        w.id,
+        w.agent_id,
+        w.environment,
+        w.state.as_str()
+    )
+}
+
+impl WorkspaceTools {
+    pub fn new(conductor: Arc<Conductor>) -> Self {
+        WorkspaceTools {
+            conductor,
+            inflight: Arc::new(RwLock::new(())),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// Runs a service call on its own task, so that a cancelled tool call does not stop a
+    /// workflow half-way; shutdown waits for it.
+    async fn detached<T, F>(&self, fut: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: Future<Output = conductor_service::Result<T>> + Send + 'static,
+    {
+        let guard = self.inflight.clone().read_owned().await;
+        let task = tokio::spawn(async move {
+            let result = fut.await;
+            drop(guard);
+            result
+        });
+        match task.await {
+            Ok(r) => r.map_err(failure),
+            Err(e) => {
+                tracing::error!("tool task failed: {e}");
+                Err("conductor failed: the operation stopped unexpectedly".into())
+            }
+        }
+    }
+
+    /// The workspace an id (or container name) names.
+    fn workspace(&self, id: &str) -> Result<WorkspaceInfo, String> {
+        check_id(id)?;
+        self.conductor.get_workspace(id.trim()).map_err(failure)
+    }
+
+    /// Runs a command in the workspace on a detached task.
+    async fn exec(&self, id: &str, req: ExecRequest, limit: usize) -> Result<Collected, String> {
+        let w = self.workspace(id)?;
+        let c = self.conductor.clone();
+        self.detached(async move { exec_collect(&c, &w.id, req, limit).await })
+            .await
+    }
+
+    fn max_timeout(&self) -> u64 {
+        self.conductor
+            .config
+            .task_execution
+            .task_timeout
+            .max(DEFAULT_TIMEOUT_SECS)
+    }
+
+    /// Whether removing `w` with `keep` keeps its data (the service's rule).
+    fn keeps_data(&self, w: &WorkspaceInfo, keep: Option<bool>) -> bool {
+        keep.unwrap_or_else(|| {
+            let persistent_dir = self
+                .conductor
+                .paths
+                .workspaces
+                .join(naming::agent_dir(&w.agent_id))
+                .join(&w.environment);
+            std::path::Path::new(&w.volume_dir) == persistent_dir
+                && self
+                    .conductor
+                    .config
+                    .isolated_workspace
+                    .agent_containers
+                    .persistent_volumes
+        })
+    }
+}
+
+#[tool_router]
+impl WorkspaceTools {
+    /// List the environments workspaces can be created from.
+    #[tool(
+        description = "List the environments a workspace can be created from (name, what it contains, \
+                       whether its image is built). Use a name with create_workspace.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn list_environments(&self) -> ToolResult {
+        let envs = self.conductor.environments().await.map_err(failure)?;
+        let mut out = String::new();
+        for e in envs {
+            out.push_str(&format!(
+                "{} - {}{}\n",
+                e.name,
+                e.description,
+                if e.built {
+                    ""
+                } else {
+                    " (image not built yet: the first create_workspace builds it, which can take minutes)"
+                }
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Create a workspace.
+    #[tool(
+        description = "Create an isolated workspace (a Linux container) from an environment and start it. \
+                       Returns its workspace_id, which every other tool needs. The first workspace of an \
+                       environment may take minutes while its image is built. Destroy workspaces you no \
+                       longer need with destroy_workspace.",
+        annotations(destructive_hint = false, open_world_hint = false)
+    )]
+    async fn create_workspace(&self, Parameters(args): Parameters<CreateWorkspaceArgs>) -> ToolResult {
+        let agent_id = args.agent_id.unwrap_or_else(|| DEFAULT_AGENT.to_string());
+        let req = CreateRequest {
+            agent_id,
+            environment: args.environment.trim().to_string(),
+            network: args.network.map(Into::into),
+            ..Default::default()
+        };
+        let c = self.conductor.clone();
+        let progress = Arc::new(|p: Progress| tracing::info!("environment image: {p:?}"));
+        let w = self
+            .detached(async move { c.create_workspace(req, progress).await })
+            .await?;
+        Ok(format!(
+            "Created workspace {id} (environment {env}, agent {agent}); it is running.\n\
+             workspace_id: {id}\n\
+             Limits: memory {mem}, cpu {cpu}, processes {pids}, /workspace size {vol}.\n\
+             Commands run as user {user} in /workspace. Use this workspace_id with run_command, \
+             write_file, read_file, list_files, snapshot, restore and destroy_workspace.",
+            id = w.id,
+            env = w.environment,
+            agent = w.agent_id,
+            mem = w.limits.memory,
+            cpu = w.limits.cpu,
+            pids = w.limits.pids,
+            vol = w.limits.volume_size,
+            user = WORKSPACE_USER,
+        ))
+    }
+
+    /// List live workspaces.
+    #[tool(
+        description = "List the live workspaces (id, agent, environment, state). Use it to find a \
+                       workspace_id again.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn list_workspaces(&self) -> ToolResult {
+        let list = self
+            .conductor
+            .list_workspaces(&ListFilter::default())
+            .map_err(failure)?;
+        if list.is_empty() {
+            return Ok("No live workspaces; create one with create_workspace.".into());
+        }
+        Ok(list.iter().map(|w| describe(w) + "\n").collect())
+    }
+
+    /// Run a shell command.
+    #[tool(
+        description = "Run a bash command line in a workspace and return its exit code, stdout and stderr \
+                       (only the last 64 KiB of each are returned; a note says when output was cut). The \
+                       command runs in /workspace unless cwd is given, as an unprivileged user, and is \
+                       killed with its children after timeout_secs (default 120; exit code 124 then). \
+                       Each call is a fresh shell: chain steps with && in one command.",
+        annotations(destructive_hint = true, open_world_hint = false)
+    )]
+    async fn run_command(&self, Parameters(args): Parameters<RunCommandArgs>) -> ToolResult {
+        let max = self.max_timeout();
+        let timeout = args.timeout_secs.unwrap_or(DEFAULT_TIMEOUT_SECS.min(max));
+        if !(1..=max).contains(&timeout) {
+            return Err(format!("invalid timeout_secs: must be between 1 and {max}"));
+        }
+        let req = ExecRequest {
+            command: args.command,
+            cwd: args.cwd,
+            timeout: Some(Duration::from_secs(timeout)),
+            ..Default::default()
+        };
+        req.validate().map_err(failure)?;
+        let r = self.exec(&args.workspace_id, req, KEEP_BYTES).await?;
+        let mut out = format!("exit_code: {}", r.outcome.exit_code);
+        if r.outcome.timed_out {
+            out.push_str(&format!(
+                " (timed out after {timeout} s; the command and its children were killed)"
+            ));
+        }
+        out.push_str(&format!("\nduration_ms: {}\n", r.outcome.duration_ms));
+        out.push_str(&r.stdout.finish().render("stdout"));
+        out.push_str(&r.stderr.finish().render("stderr"));
+        Ok(out)
+    }
+
+    /// Write a file.
+    #[tool(
+        description = "Write a text file in a workspace (replacing it if it exists, creating missing parent \
+                       directories). The path must be absolute and under /workspace or /tmp.",
+        annotations(destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn write_file(&self, Parameters(args): Parameters<WriteFileArgs>) -> ToolResult {
+        files::check_path(&args.path)?;
+        if args.content.len() > files::WRITE_LIMIT {
+            return Err(format!(
+                "content is {} bytes; write_file takes at most {} bytes per call",
+                args.content.len(),
+                files::WRITE_LIMIT
+            ));
+        }
+        let len = args.content.len();
+        let mut req = file_request(files::write_script(), &args.path);
+        req.stdin = Some(bytes::Bytes::from(args.content));
+        let r = self.exec(&args.workspace_id, req, 8 * 1024).await?;
+        if r.outcome.exit_code != 0 {
+            return Err(script_failure(r, &format!("writing {}", args.path)));
+        }
+        Ok(format!("Wrote {len} bytes to {}.", args.path))
+    }
+
+    /// Read a file.
+    #[tool(
+        description = "Read a UTF-8 text file from a workspace and return its content (the first 256 KiB; a \
+                       note says when the file is longer). The path must be absolute and under /workspace \
+                       or /tmp. For binary files use run_command (e.g. base64 or xxd).",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn read_file(&self, Parameters(args): Parameters<ReadFileArgs>) -> ToolResult {
+        files::check_path(&args.path)?;
+        let req = file_request(files::read_script(), &args.path);
+        let r = self.exec(&args.workspace_id, req, files::READ_LIMIT + 64).await?;
+        if r.outcome.exit_code != 0 {
+            return Err(script_failure(r, &format!("reading {}", args.path)));
+        }
+        let (raw, _) = r.stdout.into_bytes();
+        let (size, content) = files::parse_read(&raw)?;
+        let truncated = (content.len() as u64) < size;
+        let text = match std::str::from_utf8(content) {
+            Ok(t) => t,
+            // The cut at the limit may split the last character.
+            Err(e) if truncated && e.error_len().is_none() => {
+                std::str::from_utf8(&content[..e.valid_up_to()]).unwrap_or_default()
+            }
+            Err(_) => {
+                return Err(format!(
+                    "{} is not UTF-8 text ({size} bytes); inspect binary files with run_command, e.g. \
+                     `xxd {} | head` or `base64 {}`",
+                    args.path, args.path, args.path
+                ))
+            }
+        };
+        if size == 0 {
+            return Ok(format!("({} is empty)", args.path));
+        }
+        let mut out = text.to_string();
+        if truncated {
+            out.push_str(&format!(
+                "\n[truncated: the file has {size} bytes and only the first {} are shown; read the rest \
+                 with run_command, e.g. `tail -c +{} {} | head -c {}`]",
+                text.len(),
+                text.len() + 1,
+                args.path,
+                files::READ_LIMIT
+            ));
+        }
+        Ok(out)
+    }
+
+    /// List files.
+    #[tool(
+        description = "List a directory of a workspace: one entry per line with its type (file, dir, link), \
+                       size in bytes and path relative to the directory. depth > 1 descends into \
+                       subdirectories. The path must be absolute and under /workspace or /tmp.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn list_files(&self, Parameters(args): Parameters<ListFilesArgs>) -> ToolResult {
+        let path = args.path.unwrap_or_else(|| "/workspace".to_string());
+        files::check_path(&path)?;
+        let depth = args.depth.unwrap_or(1);
+        if !(1..=files::MAX_DEPTH).contains(&depth) {
+            return Err(format!("invalid depth: must be between 1 and {}", files::MAX_DEPTH));
+        }
+        let req = file_request(files::list_script(depth), &path);
+        let r = self.exec(&args.workspace_id, req, 16 * 1024 * 1024).await?;
+        if matches!(r.outcome.exit_code, EXIT_MISSING | EXIT_WRONG_KIND) {
+            return Err(script_failure(r, &format!("listing {path}")));
+        }
+        let notes = r.stderr.finish();
+        let (raw, _) = r.stdout.into_bytes();
+        let mut out = files::render_list(&path, depth, files::parse_list(&raw));
+        if !notes.text.trim().is_empty() {
+            out.push_str(&notes.render("some entries could not be read"));
+        }
+        Ok(out)
+    }
+
+    /// Snapshot a workspace.
+    #[tool(
+        description = "Save the complete state of a workspace (files in /workspace and elsewhere, installed \
+                       packages) under a name, to go back to it later with restore. Take one before a risky \
+                       change. Running processes are not saved.",
+        annotations(destructive_hint = false, open_world_hint = false)
+    )]
+    async fn snapshot(&self, Parameters(args): Parameters<SnapshotArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let (id, name) = (w.id.clone(), args.name.trim().to_string());
+        let s = self
+            .detached(async move { c.create_snapshot(&id, &name, args.overwrite).await })
+            .await?;
+        Ok(format!(
+            "Took snapshot '{}' of workspace {} ({} bytes). Go back to it with restore.",
+            s.name, s.workspace_id, s.size_bytes
+        ))
+    }
+
+    /// List a workspace's snapshots.
+    #[tool(
+        description = "List the snapshots of a workspace (name, time taken), oldest first.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn list_snapshots(&self, Parameters(args): Parameters<WorkspaceArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let list = self.conductor.list_snapshots(&w.id).map_err(failure)?;
+        if list.is_empty() {
+            return Ok(format!("Workspace {} has no snapshots.", w.id));
+        }
+        Ok(list
+            .iter()
+            .map(|s| format!("{}  taken {}  {} bytes\n", s.name, s.created_at, s.size_bytes))
+            .collect())
+    }
+
+    /// Restore a snapshot.
+    #[tool(
+        description = "Bring a workspace back to a snapshot taken earlier: every change made since (files, \
+                       installed packages) is undone and running processes are stopped. The workspace keeps \
+                       its workspace_id and runs afterwards.",
+        annotations(destructive_hint = true, idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn restore(&self, Parameters(args): Parameters<RestoreArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let (id, name) = (w.id.clone(), args.name.trim().to_string());
+        let restored = self
+            .detached(async move { c.restore_snapshot(&id, &name).await })
+            .await?;
+        Ok(format!(
+            "Restored workspace {} to snapshot '{}'; it is {}.",
+            restored.id,
+            args.name.trim(),
+            restored.state.as_str()
+        ))
+    }
+
+    /// Destroy a workspace.
+    #[tool(
+        description = "Stop and remove a workspace you no longer need, with its processes. By default its \
+                       /workspace data is kept only when the service uses persistent volumes (then a later \
+                       workspace with the same agent_id and environment sees it again); keep_data=false \
+                       deletes it, keep_data=true keeps it.",
+        annotations(destructive_hint = true, open_world_hint = false)
+    )]
+    async fn destroy_workspace(&self, Parameters(args): Parameters<DestroyArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let kept = self.keeps_data(&w, args.keep_data);
+        let c = self.conductor.clone();
+        let id = w.id.clone();
+        let keep = args.keep_data;
+        self.detached(async move { c.remove_workspace(&id, keep).await })
+            .await?;
+        Ok(format!(
+            "Removed workspace {}; its /workspace data was {}.",
+            w.id,
+            if kept { "kept" } else { "deleted" }
+        ))
+    }
+}
+
+#[tool_handler(router = self.tool_router)]
+impl ServerHandler for WorkspaceTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("conductor", env!("CARGO_PKG_VERSION")))
+            .with_instructions(INSTRUCTIONS)
+    }
+}

@@ -1,0 +1,481 @@
+//! The service side of the in-workspace agent (`crates/agent`, protocol in
+//! `conductor-agent-protocol`, described in docs/agent-protocol.md).
+//!
+//! # Where things are
+//!
+//! - **The binary** ([`binary`]): `isolated_workspace.agent_containers.agent_binary` when set
+//!   (empty turns the agent off), else `conductor-agent` next to the running executable,
+//!   else the newest of `target/x86_64-unknown-linux-gnu/{release,debug}/conductor-agent`
+//!   above it (what `scripts/setup.sh` and `scripts/test.sh` build). Only a statically
+//!   linked binary is taken: it must run in any image, whatever its libc. It is mounted
+//!   read-only at [`AGENT_PATH`] and is the container's entrypoint (PID 1).
+//! - **The socket**: each workspace gets its own host directory `<base_path>/agents/<id>/`
+//!   (owned by the workspace user, mode 0700, under a root-only `agents/`), bind-mounted at
+//!   `/run/conductor`; the agent listens on `agent.sock` in it. Only that workspace and
+//!   root on the host can reach it; it needs no network.
+//!
+//! # Connecting safely
+//!
+//! The workspace owns its socket directory and could replace `agent.sock` with a symlink
+//! to some host socket. So the socket is opened with `O_PATH | O_NOFOLLOW`, checked to be
+//! a socket, and connected through `/proc/self/fd/N`: the connection goes to exactly the
+//! inode that was checked (and the path stays far below the 108-byte limit of socket
+//! addresses).
+//!
+//! # Fallback
+//!
+//! A workspace whose agent does not answer `hello` within [`HELLO_TIMEOUT`] (no agent
+//! binary, the agent was killed, an old workspace) is driven through Podman exec; nothing
+//! is retried once a command has been handed to the agent, since it may have run.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use conductor_agent_protocol::{
+    self as proto, encode, parse_prefix, ErrorCode, FileStat, Request, Response, CHUNK, SOCKET_DIR, SOCKET_NAME,
+    VERSION,
+};
+use conductor_core::config::{Config, DataPaths};
+use conductor_core::engine::{Mount, OutputChunk};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+
+use crate::volumes::WORKSPACE_UID;
+use crate::{host, Result, ServiceError};
+
+/// Where the agent binary is mounted in a workspace.
+pub const AGENT_PATH: &str = "/.conductor/agent";
+/// How long a workspace's agent gets to answer `hello` before Podman exec is used.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a new workspace's agent gets to start listening.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Beyond the command's own timeout, how long the agent may take to report its end.
+const EXIT_GRACE: Duration = Duration::from_secs(30);
+/// Target architecture the agent is built for.
+const AGENT_TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// A failure talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No agent answers (no socket, refused, no `hello`): use Podman instead.
+    #[error("the workspace agent is not available: {0}")]
+    Unavailable(String),
+    /// The agent refused the request (a path outside the workspace, a missing file…).
+    #[error("{code}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The connection broke or the agent broke the protocol mid-request.
+    #[error("the workspace agent failed: {0}")]
+    Broken(String),
+}
+
+impl From<AgentError> for ServiceError {
+    fn from(e: AgentError) -> Self {
+        match e {
+            AgentError::Refused { code, message } => match code {
+                ErrorCode::NotFound => ServiceError::NotFound { what: message },
+                ErrorCode::InvalidPath | ErrorCode::OutsideRoot => ServiceError::invalid("path", message),
+                ErrorCode::IsADirectory
+                | ErrorCode::NotADirectory
+                | ErrorCode::NotARegularFile
+                | ErrorCode::DirectoryNotEmpty
+                | ErrorCode::PermissionDenied => ServiceError::Conflict(message),
+                _ => ServiceError::host("workspace agent", message),
+            },
+            other => ServiceError::host("workspace agent", other),
+        }
+    }
+}
+
+fn broken(e: impl ToString) -> AgentError {
+    AgentError::Broken(e.to_string())
+}
+
+/// The agent binary to mount into workspaces, if any (see the module docs).
+pub fn binary(config: &Config) -> Option<PathBuf> {
+    match config.isolated_workspace.agent_containers.agent_binary.as_deref() {
+        Some("") => None,
+        Some(p) => is_static_elf(Path::new(p)).then(|| PathBuf::from(p)),
+        None => {
+            static FOUND: OnceLock<Option<PathBuf>> = OnceLock::new();
+            FOUND.get_or_init(discover).clone()
+        }
+    }
+}
+
+fn discover() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let beside = exe.with_file_name("conductor-agent");
+    if is_static_elf(&beside) {
+        return Some(beside);
+    }
+    // target/{debug,release}/conductor, or target/debug/deps/<test binary>.
+    let mut built: Vec<(std::time::SystemTime, PathBuf)> = exe
+        .ancestors()
+        .skip(1)
+        .take(3)
+        .flat_map(|dir| {
+            ["release", "debug"].map(|profile| dir.join(AGENT_TARGET).join(profile).join("conductor-agent"))
+        })
+        .filter(|p| is_static_elf(p))
+        .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
+        .collect();
+    built.sort();
+    built.pop().map(|(_, p)| p)
+}
+
+/// Whether `path` is an x86-64 ELF executable without a program interpreter (static or
+/// static-pie), i.e. one that runs in any image.
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else { return false };
+    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+    };
+    // 64-bit, little endian, x86-64.
+    if bytes.get(..6) != Some(b"\x7fELF\x02\x01") || u16_at(0x12) != Some(0x3e) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    const PT_INTERP: u32 = 3;
+    (0..phnum).all(|i| matches!(u32_at(phoff + i * phentsize), Some(t) if t != PT_INTERP))
+}
+
+/// Host directory of a workspace's agent socket.
+pub fn socket_dir(paths: &DataPaths, workspace_id: &str) -> PathBuf {
+    paths.base.join("agents").join(workspace_id)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| ServiceError::host(format!("chmod {}", path.display()), e))
+}
+
+/// What a workspace needs to run the agent as PID 1: the mounts and the entrypoint, after
+/// making its socket directory. `None` (the `sh` loop as PID 1, Podman exec) without a
+/// usable binary or without root (the directory must belong to the workspace user).
+pub fn container_setup(
+    config: &Config,
+    paths: &DataPaths,
+    workspace_id: &str,
+) -> Result<Option<(Vec<Mount>, Vec<String>)>> {
+    let Some(binary) = binary(config) else { return Ok(None) };
+    if !host::is_root() {
+        return Ok(None);
+    }
+    let dir = socket_dir(paths, workspace_id);
+    let parent = dir.parent().expect("agents/<id>");
+    std::fs::create_dir_all(parent).map_err(|e| ServiceError::host(format!("create {}", parent.display()), e))?;
+    set_mode(parent, 0o700)?;
+    match std::fs::create_dir(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(ServiceError::host(format!("create {}", dir.display()), e))
+        }
+        _ => {}
+    }
+    let uid = Some(nix::unistd::Uid::from_raw(WORKSPACE_UID));
+    let gid = Some(nix::unistd::Gid::from_raw(WORKSPACE_UID));
+    nix::unistd::chown(&dir, uid, gid).map_err(|e| ServiceError::host(format!("chown {}", dir.display()), e))?;
+    set_mode(&dir, 0o700)?;
+    let mounts = vec![
+        Mount::Bind {
+            source: binary,
+            target: AGENT_PATH.into(),
+            readonly: true,
+        },
+        Mount::Bind {
+            source: dir,
+            target: SOCKET_DIR.into(),
+            readonly: false,
+        },
+    ];
+    Ok(Some((mounts, vec![AGENT_PATH.into(), "init".into()])))
+}
+
+/// Removes a workspace's socket directory (after its container is gone).
+pub fn remove_dir(paths: &DataPaths, workspace_id: &str) {
+    let dir = socket_dir(paths, workspace_id);
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Waits until the agent of a just-started workspace answers; false when it does not
+/// within a few seconds (exec then falls back to Podman).
+pub async fn wait_ready(dir: &Path) -> bool {
+    let start = Instant::now();
+    loop {
+        if AgentConn::connect(dir).await.is_ok() {
+            return true;
+        }
+        if start.elapsed() > READY_TIMEOUT {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Whether the agent of the workspace with this socket directory answers.
+pub async fn answers(dir: &Path) -> bool {
+    AgentConn::connect(dir).await.is_ok()
+}
+
+/// What a command run through the agent reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentExit {
+    pub code: i32,
+    pub timed_out: bool,
+    pub cancelled: bool,
+}
+
+/// One connection to a workspace's agent, past `hello`.
+pub struct AgentConn {
+    stream: UnixStream,
+    wbuf: Vec<u8>,
+}
+
+impl AgentConn {
+    /// Connects to the agent listening in `dir` and says hello.
+    pub async fn connect(dir: &Path) -> Result<AgentConn, AgentError> {
+        let unavailable = |e: &dyn std::fmt::Display| AgentError::Unavailable(e.to_string());
+        let socket = dir.join(SOCKET_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&socket)
+            .map_err(|e| unavailable(&e))?;
+        let meta = file.metadata().map_err(|e| unavailable(&e))?;
+        if !meta.file_type().is_socket() {
+            return Err(AgentError::Unavailable(format!("{} is not a socket", socket.display())));
+        }
+        let stream = UnixStream::connect(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .await
+            .map_err(|e| unavailable(&e))?;
+        drop(file);
+        let mut conn = AgentConn {
+            stream,
+            wbuf: Vec::with_capacity(CHUNK + 256),
+        };
+        let hello = async {
+            conn.send(&Request::Hello { version: VERSION }, &[]).await?;
+            match conn.recv().await? {
+                (Response::Hello { version, .. }, _) if version == VERSION => Ok(()),
+                (Response::Error { message, .. }, _) => Err(AgentError::Unavailable(message)),
+                (other, _) => Err(AgentError::Unavailable(format!(
+                    "unexpected answer to hello: {other:?}"
+                ))),
+            }
+        };
+        match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
+            Ok(Ok(())) => Ok(conn),
+            Ok(Err(e)) => Err(AgentError::Unavailable(e.to_string())),
+            Err(_) => Err(AgentError::Unavailable("no answer to hello".into())),
+        }
+    }
+
+    async fn send(&mut self, msg: &Request, data: &[u8]) -> Result<(), AgentError> {
+        self.wbuf.clear();
+        encode(msg, data, &mut self.wbuf);
+        self.stream.write_all(&self.wbuf).await.map_err(broken)
+    }
+
+    async fn recv(&mut self) -> Result<(Response, Bytes), AgentError> {
+        read_frame(&mut self.stream).await
+    }
+
+    /// Runs a command, streaming its output into `output` (a full channel slows the command
+    /// down; a dropped receiver discards the rest). Dropping the future closes the
+    /// connection, which makes the agent kill the command's process group.
+    pub async fn exec(
+        mut self,
+        req: proto::ExecRequest,
+        stdin: Option<Bytes>,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> Result<AgentExit, AgentError> {
+        let limit = req.timeout_ms.map(|ms| Duration::from_millis(ms) + EXIT_GRACE);
+        self.send(&Request::Exec(req), &[]).await?;
+        let (mut rd, mut wr) = self.stream.into_split();
+        let feed = async move {
+            let Some(input) = stdin else {
+                return Ok::<_, AgentError>(wr);
+            };
+            let mut buf = Vec::with_capacity(CHUNK + 64);
+            for chunk in input.chunks(CHUNK) {
+                buf.clear();
+                encode(&Request::Data, chunk, &mut buf);
+                wr.write_all(&buf).await.map_err(broken)?;
+            }
+            buf.clear();
+            encode(&Request::Eof, &[], &mut buf);
+            wr.write_all(&buf).await.map_err(broken)?;
+            Ok(wr)
+        };
+        let collect = async move {
+            loop {
+                match read_frame(&mut rd).await? {
+                    (Response::Started { .. }, _) => {}
+                    (Response::Stdout, data) => {
+                        let _ = output.send(OutputChunk::Stdout(data)).await;
+                    }
+                    (Response::Stderr, data) => {
+                        let _ = output.send(OutputChunk::Stderr(data)).await;
+                    }
+                    (
+                        Response::Exit {
+                            code,
+                            timed_out,
+                            cancelled,
+                            ..
+                        },
+                        _,
+                    ) => {
+                        return Ok(AgentExit {
+                            code,
+                            timed_out,
+                            cancelled,
+                        })
+                    }
+                    (Response::Error { code, message }, _) => return Err(AgentError::Refused { code, message }),
+                    (other, _) => return Err(broken(format!("unexpected message during exec: {other:?}"))),
+                }
+            }
+        };
+        let both = async {
+            // The writer half must live until the end: dropping it would not close the
+            // socket, but keep it anyway so a hang-up only happens when we are dropped.
+            let (fed, exit) = tokio::join!(feed, collect);
+            let _writer = fed?;
+            exit
+        };
+        match limit {
+            None => both.await,
+            Some(limit) => tokio::time::timeout(limit, both)
+                .await
+                .map_err(|_| broken("the agent did not report the end of the command"))?,
+        }
+    }
+
+    /// Writes `contents` to `path` (relative to `/workspace`, or absolute inside it).
+    pub async fn write_file(
+        &mut self,
+        path: &str,
+        contents: &[u8],
+        mode: Option<u32>,
+        create_dirs: bool,
+    ) -> Result<u64, AgentError> {
+        let req = Request::Write {
+            path: path.to_string(),
+            mode,
+            append: false,
+            create_dirs,
+        };
+        self.send(&req, &[]).await?;
+        for chunk in contents.chunks(CHUNK) {
+            self.send(&Request::Data, chunk).await?;
+        }
+        self.send(&Request::Eof, &[]).await?;
+        match self.recv().await? {
+            (Response::Done { size }, _) => Ok(size),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads a whole regular file.
+    pub async fn read_file(&mut self, path: &str) -> Result<Vec<u8>, AgentError> {
+        self.send(&Request::Read { path: path.to_string() }, &[]).await?;
+        let mut out = Vec::new();
+        loop {
+            match self.recv().await? {
+                (Response::Data, data) => out.extend_from_slice(&data),
+                (Response::Eof { .. }, _) => return Ok(out),
+                other => return Err(unexpected(other)),
+            }
+        }
+    }
+
+    pub async fn list(&mut self, path: &str) -> Result<Vec<FileStat>, AgentError> {
+        self.send(&Request::List { path: path.to_string() }, &[]).await?;
+        match self.recv().await? {
+            (Response::List { entries }, _) => Ok(entries),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn stat(&mut self, path: &str) -> Result<FileStat, AgentError> {
+        self.send(&Request::Stat { path: path.to_string() }, &[]).await?;
+        match self.recv().await? {
+            (Response::Stat(s), _) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn delete(&mut self, path: &str, recursive: bool) -> Result<(), AgentError> {
+        let req = Request::Delete {
+            path: path.to_string(),
+            recursive,
+        };
+        self.send(&req, &[]).await?;
+        match self.recv().await? {
+            (Response::Done { .. }, _) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected((msg, _): (Response, Bytes)) -> AgentError {
+    match msg {
+        Response::Error { code, message } => AgentError::Refused { code, message },
+        other => broken(format!("unexpected answer: {other:?}")),
+    }
+}
+
+async fn read_frame<R: AsyncReadExt + Unpin>(rd: &mut R) -> Result<(Response, Bytes), AgentError> {
+    let mut prefix = [0u8; 8];
+    rd.read_exact(&mut prefix).await.map_err(broken)?;
+    let (h, d) = parse_prefix(&prefix).map_err(broken)?;
+    let mut buf = vec![0u8; h + d];
+    rd.read_exact(&mut buf).await.map_err(broken)?;
+    let msg: Response = serde_json::from_slice(&buf[..h]).map_err(|e| broken(format!("bad frame header: {e}")))?;
+    Ok((msg, Bytes::from(buf).slice(h..)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_static_executables_are_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_elf = dir.path().join("x");
+        std::fs::write(&not_elf, b"#!/bin/sh\n").unwrap();
+        assert!(!is_static_elf(&not_elf));
+        assert!(!is_static_elf(&dir.path().join("missing")));
+        // Every dynamically linked host binary has an interpreter.
+        assert!(!is_static_elf(Path::new("/bin/sh")));
+    }
+
+    #[test]
+    fn the_agent_can_be_turned_off() {
+        let mut config = Config::default();
+        config.isolated_workspace.agent_containers.agent_binary = Some(String::new());
+        assert_eq!(binary(&config), None);
+        config.isolated_workspace.agent_containers.agent_binary = Some("/bin/sh".into());
+        assert_eq!(binary(&config), None, "a dynamic binary is not used");
+    }
+}

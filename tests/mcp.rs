@@ -1,0 +1,372 @@
+//! `conductor mcp` driven by the MCP SDK's own client over the child's stdio, against real
+//! Podman: the tool list and schemas, a workspace created, commands run (output, exit
+//! codes, truncation, timeout), files written, read back and listed, a snapshot restored,
+//! the workspace destroyed, and bad input answered with tool errors the model can read.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{config_text, test_root};
+use conductor_core::Config;
+use conductor_service::workspaces::ListFilter;
+use conductor_service::Conductor;
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::RunningService;
+use rmcp::transport::{ConfigureCommandExt, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt};
+use serde_json::{json, Value};
+
+/// A `conductor mcp` child with its own data directory. Dropping it removes whatever the
+/// test left behind (also after a failed assertion).
+struct McpServer {
+    dir: tempfile::TempDir,
+    client: Option<RunningService<RoleClient, ()>>,
+}
+
+impl McpServer {
+    async fn start() -> McpServer {
+        let dir = tempfile::Builder::new()
+            .prefix("conductor-mcp-")
+            .tempdir_in(test_root())
+            .expect("temp dir");
+        let config = dir.path().join("config.yaml");
+        std::fs::write(&config, config_text(dir.path(), "")).unwrap();
+        let transport = TokioChildProcess::new(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_conductor")).configure(|cmd| {
+                cmd.arg("mcp").arg("--config").arg(&config);
+            }),
+        )
+        .expect("spawn conductor mcp");
+        let client = ().serve(transport).await.expect("MCP initialize");
+        McpServer {
+            dir,
+            client: Some(client),
+        }
+    }
+
+    fn client(&self) -> &RunningService<RoleClient, ()> {
+        self.client.as_ref().expect("client")
+    }
+
+    async fn call(&self, tool: &str, args: Value) -> CallToolResult {
+        let Value::Object(args) = args else {
+            panic!("arguments must be an object")
+        };
+        self.client()
+            .call_tool(CallToolRequestParams::new(tool.to_string()).with_arguments(args))
+            .await
+            .unwrap_or_else(|e| panic!("{tool}: {e}"))
+    }
+
+    /// The text of a successful call.
+    async fn ok(&self, tool: &str, args: Value) -> String {
+        let r = self.call(tool, args).await;
+        let t = text(&r);
+        assert_ne!(r.is_error, Some(true), "{tool} failed: {t}");
+        t
+    }
+
+    /// The text of a call that must fail with a tool error.
+    async fn err(&self, tool: &str, args: Value) -> String {
+        let r = self.call(tool, args).await;
+        let t = text(&r);
+        assert_eq!(r.is_error, Some(true), "{tool} should have failed: {t}");
+        t
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.yaml")
+    }
+}
+
+fn text(r: &CallToolResult) -> String {
+    r.content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect()
+}
+
+impl Drop for McpServer {
+    fn drop(&mut self) {
+        let client = self.client.take();
+        let config = std::fs::read_to_string(self.config_path()).unwrap_or_default();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move {
+                // Closing stdin ends the server; then clean up what a failed test left.
+                if let Some(c) = client {
+                    let _ = c.cancel().await;
+                }
+                let Ok(parsed) = Config::parse(&config) else { return };
+                let Ok(c) = Conductor::open(parsed.config).await else {
+                    return;
+                };
+                for w in c.list_workspaces(&ListFilter::default()).unwrap_or_default() {
+                    let _ = c.remove_workspace(&w.id, Some(false)).await;
+                }
+                let _ = c.reconcile().await;
+            })
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_mcp_client_drives_a_workspace_through_the_tools() {
+    let server = McpServer::start().await;
+    let info = server.client().peer_info().expect("server info");
+    assert_eq!(info.server_info.as_ref().expect("server_info").name, "conductor");
+    assert!(info.instructions.as_deref().unwrap_or("").contains("create_workspace"));
+
+    // Every tool is listed with a description and a schema naming its required inputs.
+    let tools = server.client().list_all_tools().await.expect("tools/list");
+    let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "create_workspace",
+            "destroy_workspace",
+            "list_environments",
+            "list_files",
+            "list_snapshots",
+            "list_workspaces",
+            "read_file",
+            "restore",
+            "run_command",
+            "snapshot",
+            "write_file",
+        ]
+    );
+    for t in &tools {
+        assert!(
+            t.description.as_deref().unwrap_or("").len() > 40,
+            "{} is undocumented",
+            t.name
+        );
+    }
+    let run = tools.iter().find(|t| t.name == "run_command").unwrap();
+    assert_eq!(run.input_schema["required"], json!(["workspace_id", "command"]));
+    assert!(run.input_schema["properties"]["timeout_secs"]["description"].is_string());
+
+    let envs = server.ok("list_environments", json!({})).await;
+    assert!(envs.lines().any(|l| l.starts_with("minimal - ")), "{envs}");
+
+    // Bad input is a tool error that says what is wrong, before anything is created.
+    let e = server
+        .err("create_workspace", json!({"environment": "no-such-env"}))
+        .await;
+    assert!(e.contains("no-such-env"), "{e}");
+    let e = server
+        .err(
+            "create_workspace",
+            json!({"environment": "minimal", "agent_id": "Bad Agent"}),
+        )
+        .await;
+    assert!(e.starts_with("invalid agent_id"), "{e}");
+    let e = server
+        .err("run_command", json!({"workspace_id": "ws-nope", "command": "true"}))
+        .await;
+    assert!(
+        e.contains("'ws-nope' not found") && e.contains("list_workspaces"),
+        "{e}"
+    );
+    // So are arguments that do not match the schema (a misspelt field here).
+    let e = server
+        .err("run_command", json!({"workspace_id": "ws-nope", "cmd": "true"}))
+        .await;
+    assert!(e.contains("unknown field `cmd`"), "{e}");
+
+    let created = server
+        .ok(
+            "create_workspace",
+            json!({"environment": "minimal", "agent_id": "mcp-test"}),
+        )
+        .await;
+    let id = created
+        .lines()
+        .find_map(|l| l.strip_prefix("workspace_id: "))
+        .unwrap_or_else(|| panic!("no workspace_id in {created}"))
+        .to_string();
+    let listed = server.ok("list_workspaces", json!({})).await;
+    assert!(listed.contains(&id) && listed.contains("agent=mcp-test"), "{listed}");
+
+    // Commands: exit code, both streams, working directory.
+    let out = server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "pwd; echo to-stderr >&2; exit 3"}),
+        )
+        .await;
+    assert!(out.starts_with("exit_code: 3\n"), "{out}");
+    assert!(out.contains("stdout:\n/workspace\n"), "{out}");
+    assert!(out.contains("stderr:\nto-stderr\n"), "{out}");
+    let out = server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "pwd", "cwd": "/tmp"}),
+        )
+        .await;
+    assert!(
+        out.contains("stdout:\n/tmp\n") && out.contains("stderr: (empty)"),
+        "{out}"
+    );
+
+    // Long output keeps its end, with a note.
+    let out = server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "seq 1 100000; echo last-line"}),
+        )
+        .await;
+    assert!(out.contains("[stdout truncated: the first "), "{out:.300}");
+    assert!(
+        out.ends_with("100000\nlast-line\nstderr: (empty)\n"),
+        "{}",
+        &out[out.len() - 200..]
+    );
+    assert!(out.len() < 70 * 1024, "{} bytes returned", out.len());
+
+    // The timeout kills the command.
+    let e = server
+        .err(
+            "run_command",
+            json!({"workspace_id": id, "command": "true", "timeout_secs": 0}),
+        )
+        .await;
+    assert!(e.starts_with("invalid timeout_secs"), "{e}");
+    let out = server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "sleep 60", "timeout_secs": 1}),
+        )
+        .await;
+    assert!(out.starts_with("exit_code: 124 (timed out after 1 s"), "{out}");
+
+    // A server started in the background does not hold the call open.
+    let out = server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "nohup sleep 300 > /tmp/bg.log 2>&1 &", "timeout_secs": 20}),
+        )
+        .await;
+    assert!(out.starts_with("exit_code: 0\n"), "{out}");
+    let out = server
+        .ok("run_command", json!({"workspace_id": id, "command": "pgrep -x sleep"}))
+        .await;
+    assert!(
+        out.starts_with("exit_code: 0\n"),
+        "the background process is gone: {out}"
+    );
+
+    // Files: written with awkward names and content, read back exactly, listed.
+    let content = "héllo 'quoted' \"double\" $HOME `tick`\n\tindented\nno newline at end";
+    let path = "/workspace/notes/it's a file.txt";
+    let w = server
+        .ok(
+            "write_file",
+            json!({"workspace_id": id, "path": path, "content": content}),
+        )
+        .await;
+    assert_eq!(w, format!("Wrote {} bytes to {path}.", content.len()));
+    assert_eq!(
+        server.ok("read_file", json!({"workspace_id": id, "path": path})).await,
+        content
+    );
+    let listing = server
+        .ok(
+            "list_files",
+            json!({"workspace_id": id, "path": "/workspace", "depth": 2}),
+        )
+        .await;
+    assert!(listing.contains("dir              notes/\n"), "{listing}");
+    assert!(
+        listing.contains(&format!("file {:>10}  notes/it's a file.txt\n", content.len())),
+        "{listing}"
+    );
+    server
+        .ok(
+            "write_file",
+            json!({"workspace_id": id, "path": "/tmp/empty", "content": ""}),
+        )
+        .await;
+    let empty = server
+        .ok("read_file", json!({"workspace_id": id, "path": "/tmp/empty"}))
+        .await;
+    assert_eq!(empty, "(/tmp/empty is empty)");
+
+    // Paths outside /workspace and /tmp, with '..', missing files and directories are
+    // tool errors.
+    for (tool, path, expect) in [
+        ("write_file", "/etc/passwd", "under /workspace and /tmp"),
+        ("read_file", "/workspace/../etc/passwd", "'..'"),
+        ("read_file", "notes/x", "absolute"),
+        ("read_file", "/workspace/missing.txt", "no such file"),
+        ("read_file", "/workspace/notes", "is a directory"),
+        ("list_files", "/workspace/notes/it's a file.txt", "not a directory"),
+    ] {
+        let mut args = json!({"workspace_id": id, "path": path});
+        if tool == "write_file" {
+            args["content"] = json!("x");
+        }
+        let e = server.err(tool, args).await;
+        assert!(e.contains(expect), "{tool} {path}: {e}");
+    }
+    let e = server
+        .err("read_file", json!({"workspace_id": id, "path": "/tmp/bin"}))
+        .await;
+    assert!(e.contains("no such file"), "{e}");
+    server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "printf '\\377\\376' > /tmp/bin"}),
+        )
+        .await;
+    let e = server
+        .err("read_file", json!({"workspace_id": id, "path": "/tmp/bin"}))
+        .await;
+    assert!(e.contains("not UTF-8 text (2 bytes)"), "{e}");
+
+    // Snapshot, change, restore: the change is gone.
+    let s = server
+        .ok("snapshot", json!({"workspace_id": id, "name": "before-change"}))
+        .await;
+    assert!(s.starts_with("Took snapshot 'before-change'"), "{s}");
+    let e = server
+        .err("snapshot", json!({"workspace_id": id, "name": "before-change"}))
+        .await;
+    assert!(e.contains("overwrite"), "{e}");
+    let e = server
+        .err("snapshot", json!({"workspace_id": id, "name": "Bad Name"}))
+        .await;
+    assert!(e.starts_with("invalid name"), "{e}");
+    server
+        .ok(
+            "write_file",
+            json!({"workspace_id": id, "path": path, "content": "changed"}),
+        )
+        .await;
+    let listed = server.ok("list_snapshots", json!({"workspace_id": id})).await;
+    assert!(listed.starts_with("before-change  taken "), "{listed}");
+    let r = server
+        .ok("restore", json!({"workspace_id": id, "name": "before-change"}))
+        .await;
+    assert!(r.contains("is running"), "{r}");
+    assert_eq!(
+        server.ok("read_file", json!({"workspace_id": id, "path": path})).await,
+        content
+    );
+
+    // Destroy: gone, and later calls say so.
+    let d = server
+        .ok("destroy_workspace", json!({"workspace_id": id, "keep_data": false}))
+        .await;
+    assert_eq!(d, format!("Removed workspace {id}; its /workspace data was deleted."));
+    let e = server
+        .err("run_command", json!({"workspace_id": id, "command": "true"}))
+        .await;
+    assert!(e.contains("removed"), "{e}");
+    assert!(server
+        .ok("list_workspaces", json!({}))
+        .await
+        .starts_with("No live workspaces"));
+}
