@@ -24,7 +24,11 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64) {
 
 fn podman(args: &[&str]) -> String {
     let out = Command::new("podman").args(args).output().expect("podman");
-    assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "podman {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -32,11 +36,17 @@ fn main() {
     let n: usize = std::env::var("BENCH_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = Config::parse(&format!("storage:\n  base_path: {}\n", dir.path().display())).unwrap().config;
+    let config = Config::parse(&format!("storage:\n  base_path: {}\n", dir.path().display()))
+        .unwrap()
+        .config;
     rt.block_on(async {
         let c = Conductor::open(config).await.expect("open conductor");
         let quiet = Arc::new(|_: Progress| {});
-        let image = c.ensure_environment("minimal", quiet.clone(), false).await.expect("minimal image").reference;
+        let image = c
+            .ensure_environment("minimal", quiet.clone(), false)
+            .await
+            .expect("minimal image")
+            .reference;
         let runtime = c.engine.info().await.unwrap().runtime;
         let ul = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"];
         let (mut cc, mut ce, mut cd, mut pc, mut pe, mut pd) = (vec![], vec![], vec![], vec![], vec![], vec![]);
@@ -61,7 +71,16 @@ fn main() {
             // raw podman CLI, same image, same runtime, network none
             let name = format!("bench-raw-{i}");
             let t = Instant::now();
-            let mut args = vec!["--runtime", runtime.as_str(), "run", "-d", "--name", name.as_str(), "--network", "none"];
+            let mut args = vec![
+                "--runtime",
+                runtime.as_str(),
+                "run",
+                "-d",
+                "--name",
+                name.as_str(),
+                "--network",
+                "none",
+            ];
             args.extend(ul);
             args.extend([image.as_str(), "sleep", "600"]);
             podman(&args);
@@ -74,14 +93,20 @@ fn main() {
             pd.push(t.elapsed());
         }
         println!("workspace lifecycle, n={n}, runtime={runtime} (medians and p95 in ms)");
-        println!("{:<28} {:>10} {:>10} {:>12} {:>10} {:>8}", "operation", "conductor", "p95", "raw podman", "p95", "ratio");
+        println!(
+            "{:<28} {:>10} {:>10} {:>12} {:>10} {:>8}",
+            "operation", "conductor", "p95", "raw podman", "p95", "ratio"
+        );
         for (name, a, b) in [
             ("create+start (vs run -d)", cc, pc),
             ("exec true (vs podman exec)", ce, pe),
             ("destroy (vs rm -f)", cd, pd),
         ] {
             let ((am, ap), (bm, bp)) = (stats(a), stats(b));
-            println!("{name:<28} {am:>10.1} {ap:>10.1} {bm:>12.1} {bp:>10.1} {:>7.2}x", am / bm);
+            println!(
+                "{name:<28} {am:>10.1} {ap:>10.1} {bm:>12.1} {bp:>10.1} {:>7.2}x",
+                am / bm
+            );
         }
     });
 }

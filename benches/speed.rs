@@ -167,7 +167,8 @@ async fn idle_memory(c: &Conductor, ws: &[WorkspaceInfo]) -> (f64, f64, f64) {
     (conmon as f64 / n, inside as f64 / n, pss as f64 / n)
 }
 
-async fn throughput(c: Arc<Conductor>, tasks: usize) -> f64 {
+/// Tasks per second for `tasks` one-command tasks of `agents` agents (round robin).
+async fn throughput(c: Arc<Conductor>, tasks: usize, agents: usize) -> f64 {
     let orchestrator = Orchestrator::start(c.clone());
     // Let recovery and (with a pool) the first fill happen before the clock starts.
     let pool_size: u32 = c.config.isolated_workspace.warm_pool.values().sum();
@@ -192,7 +193,7 @@ async fn throughput(c: Arc<Conductor>, tasks: usize) -> f64 {
             services: Vec::new(),
             priority: None,
             timeout: None,
-            agent_id: Some(format!("tp{i}")),
+            agent_id: Some(format!("tp{}", i % agents)),
             env: BTreeMap::new(),
             source: None,
         })
@@ -360,14 +361,17 @@ fn main() {
         plain.remove_workspace(&w.id, None).await.unwrap();
 
         // 3. Throughput of one-command sandbox tasks.
-        let without = throughput(plain.clone(), n_tasks).await;
+        let without = throughput(plain.clone(), n_tasks, n_tasks).await;
         let pool8 = open(&dir.path().join("pool8"), &config("  warm_pool:\n    minimal: 8\n")).await;
-        let with = throughput(pool8.clone(), n_tasks).await;
-        println!("\n### Throughput: {n_tasks} one-command sandbox tasks, max_workers 8\n");
+        let with = throughput(pool8.clone(), n_tasks, n_tasks).await;
+        let shared = open(&dir.path().join("shared"), &config("  mode: shared\n")).await;
+        let shared_rate = throughput(shared.clone(), n_tasks, 8).await;
+        println!("\n### Throughput: {n_tasks} one-command tasks, max_workers 8\n");
         println!("| configuration | tasks/s |");
         println!("| --- | ---: |");
-        println!("| no pool | {without:.1} |");
-        println!("| warm pool of 8 | {with:.1} |");
+        println!("| sandbox (a workspace per task), no pool | {without:.1} |");
+        println!("| sandbox, warm pool of 8 | {with:.1} |");
+        println!("| shared (8 agents, one workspace each) | {shared_rate:.1} |");
         for w in pool8.list_workspaces(&Default::default()).unwrap() {
             let _ = pool8.remove_workspace(&w.id, None).await;
         }
@@ -397,7 +401,7 @@ fn main() {
                 cc.remove_workspace(&w.id, None).await.unwrap();
             }
         }
-        for cc in [&c, &plain, &no_agent, &pool8] {
+        for cc in [&c, &plain, &no_agent, &pool8, &shared] {
             for w in cc.list_workspaces(&Default::default()).unwrap() {
                 let _ = cc.remove_workspace(&w.id, None).await;
             }

@@ -39,8 +39,14 @@ fn serve(config: &std::path::Path) -> (Served, String) {
         .spawn()
         .expect("start conductor serve");
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line.trim().strip_prefix("conductor listening on ").expect("listening line").to_string();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("conductor listening on ")
+        .expect("listening line")
+        .to_string();
     (Served(child), base)
 }
 
@@ -61,10 +67,19 @@ fn processes_with(needle: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_and_runs_nothing_twice() {
-    let dir = tempfile::Builder::new().prefix("conductor-crash-").tempdir_in(test_root()).unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(&config, config_text(dir.path(), "task_execution:\n  max_workers: 1\n  shutdown_grace_period: 5\n"))
+    let dir = tempfile::Builder::new()
+        .prefix("conductor-crash-")
+        .tempdir_in(test_root())
         .unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        config_text(
+            dir.path(),
+            "task_execution:\n  max_workers: 1\n  shutdown_grace_period: 5\n",
+        ),
+    )
+    .unwrap();
     let (mut child, base) = serve(&config);
     let http = reqwest::Client::new();
     let tasks = json!([
@@ -73,14 +88,34 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
         {"task_type": "isolated_execution", "environment": "minimal", "commands": ["echo queued-marker-1"]},
         {"task_type": "isolated_execution", "environment": "minimal", "commands": ["echo queued-marker-2"]}
     ]);
-    let resp: Value = http.post(format!("{base}/tasks")).json(&tasks).send().await.unwrap().json().await.unwrap();
-    let ids: Vec<String> = resp["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().to_string()).collect();
+    let resp: Value = http
+        .post(format!("{base}/tasks"))
+        .json(&tasks)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<String> = resp["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(ids.len(), 3, "{resp}");
 
     // Wait until the first task runs its first command, then kill -9 the service.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let logs = http.get(format!("{base}/tasks/{}/logs", ids[0])).send().await.unwrap().text().await.unwrap();
+        let logs = http
+            .get(format!("{base}/tasks/{}/logs", ids[0]))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if logs.contains("running-marker") {
             break;
         }
@@ -88,14 +123,20 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let sock = dir.path().join("podman.sock").display().to_string();
-    assert!(!processes_with(&sock).is_empty(), "the private podman service should be running");
+    assert!(
+        !processes_with(&sock).is_empty(),
+        "the private podman service should be running"
+    );
     child.0.kill().unwrap(); // SIGKILL
     child.0.wait().unwrap();
     let gone_by = Instant::now() + Duration::from_secs(10);
     while !processes_with(&sock).is_empty() && Instant::now() < gone_by {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(processes_with(&sock).is_empty(), "podman service outlived a killed conductor");
+    assert!(
+        processes_with(&sock).is_empty(),
+        "podman service outlived a killed conductor"
+    );
 
     // Restart: the interrupted task fails with a clear reason, the queued ones run once.
     let (child, base) = serve(&config);
@@ -109,17 +150,35 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
                 views.push(v);
                 break;
             }
-            assert!(Instant::now() < deadline, "task {id} did not finish after the restart: {v}");
+            assert!(
+                Instant::now() < deadline,
+                "task {id} did not finish after the restart: {v}"
+            );
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
     assert_eq!(views[0]["status"], "failed", "{}", views[0]);
-    assert!(views[0]["error"].as_str().unwrap_or("").contains("restart"), "{}", views[0]);
+    assert!(
+        views[0]["error"].as_str().unwrap_or("").contains("restart"),
+        "{}",
+        views[0]
+    );
     for (i, v) in views.iter().enumerate().skip(1) {
         assert_eq!(v["status"], "succeeded", "{v}");
-        let logs = http.get(format!("{base}/tasks/{}/logs", ids[i])).send().await.unwrap().text().await.unwrap();
+        let logs = http
+            .get(format!("{base}/tasks/{}/logs", ids[i]))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         let marker = format!("queued-marker-{i}");
-        assert_eq!(logs.lines().filter(|l| *l == marker).count(), 1, "ran more than once: {logs}");
+        assert_eq!(
+            logs.lines().filter(|l| *l == marker).count(),
+            1,
+            "ran more than once: {logs}"
+        );
         assert_eq!(v["attempt"], 1, "{v}");
     }
     let list = get(&http, format!("{base}/tasks")).await;
@@ -131,7 +190,14 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
     let store = conductor_store::Store::open(&db).unwrap();
     let instance = store.instance_id().unwrap();
     let out = Command::new("podman")
-        .args(["ps", "-a", "--filter", &format!("label=io.conductor.instance={instance}"), "--format", "{{.Names}}"])
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=io.conductor.instance={instance}"),
+            "--format",
+            "{{.Names}}",
+        ])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "leaked containers");

@@ -198,7 +198,10 @@ fn managed_podman_service_is_gone_after_exit() {
 async fn base_image_bootstraps_from_nothing() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let reference = format!("localhost/conductor-test/base:{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let reference = format!(
+        "localhost/conductor-test/base:{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
     let lines = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = lines.clone();
     let progress: conductor_core::engine::ProgressSink = std::sync::Arc::new(move |_| {
@@ -206,14 +209,27 @@ async fn base_image_bootstraps_from_nothing() {
     });
     let info = c.bootstrap_base(&reference, progress).await.expect("bootstrap");
     assert!(info.size_bytes > 50_000_000, "{}", info.size_bytes);
-    assert!(lines.load(std::sync::atomic::Ordering::Relaxed) > 10, "progress was reported");
+    assert!(
+        lines.load(std::sync::atomic::Ordering::Relaxed) > 10,
+        "progress was reported"
+    );
     let runtime = c.engine.info().await.unwrap().runtime;
     let out = Command::new("podman")
         .args(["run", "--rm", "--runtime", runtime.as_str(), "--network", "none"])
         .args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"])
-        .args([reference.as_str(), "sh", "-c", ". /etc/os-release && echo $VERSION_CODENAME"])
+        .args([
+            reference.as_str(),
+            "sh",
+            "-c",
+            ". /etc/os-release && echo $VERSION_CODENAME",
+        ])
         .output()
         .unwrap();
     c.engine.image_remove(&reference).await.unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "bookworm", "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "bookworm",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

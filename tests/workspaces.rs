@@ -80,7 +80,12 @@ async fn workspace_is_hardened() {
     assert_eq!(code, 0);
     assert_eq!(out.trim(), "-1 Operation not permitted");
     // No engine socket inside, not root, the workspace is owned by the user.
-    let (_, out, _) = sh(c, &w.id, "ls /run/podman/podman.sock /var/run/docker.sock 2>&1; stat -c %u /workspace").await;
+    let (_, out, _) = sh(
+        c,
+        &w.id,
+        "ls /run/podman/podman.sock /var/run/docker.sock 2>&1; stat -c %u /workspace",
+    )
+    .await;
     assert_eq!(out.matches("No such file").count(), 2, "{out}");
     assert!(out.trim_end().ends_with("1000"), "{out}");
 }
@@ -159,7 +164,10 @@ async fn memory_pids_and_storage_limits_hold() {
     let bomb = r#"perl -e 'my $n = 0; while (1) { my $p = fork(); if (!defined $p) { print "$n $!\n"; last } if ($p == 0) { sleep 3; exit 0 } $n++; last if $n > 500 }'"#;
     let (code, out, err) = sh(c, &w.id, bomb).await;
     assert_eq!(code, 0, "{err}");
-    let (n, why) = out.trim().split_once(' ').unwrap_or_else(|| panic!("unexpected output {out:?}"));
+    let (n, why) = out
+        .trim()
+        .split_once(' ')
+        .unwrap_or_else(|| panic!("unexpected output {out:?}"));
     let n: u32 = n.parse().unwrap();
     assert!(n < 48, "{n} processes were forked with a pids limit of 48");
     assert_eq!(why, "Resource temporarily unavailable");
@@ -300,7 +308,11 @@ async fn reconcile_removes_orphans_and_marks_vanished_lost() {
     let report = c.reconcile().await.unwrap();
     assert!(report.orphans_removed.contains(&orphan.container_name), "{report:?}");
     assert_eq!(report.lost, vec![gone.id.clone()]);
-    assert_eq!(report.volumes_unmounted, vec![orphan.volume_dir.clone()], "the orphan's volume is unmounted");
+    assert_eq!(
+        report.volumes_unmounted,
+        vec![orphan.volume_dir.clone()],
+        "the orphan's volume is unmounted"
+    );
     assert_eq!(c.get_workspace(&gone.id).unwrap().state, WorkspaceState::Lost);
     assert!(c
         .engine
@@ -338,7 +350,14 @@ async fn cleanup_by_age_and_by_count() {
 async fn readonly_root_with_a_noexec_tmp() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = create(c, CreateRequest { readonly_rootfs: true, ..req("ro1", "minimal") }).await;
+    let w = create(
+        c,
+        CreateRequest {
+            readonly_rootfs: true,
+            ..req("ro1", "minimal")
+        },
+    )
+    .await;
     let (code, _, err) = sh(c, &w.id, "touch /etc/x").await;
     assert_ne!(code, 0);
     assert!(err.contains("Read-only file system"), "{err}");
@@ -357,8 +376,12 @@ async fn cleanup_above_max_containers_removes_the_least_recently_used() {
     let a = create(c, req("cnt1", "minimal")).await;
     let b = create(c, req("cnt2", "minimal")).await;
     let d = create(c, req("cnt3", "minimal")).await;
-    c.store.touch_workspace(&b.id, conductor_service::now_ms() + 1000).unwrap();
-    c.store.touch_workspace(&d.id, conductor_service::now_ms() + 2000).unwrap();
+    c.store
+        .touch_workspace(&b.id, conductor_service::now_ms() + 1000)
+        .unwrap();
+    c.store
+        .touch_workspace(&d.id, conductor_service::now_ms() + 2000)
+        .unwrap();
     // The same state seen by a conductor whose policy allows one workspace.
     let mut config = c.config.clone();
     config.isolated_workspace.cleanup.max_containers = 1;

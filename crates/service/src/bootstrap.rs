@@ -108,13 +108,16 @@ async fn pump_lines<R: AsyncRead + Unpin>(
 /// whose trigger adds them to the system bundle.
 fn trust_host_cas(rootfs: &Path) -> Result<()> {
     let src = Path::new("/usr/local/share/ca-certificates");
-    let Ok(entries) = std::fs::read_dir(src) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(src) else {
+        return Ok(());
+    };
     let dst = rootfs.join("usr/local/share/ca-certificates");
     std::fs::create_dir_all(&dst).map_err(|e| ServiceError::host("copy host CA certificates", e))?;
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "crt") && p.is_file() {
-            std::fs::copy(&p, dst.join(e.file_name())).map_err(|e| ServiceError::host("copy host CA certificates", e))?;
+            std::fs::copy(&p, dst.join(e.file_name()))
+                .map_err(|e| ServiceError::host("copy host CA certificates", e))?;
         }
     }
     Ok(())

@@ -104,6 +104,23 @@ pub async fn run_quiet(engine: &dyn Engine, container: &str, script: String) -> 
     Ok(())
 }
 
+/// Runs a maintenance script like [`run_quiet`], through the workspace's agent (in
+/// `agent_dir`) when it answers: milliseconds instead of a Podman exec.
+pub async fn run_quiet_in(engine: &dyn Engine, container: &str, agent_dir: &Path, script: String) -> Result<()> {
+    let Ok(conn) = AgentConn::connect(agent_dir).await else {
+        return run_quiet(engine, container, script).await;
+    };
+    let req = conductor_agent_protocol::ExecRequest {
+        argv: Some(vec!["/bin/sh".into(), "-c".into(), script]),
+        ..Default::default()
+    };
+    let (tx, mut rx) = mpsc::channel(8);
+    let drain = async move { while rx.recv().await.is_some() {} };
+    let (exit, ()) = tokio::join!(conn.exec(req, None, tx), drain);
+    exit?;
+    Ok(())
+}
+
 /// Runs `req` in `container`, streaming output into `output`.
 pub async fn run(
     engine: &dyn Engine,

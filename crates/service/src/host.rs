@@ -69,7 +69,9 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Mount points at or below `dir` (from `/proc/self/mountinfo`).
 pub fn mounts_under(dir: &Path) -> Vec<std::path::PathBuf> {
-    let Ok(canon) = dir.canonicalize() else { return Vec::new() };
+    let Ok(canon) = dir.canonicalize() else {
+        return Vec::new();
+    };
     let prefix = canon.to_string_lossy().replace(' ', "\\040");
     std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {

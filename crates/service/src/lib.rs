@@ -103,14 +103,7 @@ impl Conductor {
             runtime: config.podman_config.runtime,
         })
         .await?;
-        let mut conductor = Self::with_parts(
-            config,
-            paths,
-            Arc::new(engine),
-            Arc::new(store),
-            instance,
-            seccomp_path,
-        );
+        let mut conductor = Self::with_parts(config, paths, Arc::new(engine), Arc::new(store), instance, seccomp_path);
         conductor._pool = pool;
         Ok(conductor)
     }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conductor_core::config::Mode;
-use conductor_core::engine::{Engine, OutputChunk, Progress, ProgressSink};
+use conductor_core::engine::{OutputChunk, Progress, ProgressSink};
 use conductor_core::lifecycle::{TaskState, WorkspaceState};
 use conductor_core::naming;
 use conductor_core::task::{command_script, service_name, source_location, state_dir, TaskSpec, SOURCE_TARGET};
@@ -35,7 +35,8 @@ use nix::unistd::{fchown, fchownat, symlinkat, Gid, Uid};
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
-use crate::exec::{kill_script, run_quiet, ExecRequest, TIMEOUT_EXIT_CODE};
+use crate::agent_client;
+use crate::exec::{kill_script, run_quiet_in, ExecRequest, TIMEOUT_EXIT_CODE};
 use crate::sidecars::service_hosts;
 use crate::tasks::{ResultDoc, StopReason, TaskLog};
 use crate::volumes::{DataVolume, WORKSPACE_UID};
@@ -198,7 +199,7 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
                 c.remove_workspace(ws, Some(false)).await?;
             } else if w.state == WorkspaceState::Running {
                 let container = w.container_id.clone().unwrap_or(w.container_name.clone());
-                end_session(c.engine.as_ref(), &container, &t.id).await?;
+                end_session(c, &w.id, &container, &t.id).await?;
             }
         }
     }
@@ -207,15 +208,17 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
 
 /// Kills the task's processes in `container`: the whole tree of every command of the task,
 /// background ones included.
-async fn kill_task_processes(engine: &dyn Engine, container: &str, task_id: &str) -> Result<()> {
-    run_quiet(engine, container, kill_script(TASK_MARKER, task_id)).await
+async fn kill_task_processes(c: &Conductor, workspace_id: &str, container: &str, task_id: &str) -> Result<()> {
+    let agent = agent_client::socket_dir(&c.paths, workspace_id);
+    run_quiet_in(c.engine.as_ref(), container, &agent, kill_script(TASK_MARKER, task_id)).await
 }
 
 /// Kills the task's processes in `container` and removes its shell state: what a shared
 /// workspace keeps of a task is its files.
-async fn end_session(engine: &dyn Engine, container: &str, task_id: &str) -> Result<()> {
+async fn end_session(c: &Conductor, workspace_id: &str, container: &str, task_id: &str) -> Result<()> {
     let script = format!("{}; rm -rf '{}'", kill_script(TASK_MARKER, task_id), state_dir(task_id));
-    run_quiet(engine, container, script).await
+    let agent = agent_client::socket_dir(&c.paths, workspace_id);
+    run_quiet_in(c.engine.as_ref(), container, &agent, script).await
 }
 
 /// How one attempt of a task ended.
@@ -538,7 +541,7 @@ impl Attempt<'_> {
         let container = lease.container();
         if matches!(ending, Ending::TimedOut { .. }) {
             // Background processes of earlier commands outlive the killed one.
-            if let Err(e) = kill_task_processes(self.c.engine.as_ref(), &container, &self.task.id).await {
+            if let Err(e) = kill_task_processes(self.c, &lease.record.id, &container, &self.task.id).await {
                 self.log
                     .system(&format!("could not kill the task's remaining processes: {e}"));
             }
@@ -626,7 +629,7 @@ impl Attempt<'_> {
         let (finished, stopped) = tokio::select! {
             done = &mut work => (Some(done), None),
             reason = stop_requested(&mut stop) => {
-                if let Err(e) = kill_task_processes(c.engine.as_ref(), &container, &id).await {
+                if let Err(e) = kill_task_processes(c, &lease.record.id, &container, &id).await {
                     tracing::warn!(task = %id, error = %e, "killing the task's processes failed");
                 }
                 (tokio::time::timeout(KILL_WAIT, &mut work).await.ok(), Some(reason))
@@ -722,7 +725,7 @@ impl Attempt<'_> {
             }
         } else {
             match c.remove_task_services(&self.task.id).await {
-                Ok(()) => end_session(c.engine.as_ref(), &lease.container(), &self.task.id).await,
+                Ok(()) => end_session(c, &lease.record.id, &lease.container(), &self.task.id).await,
                 Err(e) => Err(e),
             }
         };
