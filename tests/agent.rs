@@ -303,8 +303,15 @@ async fn exec_falls_back_to_podman_when_the_agent_is_killed() {
     assert!(o.timed_out);
     let (_, out, _) = sh(c, &w.id, "ps -eo args | grep -c '^sleep 32[1-3]' || true").await;
     assert_eq!(out.trim(), "0");
-    // A restart brings the agent back.
+    // A restart brings the agent back. init takes SIGTERM (a stop does not wait for the
+    // 5 s kill timeout).
+    let stopping = Instant::now();
     c.stop_workspace(&w.id).await.unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "stop took {:?}",
+        stopping.elapsed()
+    );
     c.start_workspace(&w.id).await.unwrap();
     let dir = agent_client::socket_dir(&c.paths, &w.id);
     assert!(agent_client::wait_ready(&dir).await);

@@ -330,6 +330,50 @@ async fn hybrid_reuses_the_workspace_and_a_timeout_kills_every_process() {
     assert!(state.contains("No such file"), "{state}");
 }
 
+/// Hybrid mode with snapshot_before_task and restore_on_error: a failing task's changes are
+/// rolled back, a succeeding task's are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hybrid_restores_the_workspace_after_a_failing_task() {
+    let mut env = TaskEnv::new(
+        "hybrid",
+        1,
+        "  isolation:\n    snapshot_before_task: true\n    restore_on_error: true\n",
+    )
+    .await;
+    env.start();
+    let mut good = spec("minimal", &["echo v1 > /workspace/state"]);
+    good.agent_id = Some("hy1".into());
+    let good = env.run(good).await;
+    assert_eq!(good.status, TaskState::Succeeded, "{good:#?}");
+    assert!(
+        good.snapshot.as_deref().unwrap().contains("taken before the task"),
+        "{good:?}"
+    );
+
+    let mut bad = spec(
+        "minimal",
+        &[
+            "echo broken > /workspace/state && rm -f /workspace/state2 && touch /workspace/junk",
+            "exit 3",
+        ],
+    );
+    bad.agent_id = Some("hy1".into());
+    let bad = env.run(bad).await;
+    assert_eq!(bad.status, TaskState::Failed, "{bad:#?}");
+    let note = bad.snapshot.clone().unwrap();
+    assert!(note.contains("restored after the failure"), "{note}");
+
+    let mut check = spec("minimal", &["cat /workspace/state", "test ! -e /workspace/junk"]);
+    check.agent_id = Some("hy1".into());
+    let check = env.run(check).await;
+    assert_eq!(check.status, TaskState::Succeeded, "{check:#?}");
+    assert_eq!(
+        check.commands[0].stdout, "v1\n",
+        "the failing task's write was rolled back"
+    );
+    assert_eq!(check.workspace_id, good.workspace_id);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_and_priorities_with_one_worker() {
     let mut env = TaskEnv::new("sandbox", 1, "").await;

@@ -57,8 +57,8 @@ const MAX_CAPTURE: usize = 1 << 20;
 const MAX_LOG_BYTES: usize = 16 << 20;
 /// Marker variable every process of a task inherits, so all of them can be killed.
 const TASK_MARKER: &str = "CONDUCTOR_TASK_ID";
-/// The note hybrid-mode tasks carry until snapshots exist.
-const HYBRID_NOTE: &str = "hybrid mode: snapshot_before_task is not available yet; ran as shared";
+/// The note hybrid-mode tasks carry when `task_execution.isolation.snapshot_before_task` is off.
+const HYBRID_NOTE: &str = "hybrid mode without snapshot_before_task: ran as shared";
 
 /// Runs queued tasks on `task_execution.max_workers` workers.
 pub struct Orchestrator {
@@ -245,27 +245,31 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
     let log = c.task_log(&id);
     let attempt = task.attempt;
     let hybrid = c.config.isolated_workspace.mode == Mode::Hybrid;
-    let ending = match serde_json::from_str::<TaskSpec>(&task.spec_json) {
+    let (ending, snapshot_note) = match serde_json::from_str::<TaskSpec>(&task.spec_json) {
         Ok(spec) => {
-            Attempt {
+            let mut attempt = Attempt {
                 c,
                 task,
                 spec,
                 stop,
                 log: log.clone(),
                 log_bytes: 0,
-            }
-            .run()
-            .await
+                snapshot_note: None,
+            };
+            let ending = attempt.run().await;
+            (ending, attempt.snapshot_note)
         }
-        Err(e) => Ending::Failed {
-            exit_code: None,
-            error: format!("the stored task spec cannot be read: {e}"),
-        },
+        Err(e) => (
+            Ending::Failed {
+                exit_code: None,
+                error: format!("the stored task spec cannot be read: {e}"),
+            },
+            None,
+        ),
     };
     c.tasks.unregister(&id);
     let result = hybrid.then(|| ResultDoc {
-        snapshot: Some(HYBRID_NOTE.to_string()),
+        snapshot: Some(snapshot_note.unwrap_or_else(|| HYBRID_NOTE.to_string())),
     });
     let outcome = match ending {
         Ending::Succeeded { exit_code } => (TaskState::Succeeded, Some(exit_code), None),
@@ -343,6 +347,8 @@ struct Attempt<'a> {
     log: TaskLog,
     /// Log bytes written so far (capped at [`MAX_LOG_BYTES`]).
     log_bytes: usize,
+    /// Hybrid mode: what happened with the before-task snapshot.
+    snapshot_note: Option<String>,
 }
 
 impl Attempt<'_> {
@@ -368,7 +374,7 @@ impl Attempt<'_> {
         }
     }
 
-    async fn run(mut self) -> Ending {
+    async fn run(&mut self) -> Ending {
         let mode = self.c.config.isolated_workspace.mode;
         self.log.system(&format!(
             "attempt {}: preparing a {mode} workspace for environment {}",
@@ -379,12 +385,34 @@ impl Attempt<'_> {
             Ok(None) => return Ending::Stopped(self.stopped().unwrap_or(StopReason::Cancel)),
             Err(e) => return self.setup_failed(e),
         };
+        let snapshot = match self.snapshot_before(mode, &lease).await {
+            Ok(name) => name,
+            Err(e) => {
+                let ending = self.setup_failed(e);
+                self.release(lease, &ending, None).await;
+                return ending;
+            }
+        };
         let ending = match self.prepare(&lease).await {
             Ok(()) => self.run_commands(&lease).await,
             Err(e) => self.setup_failed(e),
         };
-        self.release(lease, &ending).await;
+        self.release(lease, &ending, snapshot.as_deref()).await;
         ending
+    }
+
+    /// Hybrid mode with `snapshot_before_task`: snapshots the workspace as
+    /// `before-<task id>` and returns that name.
+    async fn snapshot_before(&mut self, mode: Mode, lease: &Lease) -> Result<Option<String>> {
+        let isolation = &self.c.config.task_execution.isolation;
+        if mode != Mode::Hybrid || !isolation.snapshot_before_task {
+            return Ok(None);
+        }
+        let name = format!("before-{}", self.task.id);
+        self.c.create_snapshot(&lease.record.id, &name, true).await?;
+        self.log.system(&format!("snapshot {name} taken before the task"));
+        self.snapshot_note = Some(format!("snapshot {name} taken before the task"));
+        Ok(Some(name))
     }
 
     /// Gets the workspace for this attempt; `None` when stopped while waiting for a shared
@@ -710,7 +738,7 @@ impl Attempt<'_> {
     /// Releases the workspace per mode: a sandbox is removed (or kept after a failure when
     /// configured), a shared workspace stays and loses the task's sidecars, processes and
     /// shell state.
-    async fn release(&self, lease: Lease, ending: &Ending) {
+    async fn release(&mut self, lease: Lease, ending: &Ending, snapshot: Option<&str>) {
         let c = self.c;
         let result = if lease.sandbox {
             let failed = matches!(ending, Ending::Failed { .. } | Ending::TimedOut { .. });
@@ -724,10 +752,23 @@ impl Attempt<'_> {
                 c.remove_workspace(&lease.record.id, Some(false)).await.map(|_| ())
             }
         } else {
-            match c.remove_task_services(&self.task.id).await {
+            let released = match c.remove_task_services(&self.task.id).await {
                 Ok(()) => end_session(c, &lease.record.id, &lease.container(), &self.task.id).await,
                 Err(e) => Err(e),
+            };
+            let failed = matches!(ending, Ending::Failed { .. } | Ending::TimedOut { .. });
+            match snapshot {
+                Some(name) if failed && c.config.task_execution.isolation.restore_on_error => {
+                    let note = match c.restore_snapshot_for_task(&lease.record.id, name, &self.task.id).await {
+                        Ok(_) => format!("snapshot {name} taken before the task; restored after the failure"),
+                        Err(e) => format!("snapshot {name} taken before the task; restoring it failed: {e}"),
+                    };
+                    self.log.system(&note);
+                    self.snapshot_note = Some(note);
+                }
+                _ => {}
             }
+            released
         };
         if let Err(e) = result {
             tracing::warn!(task = %self.task.id, error = %e, "releasing the workspace failed");

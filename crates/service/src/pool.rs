@@ -234,7 +234,8 @@ fn mounted_pool(root: &Path) -> Option<PathBuf> {
         .next_back()?;
     let device = source.strip_prefix("/dev/")?;
     let backing = std::fs::read_to_string(format!("/sys/block/{device}/loop/backing_file")).ok()?;
-    Some(PathBuf::from(backing.trim_end()))
+    // A pool file deleted while mounted (a removed data directory) is still the pool.
+    Some(PathBuf::from(backing.trim_end().trim_end_matches(" (deleted)")))
 }
 
 /// Whether a loop device is backed by a file under `root` (a volume image in the pool).
