@@ -38,7 +38,7 @@ use conductor_store::Store;
 pub use error::{Result, ServiceError};
 
 /// The seccomp profile shipped with conductor: Podman's default minus namespace creation,
-/// keyrings, ptrace, mounts, BPF, perf, kexec and module loading (see docs/security.md).
+/// keyrings, ptrace, mounts, BPF, perf, kexec and module loading (see docs/workspaces.md).
 pub const SECCOMP_PROFILE: &str = include_str!("../../../profiles/seccomp.json");
 
 /// One running conductor: configuration, state and engine.
