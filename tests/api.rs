@@ -1102,7 +1102,6 @@ async fn spec_curl_examples_work_as_written() {
 /// cancels a running task within the grace period, removes its workspace and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_binary_serves_and_stops_gracefully() {
-    use std::io::BufRead;
     let dir = tempfile::Builder::new()
         .prefix("conductor-serve-")
         .tempdir_in(test_root())
@@ -1113,21 +1112,8 @@ async fn real_binary_serves_and_stops_gracefully() {
         config_text(dir.path(), "task_execution:\n  shutdown_grace_period: 2\n"),
     )
     .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
-        .args(["--config", config.to_str().unwrap(), "serve", "--port", "0"])
-        .env_remove("CONDUCTOR_CONFIG")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start conductor serve");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("conductor listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
+    let served = common::serve(&config);
+    let base = served.base.clone();
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");
 
     let http = reqwest::Client::new();
@@ -1157,15 +1143,7 @@ async fn real_binary_serves_and_stops_gracefully() {
     }
 
     let stopped_at = std::time::Instant::now();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
     assert!(status.success(), "{status}");
     assert!(
         stopped_at.elapsed() < Duration::from_secs(30),
@@ -1177,19 +1155,8 @@ async fn real_binary_serves_and_stops_gracefully() {
     let store = conductor_store::Store::open(&dir.path().join("conductor.db")).unwrap();
     let task = store.get_task(&id).unwrap().unwrap();
     assert_eq!(task.state.as_str(), "cancelled", "{task:?}");
-    let instance = store.instance_id().unwrap();
-    let out = std::process::Command::new("podman")
-        .args([
-            "ps",
-            "-a",
-            "-q",
-            "--filter",
-            &format!("label=io.conductor.instance={instance}"),
-        ])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        common::leftover_containers(&dir.path().join("conductor.db")),
         "",
         "containers left behind"
     );

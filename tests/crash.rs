@@ -4,51 +4,10 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{config_text, test_root};
+use common::{config_text, leftover_containers, serve, test_root};
 use serde_json::{json, Value};
-
-/// A `conductor serve` child that is terminated (SIGTERM, then SIGKILL) when dropped, so a
-/// failing test leaves no service behind.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-            for _ in 0..100 {
-                if let Ok(Some(_)) = self.0.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn serve(config: &std::path::Path) -> (Served, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_conductor"))
-        .args(["--config", config.to_str().unwrap(), "serve", "--port", "0"])
-        .env_remove("CONDUCTOR_CONFIG")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start conductor serve");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("conductor listening on ")
-        .expect("listening line")
-        .to_string();
-    (Served(child), base)
-}
 
 async fn get(http: &reqwest::Client, url: String) -> Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
@@ -80,7 +39,8 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
         ),
     )
     .unwrap();
-    let (mut child, base) = serve(&config);
+    let served = serve(&config);
+    let base = served.base.clone();
     let http = reqwest::Client::new();
     let tasks = json!([
         {"task_type": "isolated_execution", "environment": "minimal", "priority": 9,
@@ -127,8 +87,7 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
         !processes_with(&sock).is_empty(),
         "the private podman service should be running"
     );
-    child.0.kill().unwrap(); // SIGKILL
-    child.0.wait().unwrap();
+    served.kill_9();
     let gone_by = Instant::now() + Duration::from_secs(10);
     while !processes_with(&sock).is_empty() && Instant::now() < gone_by {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -139,7 +98,8 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
     );
 
     // Restart: the interrupted task fails with a clear reason, the queued ones run once.
-    let (child, base) = serve(&config);
+    let served = serve(&config);
+    let base = served.base.clone();
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut views = Vec::new();
     for id in &ids {
@@ -185,20 +145,10 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
     assert_eq!(list["total"], 3, "no task lost or duplicated: {list}");
 
     // Graceful stop; nothing of this instance is left in Podman.
-    drop(child);
-    let db = dir.path().join("conductor.db");
-    let store = conductor_store::Store::open(&db).unwrap();
-    let instance = store.instance_id().unwrap();
-    let out = Command::new("podman")
-        .args([
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label=io.conductor.instance={instance}"),
-            "--format",
-            "{{.Names}}",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "", "leaked containers");
+    assert!(served.stop().success());
+    assert_eq!(
+        leftover_containers(&dir.path().join("conductor.db")),
+        "",
+        "leaked containers"
+    );
 }

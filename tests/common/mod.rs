@@ -78,3 +78,95 @@ impl Drop for TestEnv {
         });
     }
 }
+
+/// A `conductor serve` child process on a free port. Dropping it stops it (SIGTERM, then
+/// SIGKILL after 10 s), so a failing test leaves no service behind.
+pub struct Served {
+    child: Option<std::process::Child>,
+    /// `http://127.0.0.1:PORT`
+    pub base: String,
+}
+
+/// Starts the real binary with `config` and waits for its "listening" line.
+pub fn serve(config: &std::path::Path) -> Served {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .args(["--config", config.to_str().unwrap(), "serve", "--port", "0"])
+        .env_remove("CONDUCTOR_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start conductor serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = line
+        .trim()
+        .strip_prefix("conductor listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_string();
+    Served {
+        child: Some(child),
+        base,
+    }
+}
+
+impl Served {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `kill -9`: the process dies without any clean-up of its own.
+    pub fn kill_9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait (SIGKILL after 10 s); returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let served = Served {
+                child: self.child.take(),
+                base: String::new(),
+            };
+            served.stop();
+        }
+    }
+}
+
+/// Names of the containers Podman still has for the conductor whose database is `db`.
+pub fn leftover_containers(db: &std::path::Path) -> String {
+    let store = conductor_store::Store::open(db).unwrap();
+    let instance = store.instance_id().unwrap();
+    let out = std::process::Command::new("podman")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("label=io.conductor.instance={instance}"),
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
