@@ -398,3 +398,84 @@ async fn cleanup_above_max_containers_removes_the_least_recently_used() {
     assert_eq!(c.get_workspace(&d.id).unwrap().state, WorkspaceState::Running);
     assert_eq!(c.get_workspace(&a.id).unwrap().state, WorkspaceState::Removed);
 }
+
+/// Ports are published only when asked for, only on 127.0.0.1, from the configured range,
+/// and only for `egress` workspaces (Podman cannot publish from internal networks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_are_published_on_loopback_only_when_asked() {
+    let t = TestEnv::new("podman_config:\n  container_port_range: \"21000-21999\"\n").await;
+    let c = t.c();
+    match c
+        .create_workspace(
+            CreateRequest {
+                ports: vec![8000],
+                ..req("port0", "python-dev")
+            },
+            quiet(),
+        )
+        .await
+    {
+        Err(ServiceError::Invalid { field, message }) => {
+            assert_eq!(field, "ports");
+            assert!(message.contains("egress"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let plain = create(c, req("port1", "minimal")).await;
+    let (_, usage) = c.inspect_workspace(&plain.id).await.unwrap();
+    assert!(
+        usage.unwrap().published_ports.is_empty(),
+        "nothing published unless asked"
+    );
+
+    let w = create(
+        c,
+        CreateRequest {
+            ports: vec![8000],
+            network: Some(NetworkPolicy::Egress),
+            ..req("port2", "python-dev")
+        },
+    )
+    .await;
+    let (_, usage) = c.inspect_workspace(&w.id).await.unwrap();
+    let ports = usage.unwrap().published_ports;
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let (inner, host_port) = ports[0];
+    assert_eq!(inner, 8000);
+    assert!((21000..=21999).contains(&host_port), "{host_port}");
+    let (code, _, err) = sh(
+        c,
+        &w.id,
+        "mkdir -p /tmp/www && echo served > /tmp/www/index.html && cd /tmp/www && (nohup python3 -m http.server 8000 >/dev/null 2>&1 &) && sleep 1",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let mut body = String::new();
+    for _ in 0..50 {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", host_port)) {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").unwrap();
+            let _ = s.read_to_string(&mut body);
+            if body.contains("served") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(body.contains("served"), "{body}");
+    // Bound to loopback only: listening sockets on the host show 127.0.0.1:<port>.
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let hex = format!(":{host_port:04X} ");
+    let listeners: Vec<&str> = tcp
+        .lines()
+        .filter(|l| l.contains(&hex) && l.split_whitespace().nth(3) == Some("0A"))
+        .collect();
+    assert!(!listeners.is_empty(), "no listener for {host_port}");
+    for l in listeners {
+        let local = l.split_whitespace().nth(1).unwrap();
+        assert!(
+            local.starts_with("0100007F:"),
+            "published on more than loopback: {local}"
+        );
+    }
+}

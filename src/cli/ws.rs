@@ -94,6 +94,10 @@ pub struct WorkspaceOpts {
     /// Read-only root file system with a tmpfs /tmp.
     #[arg(long)]
     pub readonly_rootfs: bool,
+    /// Publish a container port on 127.0.0.1 (host port from container_port_range; needs
+    /// --network egress). Repeatable; `ws inspect` shows the mapping.
+    #[arg(long = "publish", value_name = "PORT")]
+    pub publish: Vec<u16>,
     /// Environment variables for the container, NAME=value.
     #[arg(long = "setenv", value_name = "NAME=VALUE")]
     pub setenv: Vec<String>,
@@ -183,6 +187,7 @@ fn create_request(agent: &str, environment: &str, o: &WorkspaceOpts) -> Result<C
         network: o.network,
         readonly_rootfs: o.readonly_rootfs,
         env: parse_pairs("setenv", &o.setenv)?,
+        ports: o.publish.clone(),
         ..Default::default()
     })
 }

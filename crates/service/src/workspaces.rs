@@ -79,6 +79,8 @@ pub struct Usage {
     /// How commands reach the workspace now: its agent, or Podman exec when the agent does
     /// not answer.
     pub exec_path: Option<ExecPath>,
+    /// Published ports: (container port, host port on 127.0.0.1).
+    pub published_ports: Vec<(u16, u16)>,
 }
 
 /// Filter for [`Conductor::list_workspaces`].
@@ -187,6 +189,19 @@ impl Conductor {
             .map_err(|m| ServiceError::invalid("ports", m))?;
         if req.ports.contains(&0) {
             return Err(ServiceError::invalid("ports", "0 is not a port"));
+        }
+        let policy = req
+            .network
+            .or(env.network)
+            .unwrap_or(self.config.isolated_workspace.agent_containers.network);
+        if !req.ports.is_empty() && policy != NetworkPolicy::Egress {
+            return Err(ServiceError::invalid(
+                "ports",
+                format!(
+                    "publishing ports needs network \"egress\" (this workspace's is \"{}\"): Podman cannot publish ports of containers on internal networks",
+                    policy.as_str()
+                ),
+            ));
         }
         let active = self.store.list_workspaces(&WorkspaceFilter {
             states: LIVE_STATES.to_vec(),
@@ -503,6 +518,10 @@ impl Conductor {
                     ExecPath::Podman
                 },
             ),
+            published_ports: self
+                .load_container_spec(&info.id)
+                .map(|s| s.published_ports)
+                .unwrap_or_default(),
         };
         Ok((info, Some(usage)))
     }

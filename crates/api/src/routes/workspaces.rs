@@ -80,6 +80,10 @@ pub struct CreateWorkspace {
     pub limits: Option<LimitsRequest>,
     /// Defaults to the environment's, then the configured policy (`isolated`).
     pub network: Option<Network>,
+    /// Container ports to publish on 127.0.0.1 (host ports from
+    /// `podman_config.container_port_range`); needs `network: egress`.
+    #[serde(default)]
+    pub ports: Vec<u16>,
 }
 
 /// Limits a workspace runs with.
@@ -121,6 +125,19 @@ pub struct WorkspaceUsage {
     pub oom_kills: Option<u64>,
     pub disk_used_bytes: Option<u64>,
     pub disk_limit_bytes: Option<u64>,
+    /// How commands reach the workspace: `agent` (in-workspace agent) or `podman` (fallback).
+    #[schema(example = "agent")]
+    pub exec_path: Option<String>,
+    /// Ports published on 127.0.0.1.
+    pub published_ports: Vec<PublishedPort>,
+}
+
+/// A container port published on the host's loopback.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PublishedPort {
+    pub container_port: u16,
+    /// Port on 127.0.0.1.
+    pub host_port: u16,
 }
 
 impl From<Usage> for WorkspaceUsage {
@@ -134,6 +151,21 @@ impl From<Usage> for WorkspaceUsage {
             oom_kills: u.oom_kills,
             disk_used_bytes: u.disk_used_bytes,
             disk_limit_bytes: u.disk_limit_bytes,
+            exec_path: u.exec_path.map(|p| {
+                match p {
+                    conductor_service::exec::ExecPath::Agent => "agent",
+                    conductor_service::exec::ExecPath::Podman => "podman",
+                }
+                .to_string()
+            }),
+            published_ports: u
+                .published_ports
+                .into_iter()
+                .map(|(container_port, host_port)| PublishedPort {
+                    container_port,
+                    host_port,
+                })
+                .collect(),
         }
     }
 }
@@ -284,6 +316,7 @@ pub async fn create_workspace(
             volume_size: limits.volume_size,
         },
         network: body.network.map(Into::into),
+        ports: body.ports,
         ..Default::default()
     };
     let c = state.conductor.clone();
