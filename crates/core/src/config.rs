@@ -899,6 +899,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_shipped_file_is_valid_and_fully_known() {
+        let l = Config::parse(include_str!("../../../config/standalone-isolated.yaml")).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.network.api_port, 8081);
+        assert_eq!(l.config.isolated_workspace.agent_containers.base_image, LOCAL_BASE_IMAGE);
+    }
+
+    #[test]
     fn empty_file_means_defaults() {
         let l = Config::parse("").unwrap();
         assert_eq!(l.config, Config::default());
