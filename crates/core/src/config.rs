@@ -903,7 +903,10 @@ mod tests {
         let l = Config::parse(include_str!("../../../config/standalone-isolated.yaml")).unwrap();
         assert!(l.warnings.is_empty(), "{:?}", l.warnings);
         assert_eq!(l.config.network.api_port, 8081);
-        assert_eq!(l.config.isolated_workspace.agent_containers.base_image, LOCAL_BASE_IMAGE);
+        assert_eq!(
+            l.config.isolated_workspace.agent_containers.base_image,
+            LOCAL_BASE_IMAGE
+        );
     }
 
     #[test]
