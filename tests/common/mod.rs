@@ -63,7 +63,12 @@ pub fn test_root() -> PathBuf {
 impl Drop for TestEnv {
     /// Runs on the test's own (multi-thread) runtime, also when the test panicked.
     fn drop(&mut self) {
-        let Some(c) = self.conductor.take() else { return };
+        let Some(c) = self.conductor.take() else {
+            // The conductor was moved out (an Arc in a harness); whatever still holds it,
+            // leave no mount behind the temporary directory.
+            unmount_under(self.dir.path());
+            return;
+        };
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async move {
                 let all = c
@@ -76,6 +81,7 @@ impl Drop for TestEnv {
                 drop(c);
             })
         });
+        unmount_under(self.dir.path());
     }
 }
 
@@ -169,4 +175,20 @@ pub fn leftover_containers(db: &std::path::Path) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Lazily unmounts everything mounted at or below `dir` (deepest first), so removing a
+/// test's temporary directory never leaves a loop mount behind.
+pub fn unmount_under(dir: &std::path::Path) {
+    let prefix = dir.to_string_lossy().to_string();
+    let mut mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .filter(|m| m.starts_with(&prefix))
+        .collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = std::process::Command::new("umount").args(["-l", &m]).status();
+    }
 }
