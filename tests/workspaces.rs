@@ -188,28 +188,20 @@ async fn isolated_network_reaches_nothing() {
     let c = t.c();
     let a = create(c, req("neta", "minimal")).await;
     let b = create(c, req("netb", "python-dev")).await;
-    assert!(a.network.is_some());
-    // No default route (only the header line, or no non-local route).
-    let (_, out, _) = sh(c, &a.id, "awk 'NR>1 && $2==\"00000000\"' /proc/net/route | wc -l").await;
-    assert_eq!(out.trim(), "0", "a default route exists");
-    // B listens; A cannot reach it.
-    let (_, ip_b, _) = sh(
-        c,
-        &b.id,
-        "hostname -i 2>/dev/null || awk '/32 host/ {print f} {f=$2}' /proc/net/fib_trie | grep -v 127.0.0.1 | head -1",
-    )
-    .await;
-    let ip_b = ip_b.split_whitespace().next().unwrap_or("").to_string();
-    assert!(
-        ip_b.starts_with("10.89."),
-        "workspace address {ip_b:?} must come from the configured subnet"
-    );
+    // `isolated` (the default): a private network namespace with loopback only. No bridge,
+    // so no route, no host address (not even an IPv6 link-local one) and no neighbour.
+    assert!(a.network.is_none(), "no Podman network for an isolated workspace");
+    let (_, out, _) = sh(c, &a.id, "ls /sys/class/net | sort | tr '\\n' ' '").await;
+    assert_eq!(out.trim(), "lo");
+    let (_, out, _) = sh(c, &a.id, "awk 'NR>1' /proc/net/route | wc -l; cat /proc/net/if_inet6").await;
+    assert_eq!(out.trim(), "0\n00000000000000000000000000000001 01 80 10 80       lo");
+    // B listens on its loopback; A's loopback is another one.
     let (code, _, err) = sh(c, &b.id, "nohup python3 -m http.server 8080 >/dev/null 2>&1 & sleep 1").await;
     assert_eq!(code, 0, "{err}");
-    let to_b = format!("timeout 3 bash -c 'echo hi > /dev/tcp/{ip_b}/8080'");
-    let (code, _, err) = sh(c, &b.id, &to_b).await;
+    let to_b = "timeout 3 bash -c 'echo hi > /dev/tcp/127.0.0.1/8080'";
+    let (code, _, err) = sh(c, &b.id, to_b).await;
     assert_eq!(code, 0, "control: B reaches its own listener: {err}");
-    let (code, _, err) = sh(c, &a.id, &to_b).await;
+    let (code, _, err) = sh(c, &a.id, to_b).await;
     assert_ne!(code, 0, "A reached B: {err}");
 
     // A listener on the host, on the gateway address of a network conductor made (an
@@ -228,6 +220,10 @@ async fn isolated_network_reaches_nothing() {
         .await
         .unwrap();
     let subnet = nets[0].subnets[0].clone();
+    assert!(
+        subnet.starts_with("10.89."),
+        "{subnet} must come from the configured subnet"
+    );
     let base: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
     let gateway = std::net::Ipv4Addr::from(u32::from(base) + 1);
     let listener = std::net::TcpListener::bind((gateway, 0)).expect("bind on the bridge gateway");
@@ -245,7 +241,7 @@ async fn isolated_network_reaches_nothing() {
     let (code, _, _) = sh(c, &a.id, "getent hosts deb.debian.org").await;
     assert_ne!(code, 0, "outside names must not resolve");
 
-    // `none`: loopback only.
+    // `none`: the same loopback-only namespace.
     let n = create(
         c,
         CreateRequest {
@@ -304,8 +300,21 @@ async fn reconcile_removes_orphans_and_marks_vanished_lost() {
         .container_remove(rec.container_id.as_deref().unwrap())
         .await
         .unwrap();
+    // What a crash between making the agent directory and recording the container leaves.
+    let agents = c.paths.base.join("agents");
+    std::fs::create_dir_all(agents.join("ws-crashedmid")).unwrap();
 
     let report = c.reconcile().await.unwrap();
+    assert!(
+        report.agent_dirs_removed.contains(&"ws-crashedmid".to_string()),
+        "{report:?}"
+    );
+    assert!(report.agent_dirs_removed.contains(&orphan.id), "{report:?}");
+    assert!(!agents.join("ws-crashedmid").exists() && !agents.join(&orphan.id).exists());
+    assert!(
+        agents.join(&w.id).is_dir(),
+        "a live workspace keeps its agent directory"
+    );
     assert!(report.orphans_removed.contains(&orphan.container_name), "{report:?}");
     assert_eq!(report.lost, vec![gone.id.clone()]);
     assert_eq!(
@@ -322,7 +331,10 @@ async fn reconcile_removes_orphans_and_marks_vanished_lost() {
         .is_none());
     assert_eq!(c.get_workspace(&w.id).unwrap().state, WorkspaceState::Running);
     let again = c.reconcile().await.unwrap();
-    assert!(again.orphans_removed.is_empty() && again.lost.is_empty(), "{again:?}");
+    assert!(
+        again.orphans_removed.is_empty() && again.lost.is_empty() && again.agent_dirs_removed.is_empty(),
+        "{again:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -292,11 +292,14 @@ impl Conductor {
             .or(env.network)
             .unwrap_or(self.config.isolated_workspace.agent_containers.network);
         let network = match policy {
-            NetworkPolicy::None => NetworkAttachment::None,
-            NetworkPolicy::Isolated | NetworkPolicy::Egress => {
+            // A private network namespace with loopback only. An internal bridge would add
+            // nothing a workspace can use (no other member, no route, no DNS), would cost a
+            // netavark set-up and tear-down per workspace, and would expose the host's IPv6
+            // link-local address on that bridge, hence every host service listening on `::`.
+            NetworkPolicy::None | NetworkPolicy::Isolated => NetworkAttachment::None,
+            NetworkPolicy::Egress => {
                 let name = naming::workspace_network(&self.config.podman_config.network.name, &record.id);
-                self.create_network(&name, policy == NetworkPolicy::Egress, labels.clone())
-                    .await?;
+                self.create_network(&name, labels.clone()).await?;
                 made.network = Some(name.clone());
                 NetworkAttachment::Network(name)
             }
@@ -400,14 +403,15 @@ impl Conductor {
         }
     }
 
-    /// Creates a workspace network on the next free block of `podman_config.network.subnet`.
-    async fn create_network(&self, name: &str, egress: bool, labels: Labels) -> Result<()> {
+    /// Creates an egress workspace's bridge network (route out, DNS) on the next free block
+    /// of `podman_config.network.subnet`.
+    async fn create_network(&self, name: &str, labels: Labels) -> Result<()> {
         let _guard = self.net_lock.lock().await;
         let cfg = &self.config.podman_config.network;
         let mut spec = NetworkSpec {
             name: name.to_string(),
-            internal: !egress,
-            dns: egress,
+            internal: false,
+            dns: true,
             subnet: None,
             mtu: Some(cfg.mtu),
             driver: cfg.driver.clone(),
