@@ -7,6 +7,7 @@
 //! - data volumes still mounted without a live workspace are unmounted (data kept);
 //! - live rows whose container vanished become `lost` and their network and volume are freed;
 //! - running rows whose container stopped (reboot) become `stopped`;
+//! - agent socket directories of workspaces that hold no container are removed;
 //! - first of all, interrupted snapshot operations are finished or undone
 //!   ([`crate::snapshots`]).
 
@@ -19,7 +20,7 @@ use serde::Serialize;
 use std::path::Path;
 
 use crate::volumes::{self, DataVolume};
-use crate::{host, now_ms, Conductor, Result};
+use crate::{agent_client, host, now_ms, Conductor, Result};
 
 /// What a reconcile pass did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -35,6 +36,9 @@ pub struct ReconcileReport {
     pub snapshots_discarded: Vec<String>,
     /// Restores (`<workspace>/<name>`) that were interrupted: finished.
     pub restores_finished: Vec<String>,
+    /// Agent socket directories (`agents/<workspace-id>`) of workspaces that hold no
+    /// container: removed.
+    pub agent_dirs_removed: Vec<String>,
 }
 
 /// What a cleanup pass removed.
@@ -95,6 +99,18 @@ impl Conductor {
             if !n.labels.get(naming::LABEL_WORKSPACE).is_some_and(|id| live(id)) {
                 self.engine.network_remove(&n.name).await?;
                 report.networks_removed.push(n.name);
+            }
+        }
+
+        // A crash between making a workspace's agent directory and recording its container
+        // leaves the directory behind.
+        if let Ok(dirs) = std::fs::read_dir(self.paths.base.join("agents")) {
+            for dir in dirs.flatten() {
+                let name = dir.file_name().to_string_lossy().into_owned();
+                if !live(&name) && dir.file_type().is_ok_and(|t| t.is_dir()) {
+                    agent_client::remove_dir(&self.paths, &name);
+                    report.agent_dirs_removed.push(name);
+                }
             }
         }
 
