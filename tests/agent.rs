@@ -334,3 +334,142 @@ async fn without_the_agent_binary_workspaces_use_podman() {
     assert!(out.starts_with("/bin/sh -c"), "{out}");
     assert!(!agent_client::socket_dir(&c.paths, &w.id).exists());
 }
+
+/// Runs `cmd` as the next command of `session` (through the agent when it answers).
+async fn in_session(c: &Conductor, id: &str, session: &str, cmd: &str) -> (i64, String, String) {
+    let mut r = ExecRequest::new(cmd);
+    r.session = Some(session.into());
+    r.internal_env.push(("SESSION_MARK".into(), session.into()));
+    let (o, out, err) = c.exec_collect(id, r).await.expect("exec in a session");
+    (o.exit_code, out, err)
+}
+
+async fn count(c: &Conductor, id: &str, pattern: &str) -> String {
+    let (_, out, _) = sh(c, id, &format!("ps -eo args | grep -c '{pattern}' || true")).await;
+    out.trim().to_string()
+}
+
+/// A persistent shell per session through the agent: state carries over without a new
+/// shell, sessions are independent, a shell that exits is replaced, timeout and
+/// end_session kill everything a session started, output streams, nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_keep_one_shell_per_session() {
+    let t = TestEnv::new("").await;
+    let c = t.c();
+    let w = workspace(c, "ag8").await;
+    let dir = agent_client::socket_dir(&c.paths, &w.id);
+    assert!(AgentConn::connect(&dir).await.unwrap().has_sessions());
+
+    let (code, pid, _) = in_session(c, &w.id, "s1", "echo $$").await;
+    assert_eq!(code, 0);
+    for cmd in [
+        "cd /tmp",
+        "export X=1; Y=local",
+        "greet() { echo \"hi $1\"; }",
+        "alias hello='echo aliased'",
+    ] {
+        assert_eq!(in_session(c, &w.id, "s1", cmd).await.0, 0, "{cmd}");
+    }
+    let (code, out, err) = in_session(c, &w.id, "s1", "pwd; echo $X $Y; greet you; hello; echo $$").await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        format!("/tmp\n1 local\nhi you\naliased\n{pid}"),
+        "same shell, same state"
+    );
+    // Another session, and a plain exec, know nothing of it.
+    let (_, out, _) = in_session(c, &w.id, "s2", "pwd; echo \"[$X]\"; echo $$").await;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["/workspace", "[]"]);
+    assert_ne!(lines[2], pid.trim());
+    assert_eq!(sh(c, &w.id, "pwd; echo \"[$X]\"").await.1, "/workspace\n[]\n");
+
+    // `exit 3` reports 3 and ends the shell; the next command gets a fresh one.
+    let (code, out, _) = in_session(c, &w.id, "s1", "echo bye; exit 3").await;
+    assert_eq!((code, out.as_str()), (3, "bye\n"));
+    let (code, out, _) = in_session(c, &w.id, "s1", "pwd; echo \"[$X]\"; echo $$").await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["/workspace", "[]"]);
+    assert_ne!(lines[2], pid.trim());
+
+    // A timeout kills the session: a background job of an earlier command, a child of a
+    // child, one that left the process group; the next command works.
+    assert_eq!(in_session(c, &w.id, "s3", "sleep 301 &").await.0, 0);
+    let mut r = ExecRequest::new("bash -c 'sleep 302 & wait' & (setsid sleep 303 &); sleep 304");
+    r.session = Some("s3".into());
+    r.timeout = Some(Duration::from_secs(1));
+    let start = Instant::now();
+    let (o, _, _) = c.exec_collect(&w.id, r).await.unwrap();
+    assert!(o.timed_out);
+    assert_eq!(o.exit_code, 124);
+    assert!(start.elapsed() < Duration::from_secs(5), "{:?}", start.elapsed());
+    assert_eq!(
+        count(c, &w.id, "^sleep 30[1-4]").await,
+        "0",
+        "left-over sleeps after the timeout"
+    );
+    assert_eq!(in_session(c, &w.id, "s3", "echo ok").await.1, "ok\n");
+
+    // end_session kills what the session left running in the background.
+    let (_, out, _) = in_session(c, &w.id, "s4", "sleep 311 & (setsid sleep 312 &); echo started").await;
+    assert_eq!(out, "started\n");
+    assert_eq!(count(c, &w.id, "^sleep 31[12]").await, "2");
+    let mut a = AgentConn::connect(&dir).await.unwrap();
+    for s in ["s1", "s2", "s3", "s4", "never-used"] {
+        a.end_session(s).await.unwrap();
+    }
+    assert_eq!(
+        count(c, &w.id, "^sleep 31[12]").await,
+        "0",
+        "end_session left processes"
+    );
+
+    // Large output streams through a session.
+    let (tx, mut rx) = mpsc::channel::<OutputChunk>(4);
+    let consumer = tokio::spawn(async move {
+        let mut total = 0u64;
+        while let Some(chunk) = rx.recv().await {
+            if let OutputChunk::Stdout(b) = chunk {
+                total += b.len() as u64;
+            }
+        }
+        total
+    });
+    let mut r = ExecRequest::new("head -c 52428800 /dev/zero");
+    r.session = Some("big".into());
+    let o = c.exec(&w.id, r, tx).await.unwrap();
+    assert_eq!(o.exit_code, 0);
+    assert_eq!(consumer.await.unwrap(), 50 << 20);
+    a.end_session("big").await.unwrap();
+
+    // Nothing is left: no shell of a session, no zombie, no session files.
+    let (_, out, _) = sh(
+        c,
+        &w.id,
+        "grep -l SESSION_MARK /proc/[0-9]*/environ 2>/dev/null; ps -eo stat,args | awk '$1 ~ /^Z/'; ls -A /run/conductor/sessions",
+    )
+    .await;
+    assert_eq!(out, "", "left behind");
+}
+
+/// Without the agent a session is the state-file emulation: `cd` and exports carry over,
+/// each command gets a fresh shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_agent_sessions_fall_back_to_saved_state() {
+    let t = TestEnv::new("isolated_workspace:\n  agent_containers:\n    agent_binary: \"\"\n").await;
+    let c = t.c();
+    let req = CreateRequest {
+        agent_id: "ag9".into(),
+        environment: "minimal".into(),
+        ..Default::default()
+    };
+    let w = c.create_workspace(req, quiet()).await.unwrap();
+    assert_eq!(exec_path(c, &w.id).await, ExecPath::Podman);
+    let (_, pid, _) = in_session(c, &w.id, "task-f1", "cd /tmp; export X=1; echo $$").await;
+    let (code, out, _) = in_session(c, &w.id, "task-f1", "pwd; echo $X; echo $$").await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..2], ["/tmp", "1"]);
+    assert_ne!(lines[2], pid.trim(), "a fresh shell per command");
+}

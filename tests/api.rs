@@ -177,6 +177,7 @@ async fn health_openapi_and_environments() {
         "/workspaces",
         "/workspaces/{id}",
         "/workspaces/{id}/exec",
+        "/workspaces/{id}/files",
         "/environments",
         "/health",
         "/metrics",

@@ -298,6 +298,78 @@ async fn commands_share_one_shell_session_and_stop_at_the_first_failure() {
     assert_eq!(m.queue_depth, 0);
 }
 
+/// Through the agent a task's commands run in one long-lived shell: `cd`, exports,
+/// functions carry over and no shell is spawned between commands (`$$` stays the same; the
+/// Podman fallback would show a new one per command). The session ends with the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_runs_in_one_long_lived_shell_through_the_agent() {
+    let mut env = TaskEnv::new("shared", 1, "").await;
+    env.start();
+    let mut s = spec(
+        "minimal",
+        &[
+            "cd /tmp",
+            "export X=1",
+            "pwd",
+            "echo $X",
+            "greet() { echo hi $1; }; echo $$",
+            "greet you; echo $$",
+            "sleep 305 &",
+        ],
+    );
+    s.agent_id = Some("sess".into());
+    let v = env.run(s).await;
+    assert_eq!(v.status, TaskState::Succeeded, "{v:#?}");
+    let out: Vec<&str> = v.commands.iter().map(|c| c.stdout.as_str()).collect();
+    assert_eq!(out[2..4], ["/tmp\n", "1\n"]);
+    let pid = out[4].trim();
+    assert!(pid.parse::<u32>().is_ok(), "{out:?}");
+    assert_eq!(out[5], format!("hi you\n{pid}\n"), "the same shell ran both commands");
+
+    // The task's session ended with it: its background job is gone, and so are its files.
+    let ws = v.workspace_id.clone().unwrap();
+    assert_eq!(env.c.get_workspace(&ws).unwrap().state, WorkspaceState::Running);
+    let left = sh(
+        &env.c,
+        &ws,
+        "ps -eo args | grep -c '^sleep 305' || true; ls -A /run/conductor/sessions",
+    )
+    .await;
+    assert_eq!(left, "0\n", "left behind by the task");
+
+    // The next task in the same workspace starts with a fresh shell.
+    let mut next = spec(
+        "minimal",
+        &["pwd; echo \"[$X]\"; type greet >/dev/null 2>&1 || echo no greet"],
+    );
+    next.agent_id = Some("sess".into());
+    let n = env.run(next).await;
+    assert_eq!(n.status, TaskState::Succeeded, "{n:#?}");
+    assert_eq!(n.workspace_id.as_deref(), Some(ws.as_str()));
+    assert_eq!(n.commands[0].stdout, "/workspace\n[]\nno greet\n");
+}
+
+/// Without the agent (Podman exec) commands still share `cd` and exports through saved
+/// state, each in a fresh shell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_agent_commands_share_saved_state() {
+    let mut env = TaskEnv::with_config(
+        "isolated_workspace:\n  mode: sandbox\n  agent_containers:\n    volume_size: 256Mi\n    agent_binary: \"\"\ntask_execution:\n  max_workers: 1\n",
+    )
+    .await;
+    env.start();
+    let v = env
+        .run(spec(
+            "minimal",
+            &["cd /tmp", "export X=1", "pwd; echo $X; echo $$", "echo $$"],
+        ))
+        .await;
+    assert_eq!(v.status, TaskState::Succeeded, "{v:#?}");
+    let lines: Vec<&str> = v.commands[2].stdout.lines().collect();
+    assert_eq!(lines[..2], ["/tmp", "1"]);
+    assert_ne!(lines[2], v.commands[3].stdout.trim(), "a fresh shell per command");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_reuses_the_workspace_and_a_timeout_kills_every_process() {
     let mut env = TaskEnv::new("hybrid", 2, "").await;

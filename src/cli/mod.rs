@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and dispatch. Every command is a thin
 //! layer over `conductor_service`; errors print the service's message and exit non-zero.
 
+mod cp;
 mod doctor;
 mod env;
 mod mcp;

@@ -51,6 +51,16 @@ pub enum WsCommand {
     Start {
         id: String,
     },
+    /// Copy files between the host and a workspace, like `docker cp`: exactly one of SRC
+    /// and DST is WORKSPACE:PATH (PATH relative to /workspace or absolute under it).
+    /// Directories are copied with their contents; `-` is stdin (one file) or stdout (the
+    /// file, or a tar of a directory).
+    Cp {
+        /// A host path, `-`, or WORKSPACE:PATH.
+        src: String,
+        /// A host path, `-`, or WORKSPACE:PATH.
+        dst: String,
+    },
     /// Remove a workspace.
     Rm {
         id: String,
@@ -317,6 +327,7 @@ pub async fn run(cli: &Cli, cmd: &WsCommand) -> Result<ExitCode, ServiceError> {
                 }
             }
         }
+        WsCommand::Cp { src, dst } => return super::cp::run(&c, src, dst).await,
         WsCommand::Stop { id } => println!("{}", c.stop_workspace(id).await?.state),
         WsCommand::Start { id } => println!("{}", c.start_workspace(id).await?.state),
         WsCommand::Rm {

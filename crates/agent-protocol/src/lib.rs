@@ -86,7 +86,35 @@ pub enum Request {
         #[serde(default)]
         recursive: bool,
     },
+    /// Creates a directory (an existing one is fine); answered by `done`.
+    Mkdir {
+        path: String,
+        /// Permission bits (default 0755).
+        #[serde(default)]
+        mode: Option<u32>,
+        /// Creates missing parent directories.
+        #[serde(default)]
+        parents: bool,
+    },
+    /// Streams a tar of a file or directory (symlinks below `path` are archived as links,
+    /// never followed): `data` frames, then `eof`. Entries are named relative to the
+    /// parent of `path` (`src/`, `src/a.py`), as `docker cp` does.
+    Archive { path: String },
+    /// Unpacks the tar that follows as `data` frames and an `eof` into the existing
+    /// directory `path`; answered by `done` with the bytes of file contents written.
+    Extract { path: String },
+    /// Ends a session (see [`ExecRequest::session`]): kills its shell and every process it
+    /// started, removes its files; answered by `done` (also when no such session exists).
+    EndSession { session: String },
 }
+
+/// What an agent that answers `hello` with these features supports beyond the first
+/// protocol version's requests (`features` of `hello`; additions keep [`VERSION`]).
+pub const FEATURE_ARCHIVE: &str = "archive";
+/// `exec` with `session` and `end_session`: one long-lived shell per session id.
+pub const FEATURE_SESSIONS: &str = "sessions";
+/// Longest session id, in bytes.
+pub const MAX_SESSION_ID: usize = 64;
 
 /// What to run and how.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,6 +143,24 @@ pub struct ExecRequest {
     /// the process group with `setsid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kill_marker: Option<String>,
+    /// Runs `shell` in the session's long-lived shell instead of a new process: `cd`,
+    /// variables, functions and aliases carry over to the next command of the session. The
+    /// first command starts the shell with its `env`, `cwd` and `kill_marker`; later ones
+    /// use the shell as it is (their `env` and `cwd` are ignored). Needs `shell`, not
+    /// `argv`, and no `stdin`. See [`valid_session_id`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+/// Checks a session id: 1 to [`MAX_SESSION_ID`] bytes of `A-Z a-z 0-9 _ -`.
+pub fn valid_session_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_SESSION_ID {
+        return Err(format!("a session id has 1 to {MAX_SESSION_ID} characters"));
+    }
+    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        return Err("a session id may only hold letters, digits, '_' and '-'".into());
+    }
+    Ok(())
 }
 
 /// A message from the agent to conductor.
@@ -128,6 +174,10 @@ pub enum Response {
         agent: String,
         /// The serving process's pid in the container.
         pid: u32,
+        /// Optional requests this agent serves (e.g. [`FEATURE_ARCHIVE`]: `mkdir`,
+        /// `archive`, `extract`); absent from older agents.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        features: Vec<String>,
     },
     /// The command was started with this pid (also its process group id).
     Started { pid: u32 },
@@ -206,6 +256,15 @@ pub enum ErrorCode {
     DirectoryNotEmpty,
     /// The command could not be started.
     SpawnFailed,
+    /// The workspace's volume is full (ENOSPC, EDQUOT).
+    NoSpace,
+    /// A tar given to `extract` is malformed or holds a member that is refused (a bad
+    /// name, a hard link, a device); the message names the member.
+    InvalidArchive,
+    /// The session id is malformed, or the request cannot run in a session.
+    InvalidSession,
+    /// Another command of the session is still running.
+    SessionBusy,
     /// Any other I/O error; the message has the detail.
     Io,
 }
@@ -307,6 +366,21 @@ pub fn confine(path: &str, root: &str) -> Result<String, (ErrorCode, String)> {
     Ok(parts.join("/"))
 }
 
+/// The name of a tar member given to `extract`, checked and cleaned: relative (a leading
+/// `/` is refused, `./` prefixes are dropped), no `..` component, no NUL, at most
+/// [`MAX_PATH`] bytes with components of at most [`MAX_NAME`]. `""` is the target
+/// directory itself (a `./` entry). The same rules as [`confine`], so a member can only
+/// name something beneath the directory it is unpacked into.
+pub fn archive_member(name: &str) -> Result<String, String> {
+    if name.starts_with('/') {
+        return Err(format!("member {name:?}: absolute names are not allowed"));
+    }
+    if name.is_empty() {
+        return Err("a member has an empty name".into());
+    }
+    confine(name, "/").map_err(|(_, m)| format!("member {name:?}: {m}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,5 +446,46 @@ mod tests {
         assert_eq!(code("a\0b"), ErrorCode::InvalidPath);
         assert_eq!(code(&"a".repeat(MAX_PATH + 1)), ErrorCode::InvalidPath);
         assert_eq!(code(&"a".repeat(MAX_NAME + 1)), ErrorCode::InvalidPath);
+    }
+
+    #[test]
+    fn archive_members_stay_beneath_the_target() {
+        assert_eq!(archive_member("src/a.py").unwrap(), "src/a.py");
+        assert_eq!(archive_member("./src/").unwrap(), "src");
+        assert_eq!(archive_member("./").unwrap(), "");
+        assert_eq!(archive_member("a//b/./c").unwrap(), "a/b/c");
+        for bad in ["/etc/passwd", "../x", "a/../../x", "a/..", "", "a\0b"] {
+            assert!(archive_member(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(archive_member(&"a/".repeat(MAX_PATH / 2 + 1)).is_err());
+        assert!(archive_member(&"n".repeat(MAX_NAME + 1)).is_err());
+        let e = archive_member("x/../y").unwrap_err();
+        assert!(e.contains("x/../y") && e.contains(".."), "{e}");
+    }
+    #[test]
+    fn session_ids_are_short_and_plain() {
+        assert!(valid_session_id("3f2a9c1e-77b0-4b0e-9d43-0a1b2c3d4e5f").is_ok());
+        assert!(valid_session_id("build_1").is_ok());
+        assert!(valid_session_id(&"a".repeat(MAX_SESSION_ID)).is_ok());
+        for bad in ["", "a/b", "..", "a b", "a\0", "é", "a.b", "$(x)"] {
+            assert!(valid_session_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(valid_session_id(&"a".repeat(MAX_SESSION_ID + 1)).is_err());
+    }
+
+    #[test]
+    fn sessions_stay_compatible_with_version_1() {
+        // An exec without a session serializes as before; an old client's exec parses.
+        let plain = serde_json::to_value(Request::Exec(ExecRequest {
+            shell: Some("true".into()),
+            ..Default::default()
+        }))
+        .unwrap();
+        assert!(plain.get("session").is_none(), "{plain}");
+        let old: Request = serde_json::from_str(r#"{"type":"exec","shell":"true"}"#).unwrap();
+        assert!(matches!(old, Request::Exec(ExecRequest { session: None, .. })));
+        let end: Request = serde_json::from_str(r#"{"type":"end_session","session":"t1"}"#).unwrap();
+        assert_eq!(end, Request::EndSession { session: "t1".into() });
+        assert_eq!(ErrorCode::SessionBusy.to_string(), "session_busy");
     }
 }

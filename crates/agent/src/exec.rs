@@ -29,7 +29,7 @@ use nix::unistd::Pid;
 use crate::conn::Conn;
 
 /// How long output already in the pipes may take to drain after the command exited.
-const DRAIN: Duration = Duration::from_millis(200);
+pub(crate) const DRAIN: Duration = Duration::from_millis(200);
 /// Rounds of the marker scan (a process may fork while we scan).
 const KILL_ROUNDS: usize = 5;
 
@@ -80,7 +80,7 @@ pub fn kill_marked(marker: &str) -> usize {
 }
 
 /// The exit code a shell would report: the code, or 128 + the signal.
-fn exit_code(status: ExitStatus) -> (i32, Option<i32>) {
+pub(crate) fn exit_code(status: ExitStatus) -> (i32, Option<i32>) {
     match (status.code(), status.signal()) {
         (Some(c), _) => (c, None),
         (None, Some(s)) => (128 + s, Some(s)),
@@ -126,6 +126,9 @@ fn client_frames(
 
 /// Runs `req` and reports it on `conn`. Errors are connection failures only.
 pub fn run(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
+    if req.session.is_some() {
+        return crate::session::exec(conn, req);
+    }
     let start = Instant::now();
     let argv = match (req.argv, req.shell) {
         (Some(argv), None) if !argv.is_empty() => argv,

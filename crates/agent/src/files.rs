@@ -21,9 +21,9 @@ use nix::unistd::{unlinkat, UnlinkatFlags};
 use crate::conn::Conn;
 
 /// A failed operation, as sent to the client.
-type OpError = (ErrorCode, String);
+pub(crate) type OpError = (ErrorCode, String);
 
-fn errno_error(e: Errno, path: &str) -> OpError {
+pub(crate) fn errno_error(e: Errno, path: &str) -> OpError {
     let code = match e {
         Errno::EXDEV => return (ErrorCode::OutsideRoot, format!("{path} leads outside the allowed root")),
         Errno::ENOENT => ErrorCode::NotFound,
@@ -33,19 +33,20 @@ fn errno_error(e: Errno, path: &str) -> OpError {
         Errno::ENOTEMPTY => ErrorCode::DirectoryNotEmpty,
         Errno::ELOOP => ErrorCode::OutsideRoot,
         Errno::ENAMETOOLONG => ErrorCode::InvalidPath,
+        Errno::ENOSPC | Errno::EDQUOT => ErrorCode::NoSpace,
         _ => ErrorCode::Io,
     };
     (code, format!("{path}: {}", e.desc()))
 }
 
-fn io_error(e: io::Error, path: &str) -> OpError {
+pub(crate) fn io_error(e: io::Error, path: &str) -> OpError {
     match e.raw_os_error() {
         Some(n) => errno_error(Errno::from_raw(n), path),
         None => (ErrorCode::Io, format!("{path}: {e}")),
     }
 }
 
-fn open_root(root: &Path) -> Result<OwnedFd, OpError> {
+pub(crate) fn open_root(root: &Path) -> Result<OwnedFd, OpError> {
     nix::fcntl::open(
         root,
         OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
@@ -55,7 +56,13 @@ fn open_root(root: &Path) -> Result<OwnedFd, OpError> {
 }
 
 /// Opens `rel` (relative, checked) beneath `root`.
-fn open_beneath(root: &OwnedFd, rel: &str, flags: OFlag, mode: Mode, shown: &str) -> Result<OwnedFd, OpError> {
+pub(crate) fn open_beneath(
+    root: &OwnedFd,
+    rel: &str,
+    flags: OFlag,
+    mode: Mode,
+    shown: &str,
+) -> Result<OwnedFd, OpError> {
     let how = OpenHow::new()
         .flags(flags | OFlag::O_CLOEXEC)
         .mode(mode)
@@ -65,14 +72,14 @@ fn open_beneath(root: &OwnedFd, rel: &str, flags: OFlag, mode: Mode, shown: &str
 }
 
 /// Splits `a/b/c` into (`a/b`, `c`); the parent of `c` is `""`.
-fn split(rel: &str) -> (&str, &str) {
+pub(crate) fn split(rel: &str) -> (&str, &str) {
     match rel.rsplit_once('/') {
         Some((p, n)) => (p, n),
         None => ("", rel),
     }
 }
 
-fn kind_of(st: &RawStat) -> FileKind {
+pub(crate) fn kind_of(st: &RawStat) -> FileKind {
     match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
         SFlag::S_IFREG => FileKind::File,
         SFlag::S_IFDIR => FileKind::Dir,
@@ -95,14 +102,14 @@ fn to_stat(name: &str, st: &RawStat, link_target: Option<String>) -> FileStat {
 }
 
 /// Sends the outcome of an operation that answers with one message.
-fn reply(conn: &mut Conn, result: Result<Response, OpError>) -> io::Result<()> {
+pub(crate) fn reply(conn: &mut Conn, result: Result<Response, OpError>) -> io::Result<()> {
     match result {
         Ok(msg) => conn.send(&msg, &[]),
         Err((code, message)) => conn.send_error(code, message),
     }
 }
 
-fn checked(path: &str, root: &Path) -> Result<String, OpError> {
+pub(crate) fn checked(path: &str, root: &Path) -> Result<String, OpError> {
     confine(path, &root.to_string_lossy())
 }
 
@@ -183,7 +190,7 @@ pub fn read(conn: &mut Conn, root: &Path, path: &str) -> io::Result<()> {
 }
 
 /// Opens (making missing ones with `create_dirs`) the parent directory of `rel`.
-fn parent_dir(rootfd: &OwnedFd, rel: &str, create_dirs: bool, shown: &str) -> Result<OwnedFd, OpError> {
+pub(crate) fn parent_dir(rootfd: &OwnedFd, rel: &str, create_dirs: bool, shown: &str) -> Result<OwnedFd, OpError> {
     let (parent, _) = split(rel);
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
     match open_beneath(rootfd, parent, flags, Mode::empty(), shown) {
@@ -232,8 +239,12 @@ pub fn write(
         }
         Ok(File::from(fd))
     })();
-    // The contents follow whatever happened: read them to the end either way.
+    // A failure is answered at once (the client may stop sending); the contents that
+    // still come are read to the `eof` and dropped, so the connection stays in step.
     let mut file = opened;
+    if let Err((code, message)) = &file {
+        conn.send_error(*code, message.clone())?;
+    }
     let mut size = 0u64;
     loop {
         let frame = match conn.recv()? {
@@ -245,7 +256,9 @@ pub fn write(
             (Request::Data, data) => {
                 if let Ok(f) = &mut file {
                     if let Err(e) = f.write_all(&data) {
-                        file = Err(io_error(e, path));
+                        let (code, message) = io_error(e, path);
+                        conn.send_error(code, message.clone())?;
+                        file = Err((code, message));
                     }
                     size += data.len() as u64;
                 }
@@ -254,7 +267,36 @@ pub fn write(
             _ => return conn.send_error(ErrorCode::Protocol, "a write takes data frames and an eof"),
         }
     }
-    reply(conn, file.map(|_| Response::Done { size }))
+    match file {
+        Ok(_) => conn.send(&Response::Done { size }, &[]),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Creates the directory `rel` beneath the root (with `parents`, its missing parents too);
+/// an existing directory is fine. Returns it opened.
+pub(crate) fn make_dir(rootfd: &OwnedFd, rel: &str, mode: u32, parents: bool, shown: &str) -> Result<OwnedFd, OpError> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY;
+    if !rel.is_empty() {
+        let parent = parent_dir(rootfd, rel, parents, shown)?;
+        match mkdirat(&parent, split(rel).1, Mode::from_bits_truncate(mode & 0o1777)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(errno_error(e, shown)),
+        }
+    }
+    // Re-resolved beneath the root: a link swapped in meanwhile is checked, and an existing
+    // file of that name is `not_a_directory`.
+    open_beneath(rootfd, rel, flags, Mode::empty(), shown)
+}
+
+pub fn mkdir(conn: &mut Conn, root: &Path, path: &str, mode: Option<u32>, parents: bool) -> io::Result<()> {
+    let result = (|| {
+        let rel = checked(path, root)?;
+        let rootfd = open_root(root)?;
+        make_dir(&rootfd, &rel, mode.unwrap_or(0o755), parents, path)?;
+        Ok(Response::Done { size: 0 })
+    })();
+    reply(conn, result)
 }
 
 /// Removes the contents of the directory open as `dir`, never following links.

@@ -17,11 +17,13 @@
 //! Built static (`-C target-feature=+crt-static` on the gnu target) so that it runs in any
 //! image, whatever its libc.
 
+mod archive;
 mod conn;
 mod exec;
 mod files;
 mod init;
 mod server;
+mod session;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

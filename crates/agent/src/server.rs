@@ -5,11 +5,11 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
 
-use conductor_agent_protocol::{ErrorCode, Request, Response, VERSION};
+use conductor_agent_protocol::{ErrorCode, Request, Response, FEATURE_ARCHIVE, FEATURE_SESSIONS, VERSION};
 use nix::sys::stat::{umask, Mode};
 
 use crate::conn::Conn;
-use crate::{exec, files, Options};
+use crate::{archive, exec, files, session, Options};
 
 /// Stack of connection threads: they only shuffle buffers.
 const STACK: usize = 256 << 10;
@@ -17,6 +17,7 @@ const STACK: usize = 256 << 10;
 /// Binds the socket (replacing a stale one from a previous start) and serves forever.
 pub fn run(opts: &Options) -> io::Result<()> {
     let listener = bind(&opts.socket)?;
+    session::set_dir(opts.socket.with_file_name("sessions"));
     serve(listener, opts.root.clone())
 }
 
@@ -67,6 +68,7 @@ fn handle(stream: UnixStream, root: &Path) -> io::Result<()> {
                 version: VERSION,
                 agent: format!("conductor-agent {}", env!("CARGO_PKG_VERSION")),
                 pid: std::process::id(),
+                features: vec![FEATURE_ARCHIVE.to_string(), FEATURE_SESSIONS.to_string()],
             };
             conn.send(&hello, &[])?;
         }
@@ -98,6 +100,10 @@ fn handle(stream: UnixStream, root: &Path) -> io::Result<()> {
             Request::List { path } => files::list(&mut conn, root, &path)?,
             Request::Stat { path } => files::stat(&mut conn, root, &path)?,
             Request::Delete { path, recursive } => files::delete(&mut conn, root, &path, recursive)?,
+            Request::Mkdir { path, mode, parents } => files::mkdir(&mut conn, root, &path, mode, parents)?,
+            Request::Archive { path } => archive::archive(&mut conn, root, &path)?,
+            Request::Extract { path } => archive::extract(&mut conn, root, &path)?,
+            Request::EndSession { session } => session::end(&mut conn, &session)?,
             // Left over from a command that ended before they were read (stdin it never
             // read, a cancel that crossed its exit): nothing to do.
             Request::Data | Request::Eof | Request::Cancel => {}

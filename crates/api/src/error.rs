@@ -36,7 +36,8 @@ pub struct ErrorDetail {
     /// Stable code: `invalid_request`, `malformed_json`, `unsupported_media_type`,
     /// `payload_too_large`, `not_found`, `method_not_allowed`, `conflict`,
     /// `resource_exhausted`, `environment_unavailable`, `invalid_config`, `unauthorized`,
-    /// `forbidden_host`, `shutting_down`, `engine_unavailable` or `internal_error`.
+    /// `forbidden_host`, `shutting_down`, `insufficient_storage`, `engine_unavailable` or
+    /// `internal_error`.
     pub code: String,
     pub message: String,
     /// The request field at fault, as a path such as `commands[1]` or `env.BAD-NAME`.
@@ -79,6 +80,8 @@ impl From<ServiceError> for ApiError {
             ServiceError::NotFound { what } => ApiError::not_found(format!("{what} not found")),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
             ServiceError::Exhausted(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resource_exhausted", m),
+            ServiceError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
+            ServiceError::NoSpace(m) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m),
             ServiceError::Environment { name, message } => {
                 tracing::error!("environment '{name}': {message}");
                 ApiError::new(
@@ -148,6 +151,8 @@ mod tests {
             (ServiceError::not_found("workspace 'ws-1'"), 404, "not_found", None),
             (ServiceError::Conflict("busy".into()), 409, "conflict", None),
             (ServiceError::Exhausted("full".into()), 429, "resource_exhausted", None),
+            (ServiceError::TooLarge("big".into()), 413, "payload_too_large", None),
+            (ServiceError::NoSpace("full".into()), 507, "insufficient_storage", None),
             (
                 ServiceError::Environment {
                     name: "e".into(),

@@ -36,7 +36,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
 
-use routes::{environments, snapshots, system, tasks, workspaces};
+use routes::{environments, files, snapshots, system, tasks, workspaces};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -60,6 +60,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(workspaces::create_workspace, workspaces::list_workspaces))
         .routes(routes!(workspaces::get_workspace, workspaces::delete_workspace))
         .routes(routes!(workspaces::exec))
+        .routes(routes!(files::put_files, files::get_files, files::delete_files))
         .routes(routes!(snapshots::create_snapshot, snapshots::list_snapshots))
         .routes(routes!(snapshots::restore_snapshot))
         .routes(routes!(snapshots::delete_snapshot))

@@ -23,6 +23,7 @@ use crate::routes::tasks::{LogChunk, LogEnd};
     tags(
         (name = "tasks", description = "Queued task execution in isolated workspaces"),
         (name = "workspaces", description = "Workspaces driven directly"),
+        (name = "files", description = "Files of a running workspace: upload, download (raw or tar), list, delete"),
         (name = "snapshots", description = "Snapshots of a workspace's whole state, and restoring them"),
         (name = "environments", description = "Environment images"),
         (name = "system", description = "Health, metrics and this document"),

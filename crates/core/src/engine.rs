@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -15,6 +16,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 pub type Labels = BTreeMap<String, String>;
+
+/// A stream of bytes going to or coming from the engine (a tar archive); an error ends it.
+pub type ByteStream = Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Bytes>> + Send>>;
 
 /// An engine failure, always naming what was being done to which object.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -300,6 +304,12 @@ pub trait Engine: Send + Sync + 'static {
     /// Runs a command and streams its output into `output`; returns the exit code.
     /// Dropping the future does not kill the command: callers kill it by process group.
     async fn exec(&self, id: &str, spec: ExecSpec, output: mpsc::Sender<OutputChunk>) -> EngineResult<i64>;
+    /// Unpacks the tar `archive` into the existing directory `dir` of a container (absolute,
+    /// symlinks already resolved); members take the container user as owner.
+    async fn copy_in(&self, id: &str, dir: &str, archive: ByteStream) -> EngineResult<()>;
+    /// A tar of `path` in a container (a file, or a directory with its contents), entries
+    /// named from the base name of `path`, as `docker cp` makes them.
+    async fn copy_out(&self, id: &str, path: &str) -> EngineResult<ByteStream>;
 
     // Networks
     async fn network_create(&self, spec: &NetworkSpec) -> EngineResult<()>;

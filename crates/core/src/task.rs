@@ -4,8 +4,8 @@
 //! that can reach the engine or the host and names the offending one (`commands[2]`,
 //! `env.BAD-NAME`, `services[0]`). The rest of the module holds what the orchestrator
 //! decides without I/O: the defaults of well-known sidecar images ([`service_defaults`]),
-//! the shell wrapper that makes separate execs behave like one shell session
-//! ([`command_script`]), where `source` lands inside a workspace ([`source_location`]),
+//! the shell wrapper that makes separate execs behave like one shell session when the
+//! workspace agent cannot keep one ([`command_script`]), where `source` lands inside a workspace ([`source_location`]),
 //! RFC 3339 timestamps and the task-duration histogram.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -50,8 +50,9 @@ pub struct TaskSpec {
     pub description: Option<String>,
     /// Name of the environment (preset or custom) the commands run in.
     pub environment: String,
-    /// Shell command lines, run in order in one shell session: `cd` and exported variables
-    /// carry over, the first failing command stops the task.
+    /// Shell command lines, run in order in one shell session: `cd` and variables carry over
+    /// (through the workspace agent, one long-lived shell: functions and aliases too), the
+    /// first failing command stops the task.
     pub commands: Vec<String>,
     /// Sidecar images (`postgres:14`, `redis:7`), reachable by name and on localhost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -362,7 +363,9 @@ fn shell_quote(s: &str) -> String {
 /// The script that runs `command` as the next step of one shell session whose state lives
 /// in `state_dir`.
 ///
-/// Each command runs in its own exec, so its output, exit code and duration are its own.
+/// The fallback for workspaces whose agent does not answer (Podman exec): the agent keeps a
+/// real long-lived shell per session instead. Each command runs in its own exec, so its
+/// output, exit code and duration are its own.
 /// What a user expects to carry over from one command to the next, the working directory
 /// and the exported variables, is saved on exit (also on `exit N`) and restored before the
 /// next command. The exec's own marker variable `CONDUCTOR_EXEC_ID` is kept, so killing a

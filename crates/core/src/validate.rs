@@ -165,6 +165,54 @@ pub fn container_path(value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Root of a workspace's files in its container.
+pub const WORKSPACE_ROOT: &str = "/workspace";
+/// Longest path accepted by the file endpoints, in bytes (`PATH_MAX`).
+pub const MAX_FILE_PATH: usize = 4096;
+/// Longest component of such a path, in bytes (`NAME_MAX`).
+pub const MAX_FILE_NAME: usize = 255;
+
+/// A path of the file endpoints: relative to `/workspace`, or absolute under it. Returns
+/// it relative to `/workspace`, cleaned (`.` and repeated slashes dropped; `""` is
+/// `/workspace` itself). Refused: empty, a NUL byte, longer than 4096 bytes or a
+/// component longer than 255, any `..` component, and absolute paths outside
+/// `/workspace`. Symlinks are not looked at here: the workspace's agent resolves them
+/// beneath `/workspace` (the same rules as `conductor_agent_protocol::confine`).
+pub fn workspace_path(value: &str) -> Result<String, String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.contains('\0') {
+        return Err("contains a NUL byte".into());
+    }
+    if value.len() > MAX_FILE_PATH {
+        return Err(format!("is longer than {MAX_FILE_PATH} bytes"));
+    }
+    let rel = match value.strip_prefix('/') {
+        Some(abs) => {
+            let abs = format!("/{}", abs.trim_start_matches('/'));
+            let inside = abs
+                .strip_prefix(WORKSPACE_ROOT)
+                .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+            match inside {
+                Some(rest) => rest.to_string(),
+                None => return Err(format!("{value:?} is outside {WORKSPACE_ROOT}")),
+            }
+        }
+        None => value.to_string(),
+    };
+    let mut parts = Vec::new();
+    for part in rel.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(format!("{value:?} must not contain '..'")),
+            p if p.len() > MAX_FILE_NAME => return Err(format!("a component is longer than {MAX_FILE_NAME} bytes")),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +283,32 @@ mod tests {
         container_path("/workspace/src").unwrap();
         assert!(container_path("workspace").is_err());
         assert!(container_path("/workspace/../etc").is_err());
+    }
+
+    #[test]
+    fn workspace_paths_stay_in_the_workspace() {
+        assert_eq!(workspace_path("/workspace").unwrap(), "");
+        assert_eq!(workspace_path("/workspace/").unwrap(), "");
+        assert_eq!(workspace_path(".").unwrap(), "");
+        assert_eq!(workspace_path("//workspace//src/./a.py").unwrap(), "src/a.py");
+        assert_eq!(workspace_path("src/a.py").unwrap(), "src/a.py");
+        assert_eq!(workspace_path("dir/").unwrap(), "dir");
+        for (bad, why) in [
+            ("", "empty"),
+            ("../etc/passwd", "'..'"),
+            ("/workspace/../etc", "'..'"),
+            ("a/..", "'..'"),
+            ("/etc/passwd", "outside /workspace"),
+            ("/workspacex/a", "outside /workspace"),
+            ("/", "outside /workspace"),
+            ("a\0b", "NUL"),
+        ] {
+            let e = workspace_path(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(workspace_path(&"a".repeat(5000)).unwrap_err().contains("4096"));
+        assert!(workspace_path(&"a".repeat(256)).unwrap_err().contains("255"));
+        workspace_path(&format!("{}/b", "a".repeat(255))).unwrap();
     }
 
     #[test]

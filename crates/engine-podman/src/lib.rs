@@ -25,6 +25,7 @@
 //! ```
 
 mod containers;
+mod copy;
 mod error;
 mod exec;
 mod images;
@@ -40,8 +41,8 @@ use async_trait::async_trait;
 use bollard::Docker;
 use conductor_core::config::RuntimeChoice;
 use conductor_core::engine::{
-    BuildSpec, ContainerInfo, ContainerSpec, ContainerStats, ContainerSummary, Engine, EngineError, EngineInfo,
-    EngineResult, ExecSpec, ImageInfo, Labels, NetworkSpec, NetworkSummary, OutputChunk, ProgressSink,
+    BuildSpec, ByteStream, ContainerInfo, ContainerSpec, ContainerStats, ContainerSummary, Engine, EngineError,
+    EngineInfo, EngineResult, ExecSpec, ImageInfo, Labels, NetworkSpec, NetworkSummary, OutputChunk, ProgressSink,
 };
 use tokio::sync::mpsc;
 
@@ -259,6 +260,14 @@ impl Engine for PodmanEngine {
 
     async fn exec(&self, id: &str, spec: ExecSpec, output: mpsc::Sender<OutputChunk>) -> EngineResult<i64> {
         exec::exec(&self.docker, id, spec, output).await
+    }
+
+    async fn copy_in(&self, id: &str, dir: &str, archive: ByteStream) -> EngineResult<()> {
+        copy::copy_in(&self.docker, id, dir, archive).await
+    }
+
+    async fn copy_out(&self, id: &str, path: &str) -> EngineResult<ByteStream> {
+        copy::copy_out(&self.docker, id, path).await
     }
 
     async fn network_create(&self, spec: &NetworkSpec) -> EngineResult<()> {

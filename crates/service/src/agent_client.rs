@@ -85,6 +85,8 @@ impl From<AgentError> for ServiceError {
                 | ErrorCode::NotARegularFile
                 | ErrorCode::DirectoryNotEmpty
                 | ErrorCode::PermissionDenied => ServiceError::Conflict(message),
+                ErrorCode::SessionBusy => ServiceError::Conflict(message),
+                ErrorCode::InvalidSession => ServiceError::invalid("session", message),
                 _ => ServiceError::host("workspace agent", message),
             },
             other => ServiceError::host("workspace agent", other),
@@ -248,6 +250,8 @@ pub struct AgentExit {
 pub struct AgentConn {
     stream: UnixStream,
     wbuf: Vec<u8>,
+    /// What the agent said it supports beyond protocol version 1's first requests.
+    features: Vec<String>,
 }
 
 impl AgentConn {
@@ -271,11 +275,15 @@ impl AgentConn {
         let mut conn = AgentConn {
             stream,
             wbuf: Vec::with_capacity(CHUNK + 256),
+            features: Vec::new(),
         };
         let hello = async {
             conn.send(&Request::Hello { version: VERSION }, &[]).await?;
             match conn.recv().await? {
-                (Response::Hello { version, .. }, _) if version == VERSION => Ok(()),
+                (Response::Hello { version, features, .. }, _) if version == VERSION => {
+                    conn.features = features;
+                    Ok(())
+                }
                 (Response::Error { message, .. }, _) => Err(AgentError::Unavailable(message)),
                 (other, _) => Err(AgentError::Unavailable(format!(
                     "unexpected answer to hello: {other:?}"
@@ -287,6 +295,11 @@ impl AgentConn {
             Ok(Err(e)) => Err(AgentError::Unavailable(e.to_string())),
             Err(_) => Err(AgentError::Unavailable("no answer to hello".into())),
         }
+    }
+
+    /// Whether the agent serves an optional feature (`conductor_agent_protocol::FEATURE_*`).
+    pub fn supports(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 
     async fn send(&mut self, msg: &Request, data: &[u8]) -> Result<(), AgentError> {
@@ -438,6 +451,30 @@ impl AgentConn {
     }
 }
 
+/// Persistent shell sessions (`exec` with a `session`, see [`proto::ExecRequest::session`]).
+impl AgentConn {
+    /// Whether this agent keeps shell sessions (older agents ignore `session`).
+    pub fn has_sessions(&self) -> bool {
+        self.supports(proto::FEATURE_SESSIONS)
+    }
+
+    /// Ends the session `id`: its shell and every process it started are killed, its files
+    /// removed. Fine when there is no such session.
+    pub async fn end_session(&mut self, id: &str) -> Result<(), AgentError> {
+        self.send(
+            &Request::EndSession {
+                session: id.to_string(),
+            },
+            &[],
+        )
+        .await?;
+        match self.recv().await? {
+            (Response::Done { .. }, _) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
 fn unexpected((msg, _): (Response, Bytes)) -> AgentError {
     match msg {
         Response::Error { code, message } => AgentError::Refused { code, message },
@@ -453,6 +490,132 @@ async fn read_frame<R: AsyncReadExt + Unpin>(rd: &mut R) -> Result<(Response, By
     rd.read_exact(&mut buf).await.map_err(broken)?;
     let msg: Response = serde_json::from_slice(&buf[..h]).map_err(|e| broken(format!("bad frame header: {e}")))?;
     Ok((msg, Bytes::from(buf).slice(h..)))
+}
+
+/// Streaming file transfers (`write`, `read`, `archive`, `extract`) and `mkdir`: nothing is
+/// held whole in memory, only one chunk at a time.
+impl AgentConn {
+    /// Creates a directory (with `parents`, its missing parents too); an existing one is fine.
+    pub async fn mkdir(&mut self, path: &str, mode: Option<u32>, parents: bool) -> Result<(), AgentError> {
+        let req = Request::Mkdir {
+            path: path.to_string(),
+            mode,
+            parents,
+        };
+        self.send(&req, &[]).await?;
+        match self.recv().await? {
+            (Response::Done { .. }, _) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates or replaces the file `path` with the contents of `body`; returns its size.
+    pub async fn write_stream(
+        self,
+        path: &str,
+        mode: Option<u32>,
+        create_dirs: bool,
+        body: conductor_core::engine::ByteStream,
+    ) -> Result<u64, AgentError> {
+        let req = Request::Write {
+            path: path.to_string(),
+            mode,
+            append: false,
+            create_dirs,
+        };
+        self.send_body(req, body).await
+    }
+
+    /// Unpacks the tar `body` into the existing directory `path`; returns the bytes of
+    /// file contents written.
+    pub async fn extract_stream(self, path: &str, body: conductor_core::engine::ByteStream) -> Result<u64, AgentError> {
+        self.send_body(Request::Extract { path: path.to_string() }, body).await
+    }
+
+    /// Sends `req`, then `body` as `data` frames and an `eof`, and reads the `done`. The
+    /// agent answers a failure at once: sending stops there.
+    async fn send_body(
+        mut self,
+        req: Request,
+        mut body: conductor_core::engine::ByteStream,
+    ) -> Result<u64, AgentError> {
+        use futures_util::StreamExt;
+        self.send(&req, &[]).await?;
+        let (mut rd, mut wr) = self.stream.split();
+        /// Why sending stopped.
+        enum Stop {
+            Body(String),
+            Socket(AgentError),
+        }
+        let feed = async {
+            let mut buf = Vec::with_capacity(CHUNK + 64);
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| Stop::Body(e.to_string()))?;
+                for part in chunk.chunks(CHUNK) {
+                    buf.clear();
+                    encode(&Request::Data, part, &mut buf);
+                    wr.write_all(&buf).await.map_err(|e| Stop::Socket(broken(e)))?;
+                }
+            }
+            buf.clear();
+            encode(&Request::Eof, &[], &mut buf);
+            wr.write_all(&buf).await.map_err(|e| Stop::Socket(broken(e)))
+        };
+        let answer = read_frame(&mut rd);
+        tokio::pin!(feed, answer);
+        let frame = tokio::select! {
+            biased;
+            early = &mut answer => early?,
+            fed = &mut feed => match fed {
+                Ok(()) => answer.await?,
+                // The request body failed: hang up, the agent drops what it got so far.
+                Err(Stop::Body(m)) => return Err(AgentError::Broken(format!("reading the upload failed: {m}"))),
+                // The agent may have answered before it stopped reading.
+                Err(Stop::Socket(e)) => match tokio::time::timeout(Duration::from_secs(1), answer).await {
+                    Ok(Ok(frame)) => frame,
+                    _ => return Err(e),
+                },
+            },
+        };
+        match frame {
+            (Response::Done { size }, _) => Ok(size),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads a regular file as a stream of chunks.
+    pub async fn read_stream(self, path: &str) -> Result<conductor_core::engine::ByteStream, AgentError> {
+        self.receive_stream(Request::Read { path: path.to_string() }).await
+    }
+
+    /// A tar of a file or directory as a stream of chunks (see `Request::Archive`).
+    pub async fn archive_stream(self, path: &str) -> Result<conductor_core::engine::ByteStream, AgentError> {
+        self.receive_stream(Request::Archive { path: path.to_string() }).await
+    }
+
+    /// Sends `req` and waits for the first frame, so a refusal is an `Err` here and not
+    /// a broken stream later; the rest is read as the stream is polled.
+    async fn receive_stream(mut self, req: Request) -> Result<conductor_core::engine::ByteStream, AgentError> {
+        use futures_util::StreamExt;
+        self.send(&req, &[]).await?;
+        let first = match self.recv().await? {
+            (Response::Data, data) => data,
+            (Response::Eof { .. }, _) => return Ok(Box::pin(futures_util::stream::empty())),
+            other => return Err(unexpected(other)),
+        };
+        let rest = futures_util::stream::unfold(Some(self), |conn| async move {
+            let mut conn = conn?;
+            match conn.recv().await {
+                Ok((Response::Data, data)) => Some((Ok(data), Some(conn))),
+                Ok((Response::Eof { .. }, _)) => None,
+                Ok(other) => Some((Err(std::io::Error::other(unexpected(other).to_string())), None)),
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        });
+        Ok(Box::pin(
+            futures_util::stream::once(async move { Ok(first) }).chain(rest),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,13 @@ pub enum ServiceError {
     /// A configured limit (max_containers, …) is reached.
     #[error("{0}")]
     Exhausted(String),
+    /// A request body larger than what it is allowed to fill (a file upload above the
+    /// workspace's storage limit).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The workspace's volume is full (ENOSPC while writing).
+    #[error("{0}")]
+    NoSpace(String),
     /// An environment's image could not be made (build failure, pull failure).
     #[error("environment '{name}': {message}")]
     Environment { name: String, message: String },

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use conductor_agent_protocol::valid_session_id;
 use conductor_core::engine::{Engine, ExecSpec, OutputChunk};
+use conductor_core::task::{command_script, state_dir};
 use conductor_core::validate;
 use tokio::sync::mpsc;
 
@@ -35,6 +37,13 @@ pub struct ExecRequest {
     /// Variables conductor itself sets (e.g. a task marker); not subject to the reserved
     /// `CONDUCTOR_` prefix check. Never filled from caller input.
     pub internal_env: Vec<(String, String)>,
+    /// Runs the command as the next step of this shell session (a task's: its id). Through
+    /// an agent that keeps sessions, that is one long-lived shell: `cd`, variables,
+    /// functions and aliases carry over, `env`/`cwd` count when the session starts. Else
+    /// (Podman exec, an older agent) each command gets a fresh shell wrapped in
+    /// [`command_script`], which carries over the working directory and the exported
+    /// variables through a state directory. No `stdin` with a session.
+    pub session: Option<String>,
 }
 
 impl ExecRequest {
@@ -57,7 +66,22 @@ impl ExecRequest {
         if self.timeout == Some(Duration::ZERO) {
             return Err(ServiceError::invalid("timeout", "must be at least 1 second"));
         }
+        if let Some(session) = &self.session {
+            valid_session_id(session).map_err(|m| ServiceError::invalid("session", m))?;
+            if self.stdin.is_some() {
+                return Err(ServiceError::invalid("stdin", "commands of a session read no stdin"));
+            }
+        }
         Ok(())
+    }
+
+    /// The same request for a fresh shell per command: a session becomes the state-file
+    /// wrapper of [`command_script`].
+    fn emulating_session(mut self) -> Self {
+        if let Some(session) = self.session.take() {
+            self.command = command_script(&state_dir(&session), &self.command);
+        }
+        self
     }
 }
 
@@ -129,6 +153,7 @@ pub async fn run(
     output: mpsc::Sender<OutputChunk>,
 ) -> Result<ExecOutcome> {
     req.validate()?;
+    let req = req.emulating_session();
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let mut env: Vec<(String, String)> = req.env.into_iter().collect();
     env.extend(req.internal_env);
@@ -186,7 +211,14 @@ pub async fn run_in_workspace(
     if let Some(dir) = agent_dir {
         req.validate()?;
         match AgentConn::connect(dir).await {
-            Ok(conn) => return Ok((run_agent(conn, req, output).await?, ExecPath::Agent)),
+            Ok(conn) => {
+                let req = if conn.has_sessions() {
+                    req
+                } else {
+                    req.emulating_session()
+                };
+                return Ok((run_agent(conn, req, output).await?, ExecPath::Agent));
+            }
             Err(e) => tracing::debug!(container, "exec through podman: {e}"),
         }
     }
@@ -194,16 +226,22 @@ pub async fn run_in_workspace(
 }
 
 /// Runs `req` through a connected agent; the agent enforces the timeout and kills the
-/// process group and the marked processes.
+/// process group and the marked processes. With a session, the command line goes to the
+/// session's shell (the agent starts it with the first command's environment and marker).
 async fn run_agent(conn: AgentConn, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
     let start = Instant::now();
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let mut env: Vec<(String, String)> = req.env.into_iter().collect();
     env.extend(req.internal_env);
     env.push((MARKER.into(), marker.clone()));
+    let (argv, shell) = match &req.session {
+        Some(_) => (None, Some(req.command)),
+        None => (Some(shell_argv(&req.command)), None),
+    };
     let agent_req = conductor_agent_protocol::ExecRequest {
-        argv: Some(shell_argv(&req.command)),
-        shell: None,
+        argv,
+        shell,
+        session: req.session,
         cwd: req.cwd,
         env,
         stdin: req.stdin.is_some(),
@@ -220,4 +258,36 @@ async fn run_agent(conn: AgentConn, req: ExecRequest, output: mpsc::Sender<Outpu
         timed_out: exit.timed_out,
         duration_ms: start.elapsed().as_millis() as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_are_checked_and_emulated_without_an_agent() {
+        let mut r = ExecRequest::new("cd /tmp");
+        r.session = Some("3f2a9c1e-77b0-4b0e-9d43-0a1b2c3d4e5f".into());
+        r.validate().unwrap();
+        // Podman exec (or an agent without sessions): the state-file wrapper.
+        let fresh = r.clone().emulating_session();
+        assert_eq!(fresh.session, None);
+        assert_eq!(
+            fresh.command,
+            command_script(&state_dir("3f2a9c1e-77b0-4b0e-9d43-0a1b2c3d4e5f"), "cd /tmp")
+        );
+        let plain = ExecRequest::new("true").emulating_session();
+        assert_eq!(plain.command, "true");
+
+        for bad in ["", "a/b", "x'y"] {
+            r.session = Some(bad.into());
+            assert!(
+                matches!(r.validate(), Err(ServiceError::Invalid { ref field, .. }) if field == "session"),
+                "{bad:?}"
+            );
+        }
+        r.session = Some("t1".into());
+        r.stdin = Some(Bytes::from_static(b"x"));
+        assert!(r.validate().is_err(), "no stdin in a session");
+    }
 }

@@ -12,6 +12,7 @@ pub mod config_file;
 pub mod doctor;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod host;
 pub mod images;
 pub mod maintenance;

@@ -26,7 +26,7 @@ use conductor_core::config::Mode;
 use conductor_core::engine::{OutputChunk, Progress, ProgressSink};
 use conductor_core::lifecycle::{TaskState, WorkspaceState};
 use conductor_core::naming;
-use conductor_core::task::{command_script, service_name, source_location, state_dir, TaskSpec, SOURCE_TARGET};
+use conductor_core::task::{service_name, source_location, state_dir, TaskSpec, SOURCE_TARGET};
 use conductor_store::{CommandResult, TaskRecord, WorkspaceRecord};
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
@@ -207,18 +207,34 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
 }
 
 /// Kills the task's processes in `container`: the whole tree of every command of the task,
-/// background ones included.
+/// background ones included, and its shell session in the agent.
 async fn kill_task_processes(c: &Conductor, workspace_id: &str, container: &str, task_id: &str) -> Result<()> {
     let agent = agent_client::socket_dir(&c.paths, workspace_id);
+    end_agent_session(&agent, task_id).await;
     run_quiet_in(c.engine.as_ref(), container, &agent, kill_script(TASK_MARKER, task_id)).await
 }
 
-/// Kills the task's processes in `container` and removes its shell state: what a shared
-/// workspace keeps of a task is its files.
+/// Kills the task's processes in `container` and removes its shell state (the agent's
+/// session, the state directory of the fallback): what a shared workspace keeps of a task
+/// is its files.
 async fn end_session(c: &Conductor, workspace_id: &str, container: &str, task_id: &str) -> Result<()> {
     let script = format!("{}; rm -rf '{}'", kill_script(TASK_MARKER, task_id), state_dir(task_id));
     let agent = agent_client::socket_dir(&c.paths, workspace_id);
+    end_agent_session(&agent, task_id).await;
     run_quiet_in(c.engine.as_ref(), container, &agent, script).await
+}
+
+/// Ends the task's shell session in the workspace's agent, if the agent answers and keeps
+/// sessions (the marker kill that follows catches whatever this misses).
+async fn end_agent_session(agent_dir: &Path, task_id: &str) {
+    let Ok(mut conn) = agent_client::AgentConn::connect(agent_dir).await else {
+        return;
+    };
+    if conn.has_sessions() {
+        if let Err(error) = conn.end_session(task_id).await {
+            tracing::warn!(task = %task_id, %error, "ending the task's shell session failed");
+        }
+    }
 }
 
 /// How one attempt of a task ended.
@@ -639,11 +655,14 @@ impl Attempt<'_> {
         };
         self.log.system(&format!("{label}$ {command}"));
 
+        // The task's shell session: one long-lived shell in the agent, else the state-file
+        // wrapper (see `ExecRequest::session`). The environment counts when it starts.
         let req = ExecRequest {
-            command: command_script(&state_dir(&id), command),
+            command: command.to_string(),
             env: self.spec.env.clone(),
             internal_env: vec![(TASK_MARKER.to_string(), id.clone())],
             timeout: Some(budget),
+            session: Some(id.clone()),
             ..Default::default()
         };
         let (tx, rx) = mpsc::channel(64);

@@ -2,6 +2,7 @@
 //! the service, and shape the response; they own no state and make no decisions.
 
 pub mod environments;
+pub mod files;
 pub mod snapshots;
 pub mod system;
 pub mod tasks;

@@ -1,0 +1,466 @@
+//! Persistent shell sessions of the agent binary on the host (no container): state carries
+//! over, sessions are independent, a shell that exits is replaced, timeout, cancel, hang-up
+//! and `end_session` kill everything a session started, one command at a time.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use conductor_agent_protocol::{encode, parse_prefix, ErrorCode, ExecRequest, Request, Response, VERSION};
+
+const BIN: &str = env!("CARGO_BIN_EXE_conductor-agent");
+
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+    /// Ends every session id of this agent (see [`Agent::sid`]).
+    tag: String,
+}
+
+impl Agent {
+    fn start() -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let socket = dir.path().join("agent.sock");
+        let child = Command::new(BIN)
+            .args([
+                "serve",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--root",
+                root.to_str().unwrap(),
+            ])
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while UnixStream::connect(&socket).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(5), "agent did not listen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let tag = format!("-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
+        Agent {
+            child,
+            socket,
+            dir,
+            tag,
+        }
+    }
+
+    /// A session id unique to this agent of this test run.
+    fn sid(&self, name: &str) -> String {
+        format!("{name}{}", self.tag)
+    }
+
+    fn connect(&self) -> Client {
+        let mut c = Client(UnixStream::connect(&self.socket).unwrap());
+        c.send(&Request::Hello { version: VERSION }, b"");
+        match c.recv().0 {
+            Response::Hello { features, .. } => assert!(features.iter().any(|f| f == "sessions"), "{features:?}"),
+            other => panic!("{other:?}"),
+        }
+        c
+    }
+}
+
+impl Drop for Agent {
+    /// Also kills what sessions of this agent left (after a failure): their shells carry
+    /// `MARK=<session id>`, which ends with the agent's tag.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let suffix = self.tag.clone();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            let ours = env
+                .split(|b| *b == 0)
+                .any(|e| e.starts_with(b"MARK=") && e.ends_with(suffix.as_bytes()));
+            if let (true, Ok(pid)) = (ours, entry.file_name().to_string_lossy().parse::<i32>()) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
+    }
+}
+
+struct Client(UnixStream);
+
+impl Client {
+    fn send(&mut self, msg: &Request, data: &[u8]) {
+        let mut buf = Vec::new();
+        encode(msg, data, &mut buf);
+        self.0.write_all(&buf).unwrap();
+    }
+
+    fn recv(&mut self) -> (Response, Vec<u8>) {
+        let mut prefix = [0u8; 8];
+        self.0.read_exact(&mut prefix).unwrap();
+        let (h, d) = parse_prefix(&prefix).unwrap();
+        let mut header = vec![0u8; h];
+        self.0.read_exact(&mut header).unwrap();
+        let mut data = vec![0u8; d];
+        self.0.read_exact(&mut data).unwrap();
+        (serde_json::from_slice(&header).unwrap(), data)
+    }
+
+    /// Runs a request; returns (exit message, stdout, stderr).
+    fn exec(&mut self, req: ExecRequest) -> (Response, String, String) {
+        self.send(&Request::Exec(req), b"");
+        self.collect()
+    }
+
+    fn collect(&mut self) -> (Response, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        loop {
+            match self.recv() {
+                (Response::Started { .. }, _) => {}
+                (Response::Stdout, d) => out.extend(d),
+                (Response::Stderr, d) => err.extend(d),
+                (end @ (Response::Exit { .. } | Response::Error { .. }), _) => {
+                    return (end, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// Runs `cmd` in `session`; returns (exit code, stdout, stderr).
+    fn run(&mut self, session: &str, cmd: &str) -> (i32, String, String) {
+        let (exit, out, err) = self.exec(in_session(session, cmd));
+        (code_of(&exit), out, err)
+    }
+
+    fn end(&mut self, session: &str) -> Response {
+        self.send(
+            &Request::EndSession {
+                session: session.into(),
+            },
+            b"",
+        );
+        self.recv().0
+    }
+}
+
+fn in_session(session: &str, cmd: &str) -> ExecRequest {
+    ExecRequest {
+        shell: Some(cmd.into()),
+        session: Some(session.into()),
+        env: vec![("MARK".into(), session.into())],
+        kill_marker: Some(format!("MARK={session}")),
+        ..Default::default()
+    }
+}
+
+fn code_of(r: &Response) -> i32 {
+    match r {
+        Response::Exit { code, .. } => *code,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn wait_gone(pid: u32) -> bool {
+    let t = Instant::now();
+    while alive(pid) {
+        if t.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// The session directories of `id` (beside the agent's socket).
+fn session_dirs(a: &Agent, id: &str) -> Vec<String> {
+    std::fs::read_dir(a.dir.path().join("sessions"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.starts_with(&format!("{id}.")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn state_carries_over_and_sessions_are_independent() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let (s1, s2) = (a.sid("carry"), a.sid("other"));
+    let (code, pid1, _) = c.run(&s1, "echo $$");
+    assert_eq!(code, 0);
+    for cmd in [
+        "cd /tmp",
+        "export X=1; Y=local",
+        "greet() { echo \"hi $1\"; }",
+        "alias ll='echo aliased'",
+        "set -o pipefail",
+    ] {
+        assert_eq!(c.run(&s1, cmd).0, 0, "{cmd}");
+    }
+    let (code, out, err) = c.run(&s1, "pwd; echo $X $Y; greet you; ll; echo $$; sh -c 'echo child:$X'");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("/tmp\n1 local\nhi you\naliased\n{pid1}child:1\n"));
+    // The exit code is the command's; the shell stays.
+    let (code, out, _) = c.run(&s1, "echo out; echo err >&2; false");
+    assert_eq!((code, out.as_str()), (1, "out\n"));
+    let (code, out, _) = c.run(&s1, "(exit 7)");
+    assert_eq!((code, out.as_str()), (7, ""));
+    let (_, same, _) = c.run(&s1, "echo $$");
+    assert_eq!(same, pid1, "a new shell was spawned");
+
+    // Another session on another connection knows nothing of the first.
+    let mut c2 = a.connect();
+    let (code, out, _) = c2.run(
+        &s2,
+        "pwd; echo \"[$X]\"; type greet >/dev/null 2>&1 || echo no-greet; echo $$",
+    );
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_ne!(lines[0], "/tmp");
+    assert_eq!(lines[1..3], ["[]", "no-greet"]);
+    assert_ne!(format!("{}\n", lines[3]), pid1);
+    // The first session is usable from another connection too.
+    assert_eq!(c2.run(&s1, "pwd").1, "/tmp\n");
+
+    // A command's stdin is /dev/null: it cannot eat the next command.
+    let (code, out, _) = c.run(&s1, "cat; read x || echo eof");
+    assert_eq!((code, out.as_str()), (0, "eof\n"));
+
+    // end_session drops the state; the next command starts a fresh shell.
+    assert_eq!(c.end(&s1), Response::Done { size: 0 });
+    assert!(session_dirs(&a, &s1).is_empty(), "{:?}", session_dirs(&a, &s1));
+    let (_, out, _) = c.run(&s1, "echo \"[$X]\" $$");
+    assert_ne!(out, format!("[1] {pid1}"));
+    assert!(out.starts_with("[] "), "{out}");
+    assert_eq!(c.end(&s1), Response::Done { size: 0 });
+    assert_eq!(c.end(&s2), Response::Done { size: 0 });
+    assert_eq!(c.end("never-existed"), Response::Done { size: 0 });
+}
+
+#[test]
+fn a_shell_that_exits_is_replaced_with_a_fresh_one() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("exit");
+    let (_, pid1, _) = c.run(&s, "cd /tmp; export X=1; echo $$");
+    let (exit, _, _) = c.exec(in_session(&s, "echo bye; exit 3"));
+    match exit {
+        Response::Exit {
+            code,
+            timed_out,
+            cancelled,
+            ..
+        } => assert_eq!((code, timed_out, cancelled), (3, false, false)),
+        other => panic!("{other:?}"),
+    }
+    assert!(wait_gone(pid1.trim().parse().unwrap()));
+    let (code, out, _) = c.run(&s, "echo \"[$X]\"; echo $$");
+    assert_eq!(code, 0);
+    assert!(out.starts_with("[]\n"), "{out}");
+    assert_ne!(out.lines().nth(1).unwrap(), pid1.trim());
+    // `set -e` and a failure end the shell too, with the failure's code.
+    assert_eq!(c.run(&s, "set -e").0, 0);
+    assert_eq!(c.run(&s, "false; echo not reached").0, 1);
+    assert_eq!(c.run(&s, "echo again").1, "again\n");
+    c.end(&s);
+}
+
+#[test]
+fn timeout_cancel_hang_up_and_end_session_kill_the_whole_session() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("kill");
+    // A background job of an earlier command, a grandchild in its own session (setsid), and
+    // a child of a child.
+    let (_, out, _) = c.run(&s, "sleep 300 & echo $!; setsid sleep 301 & sleep 0.1; echo $!");
+    let mut pids: Vec<u32> = out.lines().map(|l| l.parse().unwrap()).collect();
+    let mut req = in_session(&s, "sh -c 'sleep 302 & echo $!; wait' & wait");
+    req.timeout_ms = Some(500);
+    let t = Instant::now();
+    let (exit, out, _) = c.exec(req);
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    match exit {
+        Response::Exit {
+            timed_out, cancelled, ..
+        } => assert!(timed_out && !cancelled),
+        other => panic!("{other:?}"),
+    }
+    pids.extend(out.lines().map(|l| l.parse::<u32>().unwrap()));
+    assert_eq!(pids.len(), 3);
+    for pid in pids {
+        assert!(wait_gone(pid), "{pid} survived the timeout");
+    }
+    // The next command works, in a fresh shell.
+    assert_eq!(c.run(&s, "echo ok").1, "ok\n");
+
+    // Cancel.
+    c.send(&Request::Exec(in_session(&s, "sleep 310 & echo $!; wait")), b"");
+    assert!(matches!(c.recv().0, Response::Started { .. }));
+    let (first, pid) = c.recv();
+    assert_eq!(first, Response::Stdout);
+    let pid: u32 = String::from_utf8(pid).unwrap().trim().parse().unwrap();
+    c.send(&Request::Cancel, b"");
+    let (exit, _, _) = c.collect();
+    assert!(
+        matches!(
+            exit,
+            Response::Exit {
+                cancelled: true,
+                code: 137,
+                ..
+            }
+        ),
+        "{exit:?}"
+    );
+    assert!(wait_gone(pid), "{pid} survived the cancel");
+
+    // Hang-up.
+    let mut c2 = a.connect();
+    c2.send(&Request::Exec(in_session(&s, "sleep 320 & echo $!; wait")), b"");
+    c2.recv();
+    let pid: u32 = String::from_utf8(c2.recv().1).unwrap().trim().parse().unwrap();
+    drop(c2);
+    assert!(wait_gone(pid), "{pid} survived the hang-up");
+    // Its files go right after (the agent cleans up once the client is gone).
+    let t = Instant::now();
+    while !session_dirs(&a, &s).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", session_dirs(&a, &s));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // end_session kills what an idle session left running, and frees its files.
+    let (_, out, _) = c.run(&s, "sleep 330 & echo $!");
+    let pid: u32 = out.trim().parse().unwrap();
+    assert!(alive(pid));
+    assert_eq!(session_dirs(&a, &s).len(), 1, "{:?}", session_dirs(&a, &s));
+    assert_eq!(c.end(&s), Response::Done { size: 0 });
+    assert!(wait_gone(pid), "{pid} survived end_session");
+    assert!(session_dirs(&a, &s).is_empty());
+
+    // end_session while a command runs kills it; the command reports cancelled.
+    let mut c3 = a.connect();
+    c3.send(&Request::Exec(in_session(&s, "sleep 340")), b"");
+    assert!(matches!(c3.recv().0, Response::Started { .. }));
+    assert_eq!(c.end(&s), Response::Done { size: 0 });
+    let (exit, _, _) = c3.collect();
+    assert!(matches!(exit, Response::Exit { cancelled: true, .. }), "{exit:?}");
+    assert_eq!(c3.run(&s, "echo fresh").1, "fresh\n");
+    c.end(&s);
+}
+
+#[test]
+fn one_command_at_a_time_and_bad_requests_are_refused() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("busy");
+    c.send(&Request::Exec(in_session(&s, "sleep 1; echo done")), b"");
+    assert!(matches!(c.recv().0, Response::Started { .. }));
+    let mut c2 = a.connect();
+    let (refused, _, _) = c2.exec(in_session(&s, "echo me too"));
+    assert!(
+        matches!(
+            refused,
+            Response::Error {
+                code: ErrorCode::SessionBusy,
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let (exit, out, _) = c.collect();
+    assert_eq!((code_of(&exit), out.as_str()), (0, "done\n"));
+    assert_eq!(c2.run(&s, "echo me too").1, "me too\n");
+
+    let error = |c: &mut Client, req: ExecRequest| match c.exec(req).0 {
+        Response::Error { code, .. } => code,
+        other => panic!("{other:?}"),
+    };
+    for bad in ["", "a/b", "../x", &"x".repeat(65)] {
+        assert_eq!(
+            error(&mut c, in_session(bad, "true")),
+            ErrorCode::InvalidSession,
+            "{bad:?}"
+        );
+    }
+    let mut argv = in_session(&s, "true");
+    (argv.shell, argv.argv) = (None, Some(vec!["true".into()]));
+    assert_eq!(error(&mut c, argv), ErrorCode::InvalidSession);
+    let mut stdin = in_session(&s, "cat");
+    stdin.stdin = true;
+    assert_eq!(error(&mut c, stdin), ErrorCode::InvalidSession);
+    let mut cwd = in_session(&a.sid("cwd"), "pwd");
+    cwd.cwd = Some("/nonexistent-dir".into());
+    assert_eq!(error(&mut c, cwd), ErrorCode::SpawnFailed);
+    let mut cwd = in_session(&a.sid("cwd"), "pwd");
+    cwd.cwd = Some("/usr".into());
+    assert_eq!(c.exec(cwd).1, "/usr\n");
+    assert!(matches!(
+        c.end("bad/id"),
+        Response::Error {
+            code: ErrorCode::InvalidSession,
+            ..
+        }
+    ));
+    // The connection is still usable after all that.
+    assert_eq!(c.run(&s, "echo fine").1, "fine\n");
+    c.end(&s);
+    c.end(&a.sid("cwd"));
+}
+
+#[test]
+fn without_bash_the_session_runs_sh() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("dash");
+    let mut first = in_session(
+        &s,
+        "echo \"[${BASH_VERSION:-none}]\"; cd /tmp; f() { echo f; }; echo $$",
+    );
+    // bash is looked up in the request's PATH.
+    first.env.push(("PATH".into(), "/nonexistent".into()));
+    let (exit, out, _) = c.exec(first);
+    assert_eq!(code_of(&exit), 0);
+    let pid = out.lines().nth(1).unwrap().to_string();
+    assert_eq!(out.lines().next(), Some("[none]"));
+    assert_eq!(c.run(&s, "echo $PWD; f; echo $$").1, format!("/tmp\nf\n{pid}\n"));
+    // A syntax error in a sourced file ends dash; the next command gets a fresh shell.
+    let (code, _, err) = c.run(&s, "if then");
+    assert_ne!(code, 0);
+    assert!(!err.is_empty());
+    let (code, out, _) = c.run(&s, "echo $$");
+    assert_eq!(code, 0);
+    assert_ne!(out.trim(), pid);
+    c.end(&s);
+}
+
+#[test]
+fn output_streams_through_a_session() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("big");
+    let (code, out, _) = c.run(&s, "head -c 20000000 /dev/zero | tr '\\0' x; echo; echo end >&2");
+    assert_eq!(code, 0);
+    assert_eq!(out.len(), 20_000_001);
+    // Output a background job writes after its command ended comes with the next one.
+    assert_eq!(c.run(&s, "(sleep 0.3; echo late) &").1, "");
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(c.run(&s, "echo now").1, "late\nnow\n");
+    // A shell whose stdout was closed for good stays usable.
+    assert_eq!(c.run(&s, "exec >/dev/null; echo gone").0, 0);
+    let (code, out, err) = c.run(&s, "echo quiet; echo loud >&2");
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "", "loud\n"));
+    c.end(&s);
+}
