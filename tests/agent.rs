@@ -473,3 +473,36 @@ async fn without_the_agent_sessions_fall_back_to_saved_state() {
     assert_eq!(lines[..2], ["/tmp", "1"]);
     assert_ne!(lines[2], pid.trim(), "a fresh shell per command");
 }
+
+/// The socket directory is writable by the workload (same uid as the agent). A process the
+/// workload starts on the socket, even the genuine agent binary, is not trusted: conductor
+/// checks the peer (the server init spawned at start) and falls back to Podman instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_started_by_the_workload_is_not_trusted() {
+    let t = TestEnv::new("").await;
+    let c = t.c();
+    let w = workspace(c, "ag-impostor").await;
+    assert_eq!(exec_path(c, &w.id).await, ExecPath::Agent);
+    // The agent is not dumpable: the workload cannot read its memory or environment.
+    let (code, _, err) = sh(c, &w.id, "head -c1 /proc/1/environ").await;
+    assert_ne!(code, 0, "the workload read the agent's /proc/1/environ");
+    assert!(err.contains("Permission denied"), "{err}");
+
+    let (code, _, err) = sh(
+        c,
+        &w.id,
+        "rm /run/conductor/agent.sock && (setsid /.conductor/agent serve --socket /run/conductor/agent.sock >/dev/null 2>&1 &) && sleep 0.5 && test -S /run/conductor/agent.sock",
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    // The impostor answers hello, but conductor refuses it and uses Podman.
+    let dir = agent_client::socket_dir(&c.paths, &w.id);
+    match AgentConn::connect(&dir).await {
+        Err(AgentError::Unavailable(why)) => assert!(why.contains("not the workspace's agent"), "{why}"),
+        Err(e) => panic!("unexpected error: {e}"),
+        Ok(_) => panic!("connected to a server the workload started"),
+    }
+    let (code, out, _) = sh(c, &w.id, "echo via podman").await;
+    assert_eq!((code, out.as_str()), (0, "via podman\n"));
+    assert_eq!(exec_path(c, &w.id).await, ExecPath::Podman);
+}

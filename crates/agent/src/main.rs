@@ -83,6 +83,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Not dumpable: a workload process (same uid) may not open this process's
+    // /proc/<pid>/mem or use process_vm_writev on it, so the agent conductor verified at
+    // connect time (see agent_client.rs in the service) is the code it runs.
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("conductor-agent: prctl(PR_SET_DUMPABLE): {e}");
+    }
     match cmd {
         "init" => init::run(rest),
         "serve" => match server::run(&opts) {

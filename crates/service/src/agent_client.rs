@@ -208,9 +208,82 @@ pub fn container_setup(
     Ok(Some((mounts, vec![AGENT_PATH.into(), "init".into()])))
 }
 
-/// Removes a workspace's socket directory (after its container is gone).
+/// `(parent pid, start time in clock ticks)` from the text of `/proc/<pid>/stat`.
+fn parse_stat(stat: &str) -> Option<(i32, u64)> {
+    // The command name (field 2) may hold spaces and parentheses: fields restart after the
+    // last ')'. There, field 3 (state) is the first and field 22 (starttime) the 20th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((fields.get(1)?.parse().ok()?, fields.get(19)?.parse().ok()?))
+}
+
+/// Which process is a workspace's agent server: its host pid and start time (which tell
+/// it apart from a later process reusing the pid).
+///
+/// The socket lives in a directory the workload can write to (it runs as the agent's
+/// uid), so a workload could replace the socket with a server of its own, even the genuine
+/// agent binary, and see or fake what conductor sends. [`wait_ready`] therefore records the
+/// server right after the container starts, before conductor has run any command in it,
+/// in `agents/<id>.server` (the `agents/` directory is root-only and not mounted into the
+/// container); [`AgentConn::connect`] accepts only that process. The real server cannot
+/// be taken over either: the agent is not dumpable and ptrace is denied by seccomp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerIdentity {
+    pub pid: i32,
+    pub start_ticks: u64,
+}
+
+impl ServerIdentity {
+    fn record_path(dir: &Path) -> PathBuf {
+        let mut name = dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".server");
+        dir.with_file_name(name)
+    }
+
+    /// The identity of process `pid` if it is an agent server: the agent binary, a child of
+    /// the container's PID 1, itself the agent's init.
+    fn of(pid: Option<i32>) -> std::result::Result<ServerIdentity, String> {
+        let pid = pid.filter(|p| *p > 0).ok_or("no peer process id")?;
+        let read = |pid: i32, name: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/{name}")).map_err(|e| format!("pid {pid}: {e}"))
+        };
+        let is_agent =
+            |pid: i32| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == Path::new(AGENT_PATH));
+        if !is_agent(pid) {
+            return Err(format!("pid {pid} is not {AGENT_PATH}"));
+        }
+        let (ppid, start_ticks) = parse_stat(&read(pid, "stat")?).ok_or(format!("pid {pid}: unreadable stat"))?;
+        let init = read(ppid, "status")?
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .is_some_and(|ids| ids.split_whitespace().last() == Some("1"));
+        if !init || !is_agent(ppid) {
+            return Err(format!("pid {pid} is not a child of the agent's init"));
+        }
+        Ok(ServerIdentity { pid, start_ticks })
+    }
+
+    fn load(dir: &Path) -> Option<ServerIdentity> {
+        let text = std::fs::read_to_string(Self::record_path(dir)).ok()?;
+        let mut it = text.split_whitespace();
+        Some(ServerIdentity {
+            pid: it.next()?.parse().ok()?,
+            start_ticks: it.next()?.parse().ok()?,
+        })
+    }
+
+    fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let path = Self::record_path(dir);
+        let tmp = path.with_extension("server.tmp");
+        std::fs::write(&tmp, format!("{} {}\n", self.pid, self.start_ticks))?;
+        std::fs::rename(&tmp, &path)
+    }
+}
+
+/// Removes a workspace's socket directory/// Removes a workspace's socket directory (after its container is gone).
 pub fn remove_dir(paths: &DataPaths, workspace_id: &str) {
     let dir = socket_dir(paths, workspace_id);
+    let _ = std::fs::remove_file(ServerIdentity::record_path(&dir));
     if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("cannot remove {}: {e}", dir.display());
@@ -222,9 +295,18 @@ pub fn remove_dir(paths: &DataPaths, workspace_id: &str) {
 /// within a few seconds (exec then falls back to Podman).
 pub async fn wait_ready(dir: &Path) -> bool {
     let start = Instant::now();
+    // Whatever identity was recorded belongs to an earlier start of the container.
+    let _ = std::fs::remove_file(ServerIdentity::record_path(dir));
     loop {
-        if AgentConn::connect(dir).await.is_ok() {
-            return true;
+        if let Ok((_, peer)) = AgentConn::connect_any(dir).await {
+            match ServerIdentity::of(peer).map(|id| id.save(dir).map(|()| id)) {
+                Ok(Ok(_)) => return true,
+                Ok(Err(e)) => {
+                    tracing::warn!(dir = %dir.display(), "cannot record the agent server: {e}");
+                    return false;
+                }
+                Err(why) => tracing::debug!(dir = %dir.display(), "not the agent server yet: {why}"),
+            }
         }
         if start.elapsed() > READY_TIMEOUT {
             return false;
@@ -255,8 +337,30 @@ pub struct AgentConn {
 }
 
 impl AgentConn {
-    /// Connects to the agent listening in `dir` and says hello.
+    /// Connects to the agent listening in `dir` and says hello, after checking that the
+    /// process on the socket is the agent server [`wait_ready`] recorded when the
+    /// workspace started (see [`ServerIdentity`]).
     pub async fn connect(dir: &Path) -> Result<AgentConn, AgentError> {
+        let (conn, peer) = Self::connect_any(dir).await?;
+        let recorded = ServerIdentity::load(dir)
+            .ok_or_else(|| AgentError::Unavailable("no agent server was recorded when the workspace started".into()))?;
+        match ServerIdentity::of(peer) {
+            Ok(found) if found == recorded => Ok(conn),
+            Ok(found) => {
+                tracing::warn!(dir = %dir.display(), ?found, ?recorded, "refusing the process on the agent socket");
+                Err(AgentError::Unavailable(format!(
+                    "the process on the socket (pid {}) is not the workspace's agent (pid {})",
+                    found.pid, recorded.pid
+                )))
+            }
+            Err(why) => Err(AgentError::Unavailable(format!(
+                "the process on the socket is not the workspace's agent: {why}"
+            ))),
+        }
+    }
+
+    /// Connects and says hello to whatever listens in `dir`; returns the peer's pid.
+    async fn connect_any(dir: &Path) -> Result<(AgentConn, Option<i32>), AgentError> {
         let unavailable = |e: &dyn std::fmt::Display| AgentError::Unavailable(e.to_string());
         let socket = dir.join(SOCKET_NAME);
         let file = OpenOptions::new()
@@ -272,6 +376,14 @@ impl AgentConn {
             .await
             .map_err(|e| unavailable(&e))?;
         drop(file);
+        let peer = stream.peer_cred().map_err(|e| unavailable(&e))?;
+        if peer.uid() != WORKSPACE_UID {
+            return Err(AgentError::Unavailable(format!(
+                "the process on {} runs as uid {}",
+                socket.display(),
+                peer.uid()
+            )));
+        }
         let mut conn = AgentConn {
             stream,
             wbuf: Vec::with_capacity(CHUNK + 256),
@@ -291,7 +403,7 @@ impl AgentConn {
             }
         };
         match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
-            Ok(Ok(())) => Ok(conn),
+            Ok(Ok(())) => Ok((conn, peer.pid())),
             Ok(Err(e)) => Err(AgentError::Unavailable(e.to_string())),
             Err(_) => Err(AgentError::Unavailable("no answer to hello".into())),
         }
@@ -631,6 +743,39 @@ mod tests {
         assert!(!is_static_elf(&dir.path().join("missing")));
         // Every dynamically linked host binary has an interpreter.
         assert!(!is_static_elf(Path::new("/bin/sh")));
+    }
+
+    #[test]
+    fn stat_lines_are_parsed_after_the_command_name() {
+        let stat =
+            "31365 (conductor-agent) S 31355 31365 31355 0 -1 4194560 170 0 0 0 0 0 0 0 20 0 2 0 1209169 8224768 220";
+        assert_eq!(parse_stat(stat), Some((31355, 1209169)));
+        // A workload may name its process anything, parentheses and spaces included.
+        let tricky = "77 (a) S 1 2 3 (b) x) S 9 77 9 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0";
+        assert_eq!(parse_stat(tricky), Some((9, 4242)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn only_an_agent_server_has_an_identity() {
+        // This test process is not the agent.
+        let me = std::process::id() as i32;
+        assert!(ServerIdentity::of(Some(me)).unwrap_err().contains("is not"));
+        assert!(ServerIdentity::of(None).is_err());
+    }
+
+    #[test]
+    fn the_identity_is_recorded_next_to_the_socket_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ws-1");
+        assert_eq!(ServerIdentity::load(&sock), None);
+        let id = ServerIdentity {
+            pid: 42,
+            start_ticks: 7,
+        };
+        id.save(&sock).unwrap();
+        assert!(dir.path().join("ws-1.server").is_file());
+        assert_eq!(ServerIdentity::load(&sock), Some(id));
     }
 
     #[test]

@@ -105,11 +105,17 @@ impl Conductor {
         // A crash between making a workspace's agent directory and recording its container
         // leaves the directory behind.
         if let Ok(dirs) = std::fs::read_dir(self.paths.base.join("agents")) {
-            for dir in dirs.flatten() {
-                let name = dir.file_name().to_string_lossy().into_owned();
-                if !live(&name) && dir.file_type().is_ok_and(|t| t.is_dir()) {
-                    agent_client::remove_dir(&self.paths, &name);
-                    report.agent_dirs_removed.push(name);
+            for entry in dirs.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".server.tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                    continue;
+                }
+                // `<id>/` (the socket) and `<id>.server` (which process the agent is).
+                let id = name.strip_suffix(".server").unwrap_or(&name).to_string();
+                if !live(&id) && !report.agent_dirs_removed.contains(&id) {
+                    agent_client::remove_dir(&self.paths, &id);
+                    report.agent_dirs_removed.push(id);
                 }
             }
         }

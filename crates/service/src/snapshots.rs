@@ -599,6 +599,7 @@ impl Conductor {
         .await?;
         let cid = self.engine.container_create(&spec).await?;
         self.engine.container_start(&cid).await?;
+        self.await_agent(&w.id).await;
         self.store.set_workspace_container(&w.id, &cid, w.network.as_deref())?;
         self.store.set_workspace_image(&w.id, image)?;
         self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;

@@ -569,8 +569,18 @@ impl Conductor {
         .await?;
         let container = w.container_id.clone().unwrap_or(w.container_name.clone());
         self.engine.container_start(&container).await?;
+        self.await_agent(&w.id).await;
         self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;
         self.get_workspace(&w.id)
+    }
+
+    /// After a (re)start of a workspace's container: waits for its agent (when it has one)
+    /// and records which process it is, before anything else runs in the container.
+    pub(crate) async fn await_agent(&self, id: &str) {
+        let dir = agent_client::socket_dir(&self.paths, id);
+        if dir.is_dir() && !agent_client::wait_ready(&dir).await {
+            tracing::warn!(workspace = %id, "the workspace agent does not answer; exec uses podman");
+        }
     }
 
     /// Removes a workspace's container and network. `keep_volumes`: `Some(true)` keeps its
