@@ -487,6 +487,10 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
         Err(ServiceError::TooLarge(_)) => {}
         other => panic!("{other:?}"),
     }
+    // A file that the failed uploads below try to replace.
+    c.put_file(&w.id, "big", body(b"previous"), PutOptions::default())
+        .await
+        .unwrap();
     // Undeclared and larger than the limit: stopped at the limit.
     match c
         .put_file(&w.id, "big", body(&binary(20 << 20)), PutOptions::default())
@@ -525,11 +529,21 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
     // The workspace still works; freeing space makes room again.
     let (code, out) = sh(c, &w.id, "echo alive").await;
     assert_eq!((code, out.as_str()), (0, "alive\n"));
-    // The incomplete file of a failed raw upload is gone; a failed tar leaves its members.
-    assert!(matches!(
-        c.get_file(&w.id, "big").await.map(|d| d.kind),
-        Err(ServiceError::NotFound { .. })
-    ));
+    // A failed raw upload leaves the previous file as it was, and its temporary file is
+    // gone (the agent removes it once it sees the failure or the hang-up); a failed tar
+    // leaves its members.
+    assert_eq!(
+        collect(c.get_file(&w.id, "big").await.unwrap().stream).await,
+        b"previous"
+    );
+    let (_, out) = sh(
+        c,
+        &w.id,
+        "for i in $(seq 50); do ls -A /workspace | grep -q conductor- || break; sleep 0.1; done; \
+         ls -A /workspace | grep -v '^lost+found$'",
+    )
+    .await;
+    assert_eq!(out, "big\nd\n");
     c.delete_file(&w.id, "d", true).await.unwrap();
     let small = binary(4 << 20);
     c.put_file(&w.id, "small", body(&small), PutOptions::default())
@@ -623,6 +637,14 @@ async fn files_go_through_podman_when_the_agent_is_gone() {
         .expect("big.bin in the tar");
     assert!(file.2 == big);
     assert!(m.iter().any(|e| e.0 == "proj/link" && e.1 == tar::EntryType::Symlink));
+    // Through a symlink, Podman names the entries after its target: `name` says so.
+    sh(c, &w.id, "echo in > /workspace/real/in.txt").await;
+    let d = c.get_file(&w.id, "inside-link").await.unwrap();
+    assert_eq!((d.kind, d.name.as_str()), (DownloadKind::Archive, "real"));
+    let m = members(&collect(d.stream).await);
+    assert!(m.iter().any(|e| e.0 == "real/in.txt"), "{m:?}");
+    assert!(m.iter().all(|e| e.0 == "real" || e.0.starts_with("real/")), "{m:?}");
+    sh(c, &w.id, "rm /workspace/real/in.txt").await;
 
     // List, stat, delete.
     let names: Vec<String> = c
@@ -1036,6 +1058,41 @@ async fn ws_cp_copies_both_ways() {
         std::path::Path::new("a.txt")
     );
     assert_eq!(std::fs::read_to_string(back.join("renamed.txt")).unwrap(), "single\n");
+    // Set-id and sticky bits made in the workspace do not reach the host, nor does the
+    // workspace user's ownership: the copy belongs to whoever ran `ws cp`.
+    let out = run(
+        &[
+            "ws",
+            "exec",
+            id,
+            "--",
+            "mkdir -p /workspace/suid/sub && printf x > /workspace/suid/s && chmod 4755 /workspace/suid/s \
+             && chmod 2775 /workspace/suid && chmod 1777 /workspace/suid/sub && stat -c '%a' /workspace/suid/s /workspace/suid",
+        ],
+        None,
+    );
+    assert_eq!(out, b"4755\n2775\n", "the bits are set in the workspace");
+    run(&["ws", "cp", &format!("{id}:suid"), &local_path("suid-back")], None);
+    run(&["ws", "cp", &format!("{id}:suid"), &local_path("back")], None);
+    let me = nix::unistd::geteuid().as_raw();
+    for dir in [local.path().join("suid-back"), back.join("suid")] {
+        let mode = |p: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.mode() & 0o7777, m.uid())
+        };
+        assert_eq!(mode(&dir.join("s")), (0o755, me), "{}", dir.display());
+        assert_eq!(mode(&dir), (0o775, me));
+        assert_eq!(mode(&dir.join("sub")), (0o777, me));
+        assert_eq!(std::fs::read(dir.join("s")).unwrap(), b"x");
+    }
+    // No temporary directory is left beside the copies.
+    let mut left: Vec<String> = std::fs::read_dir(local.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["back", "proj", "single.txt", "suid-back"]);
     let out = run(&["ws", "cp", &format!("{id}:copy/a.txt"), "-"], None);
     assert_eq!(out, b"alpha\n");
     let out = run(&["ws", "cp", &format!("{id}:copy/sub"), "-"], None);

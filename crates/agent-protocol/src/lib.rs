@@ -29,6 +29,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub mod tar_guard;
+pub use tar_guard::TarGuard;
+
 /// Version of this protocol. The agent refuses any other.
 pub const VERSION: u32 = 1;
 /// Largest JSON header accepted (an exec with a large environment fits).

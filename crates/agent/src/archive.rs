@@ -12,8 +12,10 @@
 //!   ([`archive_member`]: relative, no `..`, no NUL, length limits) and creates it through
 //!   the same `openat2(RESOLVE_BENEATH)` helpers as every other file operation, so a
 //!   symlink (from the archive or already in the workspace) that leads outside the root is
-//!   never written through. Files, directories and symlinks are supported; hard links,
-//!   devices and FIFOs are refused with an error naming the member. Set-uid and set-gid
+//!   never written through. The tar is read through [`TarGuard`], so a long-name or pax
+//!   extension entry over 64 KiB is refused before the parser buffers it. Files,
+//!   directories and symlinks are supported; hard links, devices and FIFOs are refused
+//!   with an error naming the member. Set-uid and set-gid
 //!   bits are dropped; the owner is the agent's uid (the workspace user). An existing file
 //!   or symlink of a member's name is replaced (unlinked first, never written through); an
 //!   existing directory stays and takes the member's mode.
@@ -24,7 +26,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use conductor_agent_protocol::{archive_member, ErrorCode, Request, Response, CHUNK, MAX_PATH};
+use conductor_agent_protocol::{archive_member, ErrorCode, Request, Response, TarGuard, CHUNK, MAX_PATH};
 use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{openat2, readlinkat, AtFlags, OFlag, OpenHow, ResolveFlag};
@@ -382,7 +384,8 @@ fn clear_name(parent: &OwnedFd, name: &str, shown: &str) -> Result<(), OpError> 
 /// Unpacks the tar read from `input` into `base` (relative to the root, an existing
 /// directory); returns the bytes of file contents written.
 fn unpack(input: &mut FrameReader, rootfd: &OwnedFd, base: &str) -> Result<u64, OpError> {
-    let mut archive = tar::Archive::new(input);
+    // The guard keeps the parser from buffering a huge long-name or pax entry.
+    let mut archive = tar::Archive::new(TarGuard::new(input));
     let malformed = |e: io::Error| invalid(format!("the tar stream is malformed: {e}"));
     let mut written = 0u64;
     // Directory modes and times are set at the end: a read-only directory must not stop

@@ -5,17 +5,21 @@
 //! with `RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS`: the kernel resolves symlinks and refuses
 //! (EXDEV) any resolution that would leave the root, including absolute symlinks and links
 //! swapped in while we work. `delete` and `list` never follow the final component.
+//!
+//! A raw `write` (not appending) goes to a temporary file beside the target, renamed over
+//! it at the `eof`: a failed or abandoned upload leaves the previous file as it was. A
+//! recursive `delete` walks the tree iteratively, so no depth exhausts the thread's stack.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use conductor_agent_protocol::{confine, ErrorCode, FileKind, FileStat, Request, Response, CHUNK};
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat2, readlinkat, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, fstatat, mkdirat, FileStat as RawStat, Mode, SFlag};
+use nix::fcntl::{openat2, readlink, readlinkat, renameat, AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fchmod, fstat, fstatat, mkdirat, FileStat as RawStat, Mode, SFlag};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::conn::Conn;
@@ -214,6 +218,199 @@ pub(crate) fn parent_dir(rootfd: &OwnedFd, rel: &str, create_dirs: bool, shown: 
     Ok(dir)
 }
 
+/// A random token (32 hex digits) from std's randomly keyed SipHash: unpredictable without
+/// the keys, which std takes from the kernel's random source. No `unsafe`, no `/dev`.
+pub(crate) fn random_token() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut out = String::with_capacity(32);
+    for _ in 0..2 {
+        // Each `RandomState` has distinct keys (random per thread, then counted up).
+        let mut h = RandomState::new().build_hasher();
+        h.write_u64(COUNT.fetch_add(1, Ordering::Relaxed));
+        h.write_u128(nanos);
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+/// The temporary name an upload of `name` is written to: `.<name>.conductor-<random>`, the
+/// name cut (at a character boundary) to keep it a valid file name.
+fn temp_name(name: &str) -> String {
+    let mut end = name.len().min(200);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(".{}.conductor-{}", &name[..end], &random_token()[..16])
+}
+
+/// Permission bits `write` applies: the permissions and the sticky bit, never set-id bits.
+const WRITE_MODE_BITS: u32 = 0o1777;
+
+/// A file being uploaded under a temporary name in the target's directory; removed when
+/// dropped unless [`Upload::commit`] renamed it over the target.
+struct Upload {
+    dir: OwnedFd,
+    temp: Option<String>,
+    name: String,
+}
+
+impl Upload {
+    /// Renames the temporary file over the target, relative to the same directory
+    /// descriptor (nothing is resolved again).
+    fn commit(mut self, shown: &str) -> Result<(), OpError> {
+        let temp = self.temp.take().expect("not committed yet");
+        match renameat(&self.dir, temp.as_str(), &self.dir, self.name.as_str()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.temp = Some(temp); // removed on drop
+                Err(errno_error(e, shown))
+            }
+        }
+    }
+
+    /// Removes the temporary file at once (its space is free again).
+    fn discard(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = unlinkat(&self.dir, temp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.discard();
+    }
+}
+
+/// The path of `fd` below the root open as `rootfd` (both read back from `/proc`), for a
+/// symlink that `write` follows.
+fn path_below(rootfd: &OwnedFd, fd: &OwnedFd, shown: &str) -> Result<String, OpError> {
+    let path_of = |fd: &OwnedFd| {
+        readlink(format!("/proc/self/fd/{}", fd.as_raw_fd()).as_str())
+            .map_err(|e| errno_error(e, shown))?
+            .into_string()
+            .map_err(|_| {
+                (
+                    ErrorCode::InvalidPath,
+                    format!("{shown} leads to a name that is not UTF-8"),
+                )
+            })
+    };
+    let (root, path) = (path_of(rootfd)?, path_of(fd)?);
+    let root = root.trim_end_matches('/');
+    path.strip_prefix(root)
+        .and_then(|p| p.strip_prefix('/'))
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| {
+            (
+                ErrorCode::OutsideRoot,
+                format!("{shown} leads outside the allowed root"),
+            )
+        })
+}
+
+/// Opens the destination of a raw upload. With `append`, the file itself (created when
+/// missing). Otherwise a new temporary file beside it, which the `eof` renames over it; a
+/// symlink at `rel` is followed when it leads to a file inside the root (that file is
+/// replaced, the link stays), a dangling one is replaced by the file. The mode, when given,
+/// is applied with `fchmod` (whatever the umask, to an existing file too); without one, a
+/// replaced file keeps its permissions and a new one gets 0644 less the umask.
+fn open_upload(
+    root: &Path,
+    path: &str,
+    mode: Option<u32>,
+    append: bool,
+    create_dirs: bool,
+) -> Result<(File, Option<Upload>), OpError> {
+    let rel = checked(path, root)?;
+    if rel.is_empty() {
+        return Err((ErrorCode::IsADirectory, format!("{path} is the root directory")));
+    }
+    let rootfd = open_root(root)?;
+    let mut dir = parent_dir(&rootfd, &rel, create_dirs, path)?;
+    let mode = mode.map(|m| Mode::from_bits_truncate(m & WRITE_MODE_BITS));
+    let check_file = |st: &RawStat| match kind_of(st) {
+        FileKind::File => Ok(()),
+        FileKind::Dir => Err((ErrorCode::IsADirectory, format!("{path} is a directory"))),
+        _ => Err((ErrorCode::NotARegularFile, format!("{path} is not a regular file"))),
+    };
+    if append {
+        // O_NONBLOCK: opening a FIFO must not hang (without a reader it fails with ENXIO).
+        let how = OpenHow::new()
+            .flags(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_APPEND | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)
+            .mode(Mode::from_bits_truncate(0o644))
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let fd = match openat2(&rootfd, rel.as_str(), how) {
+            Ok(fd) => fd,
+            Err(Errno::ENXIO) => return Err((ErrorCode::NotARegularFile, format!("{path} is not a regular file"))),
+            Err(e) => return Err(errno_error(e, path)),
+        };
+        check_file(&fstat(&fd).map_err(|e| errno_error(e, path))?)?;
+        if let Some(mode) = mode {
+            fchmod(&fd, mode).map_err(|e| errno_error(e, path))?;
+        }
+        return Ok((File::from(fd), None));
+    }
+    let mut name = split(&rel).1.to_string();
+    let existing = match fstatat(&dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) if kind_of(&st) == FileKind::Symlink => {
+            // O_PATH: a FIFO is not opened for real.
+            match open_beneath(&rootfd, &rel, OFlag::O_PATH, Mode::empty(), path) {
+                Ok(fd) => {
+                    let st = fstat(&fd).map_err(|e| errno_error(e, path))?;
+                    check_file(&st)?;
+                    let target = path_below(&rootfd, &fd, path)?;
+                    dir = parent_dir(&rootfd, &target, false, path)?;
+                    name = split(&target).1.to_string();
+                    Some(st)
+                }
+                Err((ErrorCode::NotFound, _)) => None,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(st) => {
+            check_file(&st)?;
+            Some(st)
+        }
+        Err(Errno::ENOENT) => None,
+        Err(e) => return Err(errno_error(e, path)),
+    };
+    // Beneath the target's directory; O_EXCL | O_NOFOLLOW: never an existing file or link.
+    let how = OpenHow::new()
+        .flags(OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .mode(Mode::from_bits_truncate(0o644))
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let mut taken = 0;
+    let (fd, temp) = loop {
+        let temp = temp_name(&name);
+        match openat2(&dir, temp.as_str(), how) {
+            Ok(fd) => break (fd, temp),
+            Err(Errno::EEXIST) if taken < 3 => taken += 1,
+            Err(e) => return Err(errno_error(e, path)),
+        }
+    };
+    let upload = Upload {
+        dir,
+        temp: Some(temp),
+        name,
+    };
+    let keep = existing.map(|st| Mode::from_bits_truncate(st.st_mode & WRITE_MODE_BITS));
+    if let Some(mode) = mode.or(keep) {
+        fchmod(&fd, mode).map_err(|e| errno_error(e, path))?;
+    }
+    Ok((File::from(fd), Some(upload)))
+}
+
+/// A raw upload. Unless appending, the contents go to a temporary file in the target's
+/// directory that the `eof` renames over the target: an upload that fails or is cut off
+/// (the client hangs up) removes it and leaves the previous file, if any, as it was.
 pub fn write(
     conn: &mut Conn,
     root: &Path,
@@ -222,26 +419,10 @@ pub fn write(
     append: bool,
     create_dirs: bool,
 ) -> io::Result<()> {
-    let opened = (|| {
-        let rel = checked(path, root)?;
-        if rel.is_empty() {
-            return Err((ErrorCode::IsADirectory, format!("{path} is the root directory")));
-        }
-        let rootfd = open_root(root)?;
-        parent_dir(&rootfd, &rel, create_dirs, path)?;
-        let mut flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NONBLOCK;
-        flags |= if append { OFlag::O_APPEND } else { OFlag::O_TRUNC };
-        let mode = Mode::from_bits_truncate(mode.unwrap_or(0o644) & 0o7777);
-        let fd = open_beneath(&rootfd, &rel, flags, mode, path)?;
-        let st = fstat(&fd).map_err(|e| errno_error(e, path))?;
-        if kind_of(&st) != FileKind::File {
-            return Err((ErrorCode::NotARegularFile, format!("{path} is not a regular file")));
-        }
-        Ok(File::from(fd))
-    })();
     // A failure is answered at once (the client may stop sending); the contents that
     // still come are read to the `eof` and dropped, so the connection stays in step.
-    let mut file = opened;
+    // Returning early (hang-up, protocol error) drops the upload, which removes it.
+    let mut file = open_upload(root, path, mode, append, create_dirs);
     if let Err((code, message)) = &file {
         conn.send_error(*code, message.clone())?;
     }
@@ -254,11 +435,12 @@ pub fn write(
         };
         match frame {
             (Request::Data, data) => {
-                if let Ok(f) = &mut file {
+                if let Ok((f, _)) = &mut file {
                     if let Err(e) = f.write_all(&data) {
                         let (code, message) = io_error(e, path);
-                        conn.send_error(code, message.clone())?;
-                        file = Err((code, message));
+                        // Dropping the upload frees the space before the answer goes out.
+                        file = Err((code, message.clone()));
+                        conn.send_error(code, message)?;
                     }
                     size += data.len() as u64;
                 }
@@ -267,10 +449,17 @@ pub fn write(
             _ => return conn.send_error(ErrorCode::Protocol, "a write takes data frames and an eof"),
         }
     }
-    match file {
-        Ok(_) => conn.send(&Response::Done { size }, &[]),
-        Err(_) => Ok(()),
-    }
+    let done = match file {
+        Ok((f, upload)) => {
+            drop(f);
+            match upload {
+                Some(u) => u.commit(path),
+                None => Ok(()),
+            }
+        }
+        Err(_) => return Ok(()),
+    };
+    reply(conn, done.map(|()| Response::Done { size }))
 }
 
 /// Creates the directory `rel` beneath the root (with `parents`, its missing parents too);
@@ -299,29 +488,107 @@ pub fn mkdir(conn: &mut Conn, root: &Path, path: &str, mode: Option<u32>, parent
     reply(conn, result)
 }
 
-/// Removes the contents of the directory open as `dir`, never following links.
-fn remove_contents(dir: &OwnedFd, shown: &str) -> Result<(), OpError> {
-    let mut it = Dir::from_fd(dir.try_clone().map_err(|e| io_error(e, shown))?).map_err(|e| errno_error(e, shown))?;
-    let names: Vec<String> = it
+/// How many levels of a tree being removed keep their directory open: deeper ones are
+/// reopened by name from the nearest open one when the walk comes back to them, so a very
+/// deep tree needs neither a deep stack nor a descriptor per level.
+const OPEN_LEVELS: usize = 64;
+
+/// One directory of a tree being removed.
+struct Level {
+    /// Its name in the level above ("" for the top).
+    name: String,
+    fd: Option<OwnedFd>,
+    /// Entries still to remove.
+    todo: Vec<String>,
+}
+
+fn entry_names(dir: &OwnedFd) -> Result<Vec<String>, Errno> {
+    let dup = dir
+        .try_clone()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    let mut it = Dir::from_fd(dup)?;
+    Ok(it
         .iter()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n != "." && n != "..")
-        .collect();
-    for name in names {
+        .collect())
+}
+
+const SUBDIR: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// The open directory of `levels[i]`, reopened (by name, never following a link) from the
+/// nearest level above that is still open.
+fn level_fd(levels: &mut [Level], i: usize) -> Result<&OwnedFd, Errno> {
+    let open = (0..=i)
+        .rev()
+        .find(|&k| levels[k].fd.is_some())
+        .expect("the top stays open");
+    for k in open + 1..=i {
+        let parent = levels[k - 1].fd.as_ref().expect("opened just before");
+        let fd = nix::fcntl::openat(parent, levels[k].name.as_str(), SUBDIR, Mode::empty())?;
+        levels[k].fd = Some(fd);
+    }
+    Ok(levels[i].fd.as_ref().expect("opened above"))
+}
+
+/// Removes the contents of the directory open as `top`, never following links. Iterative
+/// (an explicit stack of levels): a deep tree must not exhaust the connection thread's
+/// small stack.
+fn remove_contents(top: &OwnedFd, shown: &str) -> Result<(), OpError> {
+    let fail = |e: Errno| errno_error(e, shown);
+    let top = top.try_clone().map_err(|e| io_error(e, shown))?;
+    let todo = entry_names(&top).map_err(fail)?;
+    let mut levels = vec![Level {
+        name: String::new(),
+        fd: Some(top),
+        todo,
+    }];
+    while let Some(depth) = levels.len().checked_sub(1) {
+        let Some(name) = levels[depth].todo.pop() else {
+            // Emptied: remove it from the level above (the top itself is the caller's).
+            let done = levels.pop().expect("not empty");
+            drop(done.fd);
+            if depth == 0 {
+                break;
+            }
+            let parent = level_fd(&mut levels, depth - 1).map_err(fail)?;
+            match unlinkat(parent, done.name.as_str(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(fail(e)),
+            }
+            continue;
+        };
+        let dir = level_fd(&mut levels, depth).map_err(fail)?;
         let st = match fstatat(dir, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
             Ok(st) => st,
             Err(Errno::ENOENT) => continue,
-            Err(e) => return Err(errno_error(e, shown)),
+            Err(e) => return Err(fail(e)),
         };
-        if kind_of(&st) == FileKind::Dir {
-            let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-            let sub =
-                nix::fcntl::openat(dir, name.as_str(), flags, Mode::empty()).map_err(|e| errno_error(e, shown))?;
-            remove_contents(&sub, shown)?;
-            unlinkat(dir, name.as_str(), UnlinkatFlags::RemoveDir).map_err(|e| errno_error(e, shown))?;
-        } else {
-            unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir).map_err(|e| errno_error(e, shown))?;
+        if kind_of(&st) != FileKind::Dir {
+            match unlinkat(dir, name.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => return Err(fail(e)),
+            }
+            continue;
+        }
+        // O_NOFOLLOW: a directory swapped for a link meanwhile is not entered.
+        let sub = nix::fcntl::openat(dir, name.as_str(), SUBDIR, Mode::empty()).map_err(fail)?;
+        let todo = entry_names(&sub).map_err(fail)?;
+        levels.push(Level {
+            name,
+            fd: Some(sub),
+            todo,
+        });
+        // Close the level that just left the open window, unless it is a checkpoint that
+        // bounds how far a reopening walks.
+        if let Some(k) = levels.len().checked_sub(OPEN_LEVELS + 1) {
+            if k % OPEN_LEVELS != 0 {
+                levels[k].fd = None;
+            }
         }
     }
     Ok(())

@@ -10,14 +10,22 @@
 //! the *control socket*, which the agent uses both ways: it writes one line per command,
 //!
 //! ```text
-//! . '/run/conductor/sessions/<id>.<shell pid>/cmd-<n>' </dev/null; printf '%d\n' "$?" >&0
+//! . '/run/conductor/sessions/<id>.<shell pid>/cmd-<n>' </dev/null; printf '%s %d\n' <nonce> "$?" >&0
 //! ```
 //!
-//! and the shell answers with the command's status on the same socket. The command text
-//! itself sits in that private file (under the agent's own socket directory; directories
-//! 0700, file 0600), so no quoting is involved; `.` runs it in the shell's own context
-//! (`cd` persists) with stdin from `/dev/null`, so neither the command nor its children can
-//! read or write the control socket. The line works the same in bash and dash.
+//! and the shell answers with the command's status on the same socket, after a random
+//! nonce that is new for every command: only the line with the current nonce counts, so a
+//! process that got hold of the socket (a subshell forked off an earlier command inherits
+//! the shell's saved copy of it) cannot end a command with a status of its own, and what it
+//! wrote is dropped before the next command. The command text itself sits in that file
+//! (under the agent's own socket directory; the directory made fresh, 0700, never through a
+//! link; the file created with `O_EXCL | O_NOFOLLOW`, 0600), so no quoting is involved; `.`
+//! runs it in the shell's own context (`cd` persists) with stdin from `/dev/null`. The line
+//! works the same in bash and dash.
+//!
+//! None of this separates processes of the same uid: everything in a workspace runs as the
+//! workspace user, who can read and replace those files and signal the shell. Tasks that
+//! share a workspace are not isolated from each other.
 //!
 //! # Ending
 //!
@@ -29,7 +37,10 @@
 //! the state of the old one lost. Timeout, cancel, a client hanging up and `end_session` kill
 //! the session: the process group and every process carrying the session's kill marker.
 //! Dropping a [`Session`] always does that and removes its directory, so nothing leaks
-//! whichever way it ends; a waiter thread per shell reaps it as soon as it exits.
+//! whichever way it ends. A waiter thread per shell reports its exit at once but reaps it
+//! only once the session is dropped: until then the shell's pid, which is its process
+//! group id, cannot be taken by another process, so killing the group never hits a
+//! stranger.
 //!
 //! One command runs per session at a time: a request for a busy session is answered
 //! `session_busy`.
@@ -38,21 +49,25 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use conductor_agent_protocol::{valid_session_id, ErrorCode, ExecRequest, Request, Response, CHUNK};
+use nix::errno::Errno;
+use nix::fcntl::{open, openat, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::unistd::Pid;
+use nix::sys::stat::{fstat, Mode};
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::{geteuid, mkdir, Pid};
 
 use crate::conn::Conn;
 use crate::exec::{exit_code, kill_tree, DRAIN};
+use crate::files::random_token;
 
 /// Where sessions keep their command files (one directory per shell) when [`set_dir`] was
 /// not called.
@@ -91,9 +106,12 @@ struct Session {
     err: Option<ChildStderr>,
     /// Readable once the shell has exited: the raw wait status, from the waiter thread.
     exited: UnixStream,
+    /// Dropped with the session: the waiter then reaps the shell.
+    _reap: mpsc::Sender<()>,
     dir: PathBuf,
     commands: u64,
-    /// A status line being received.
+    /// What the control socket delivered during the current command, searched for its
+    /// status line.
     status: Vec<u8>,
 }
 
@@ -108,22 +126,39 @@ impl Session {
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
     }
 
-    /// Writes the next command to a private file and returns its path.
+    /// Writes the next command to a file of the session's directory and returns its path.
     fn command_file(&mut self, command: &str) -> io::Result<PathBuf> {
-        // Recreated if something removed it meanwhile.
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir)?;
         self.commands += 1;
-        let path = self.dir.join(format!("cmd-{}", self.commands));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&path)?;
-        f.write_all(command.as_bytes())?;
-        f.write_all(b"\n")?;
-        Ok(path)
+        write_command(&self.dir, &format!("cmd-{}", self.commands), command)
     }
+}
+
+/// Opens the session directory `dir`, never through a link: with `fresh` it is made here
+/// and must not exist yet; otherwise it is made when missing (something removed it).
+fn open_session_dir(dir: &Path, fresh: bool) -> io::Result<OwnedFd> {
+    match mkdir(dir, Mode::from_bits_truncate(0o700)) {
+        Ok(()) => {}
+        Err(Errno::EEXIST) if !fresh => {}
+        Err(e) => return Err(e.into()),
+    }
+    // O_NOFOLLOW: a link planted at `dir` is refused (ELOOP), never followed.
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = open(dir, flags, Mode::empty())?;
+    if fstat(&fd)?.st_uid != geteuid().as_raw() {
+        return Err(io::Error::other(format!("{} is not the agent's", dir.display())));
+    }
+    Ok(fd)
+}
+
+/// Writes `command` to the new file `name` (0600, `O_EXCL | O_NOFOLLOW`: never an existing
+/// file or link) in the session directory `dir`; returns its path.
+fn write_command(dir: &Path, name: &str, command: &str) -> io::Result<PathBuf> {
+    let dirfd = open_session_dir(dir, false)?;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let mut f = fs::File::from(openat(&dirfd, name, flags, Mode::from_bits_truncate(0o600))?);
+    f.write_all(command.as_bytes())?;
+    f.write_all(b"\n")?;
+    Ok(dir.join(name))
 }
 
 impl Drop for Session {
@@ -140,13 +175,37 @@ fn quote(s: &str) -> String {
 }
 
 /// The line that makes a session's shell run the command file `path` in its own context,
-/// with stdin from `/dev/null`, then report `$?` on the control socket (its stdin, which is
-/// open both ways).
-pub fn source_line(path: &str) -> String {
-    format!(". {} </dev/null; printf '%d\\n' \"$?\" >&0\n", quote(path))
+/// with stdin from `/dev/null`, then report `nonce` and `$?` on the control socket (its
+/// stdin, which is open both ways). `nonce` is hex: no quoting needed.
+pub fn source_line(path: &str, nonce: &str) -> String {
+    format!(". {} </dev/null; printf '%s %d\\n' {nonce} \"$?\" >&0\n", quote(path))
 }
 
-/// Parses a status line the shell wrote (without its newline).
+/// Looks in `buf` (what the control socket delivered) for the status line of the command
+/// with `nonce`, `<nonce> <status>\n`, and returns the status once it is complete. Anything
+/// else is dropped: only a tail that may be the start of that line is kept.
+fn take_status(buf: &mut Vec<u8>, nonce: &str) -> Option<i32> {
+    let tag = format!("{nonce} ");
+    let tag = tag.as_bytes();
+    match buf.windows(tag.len()).position(|w| w == tag) {
+        Some(at) => {
+            buf.drain(..at);
+            let nl = buf.iter().position(|b| *b == b'\n')?;
+            let status = parse_status(&buf[tag.len()..nl]);
+            buf.clear();
+            Some(status)
+        }
+        None => {
+            let keep = tag.len() - 1;
+            if buf.len() > keep {
+                buf.drain(..buf.len() - keep);
+            }
+            None
+        }
+    }
+}
+
+/// Parses a status the shell wrote (without its newline).
 fn parse_status(line: &[u8]) -> i32 {
     std::str::from_utf8(line)
         .ok()
@@ -162,10 +221,11 @@ struct Running {
 }
 
 impl Running {
+    /// Kills the session while its lease holds it. Under the lock: the lease clears the
+    /// target before it lets the shell be reaped (and its pid be reused).
     fn kill(&self) {
-        let target = lock(&self.target).clone();
-        if let Some((pgid, marker)) = target {
-            kill_tree(pgid, marker.as_deref());
+        if let Some((pgid, marker)) = &*lock(&self.target) {
+            kill_tree(*pgid, marker.as_deref());
         }
     }
 }
@@ -218,6 +278,9 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        // From here on `end_session` leaves the shell alone (an idle session is killed by
+        // dropping it), and a kill under way is over.
+        lock(&self.running.target).take();
         let keep = self.keep && !self.running.ended.load(Ordering::SeqCst);
         let session = self.session.take();
         let leftover = {
@@ -282,12 +345,16 @@ fn spawn(id: &str, req: &ExecRequest) -> Result<Session, String> {
         }
     };
     let (out, err) = (child.stdout.take(), child.stderr.take());
+    let (reap, reap_rx) = mpsc::channel::<()>();
     let waiter = std::thread::Builder::new()
         .name("session".into())
         .stack_size(64 << 10)
         .spawn(move || {
-            let raw = child.wait().map(|s| s.into_raw()).unwrap_or(255 << 8);
-            let _ = exited_tx.write_all(&raw.to_ne_bytes());
+            let _ = exited_tx.write_all(&wait_exit(pid).to_ne_bytes());
+            // The shell stays a zombie, holding its pid and process group id, until the
+            // session is dropped (its sender with it); then it is reaped.
+            let _ = reap_rx.recv();
+            let _ = child.wait();
         });
     let mut session = Session {
         pid,
@@ -296,13 +363,15 @@ fn spawn(id: &str, req: &ExecRequest) -> Result<Session, String> {
         out,
         err,
         exited,
+        _reap: reap,
         dir: PathBuf::new(),
         commands: 0,
         status: Vec::new(),
     };
     // From here on, dropping `session` kills the shell.
     waiter.map_err(failed)?;
-    session.dir = session_dir(id, pid).map_err(|e| format!("cannot create the session's directory: {e}"))?;
+    session.dir =
+        session_dir(base_dir(), id, pid).map_err(|e| format!("cannot create the session's directory: {e}"))?;
     if bash {
         // Non-interactive bash ignores aliases unless told otherwise.
         session
@@ -313,22 +382,42 @@ fn spawn(id: &str, req: &ExecRequest) -> Result<Session, String> {
     Ok(session)
 }
 
-/// Makes `<sessions dir>/<id>.<pid>` (mode 0700), replacing a stale one.
-fn session_dir(id: &str, pid: u32) -> io::Result<PathBuf> {
-    let base = base_dir();
-    match fs::DirBuilder::new().mode(0o700).create(base) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-        _ => {}
+/// Waits for the shell `pid` to exit, without reaping it; returns its raw wait status.
+fn wait_exit(pid: u32) -> i32 {
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+    loop {
+        match waitid(Id::Pid(Pid::from_raw(pid as i32)), flags) {
+            Ok(WaitStatus::Exited(_, code)) => return (code & 0xff) << 8,
+            Ok(WaitStatus::Signaled(_, signal, core)) => return signal as i32 | if core { 0x80 } else { 0 },
+            Err(Errno::EINTR) => {}
+            _ => return 255 << 8,
+        }
+    }
+}
+
+/// Makes `<base>/<id>.<pid>` (mode 0700) afresh: a stale directory of that name (from a
+/// shell that had the same pid) is removed first; a link or anything else there is refused.
+fn session_dir(base: &Path, id: &str, pid: u32) -> io::Result<PathBuf> {
+    match mkdir(base, Mode::from_bits_truncate(0o700)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(e.into()),
     }
     if !fs::symlink_metadata(base)?.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", base.display())));
     }
     let dir = base.join(format!("{id}.{pid}"));
-    match fs::remove_dir_all(&dir) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&dir)?,
+        Ok(_) => {
+            return Err(io::Error::other(format!(
+                "{} exists and is not a directory",
+                dir.display()
+            )))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
-    fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    open_session_dir(&dir, true)?;
     Ok(dir)
 }
 
@@ -405,9 +494,12 @@ pub fn exec(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
     }
     let mut stop: Option<Stop> = None;
     let mut kill_deadline: Option<Instant> = None;
+    // Whatever came on the control socket before this command is not its status.
+    session.status.clear();
+    let nonce = random_token();
     if session
         .control
-        .write_all(source_line(&file.to_string_lossy()).as_bytes())
+        .write_all(source_line(&file.to_string_lossy(), &nonce).as_bytes())
         .is_err()
     {
         // The shell is gone or going: the loop waits for its end.
@@ -537,11 +629,10 @@ pub fn exec(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
                         continue;
                     }
                     session.status.extend_from_slice(&buf[..got]);
-                    if let Some(nl) = session.status.iter().position(|b| *b == b'\n') {
-                        let line: Vec<u8> = session.status.drain(..=nl).collect();
+                    if let Some(status) = take_status(&mut session.status, &nonce) {
                         // After a kill the shell's end is what counts.
                         if stop.is_none() && code.is_none() {
-                            code = Some(parse_status(&line[..nl]));
+                            code = Some(status);
                             drain_until = Some(Instant::now() + DRAIN);
                         }
                     }
@@ -653,10 +744,79 @@ mod tests {
     #[test]
     fn the_source_line_runs_the_file_in_the_shell_and_reports_on_the_control_socket() {
         assert_eq!(
-            source_line("/tmp/.conductor-sessions/t1.42/cmd-3"),
-            ". '/tmp/.conductor-sessions/t1.42/cmd-3' </dev/null; printf '%d\\n' \"$?\" >&0\n"
+            source_line("/tmp/.conductor-sessions/t1.42/cmd-3", "0a1b"),
+            ". '/tmp/.conductor-sessions/t1.42/cmd-3' </dev/null; printf '%s %d\\n' 0a1b \"$?\" >&0\n"
         );
         assert_eq!(quote("it's"), r"'it'\''s'");
+        let (a, b) = (random_token(), random_token());
+        assert_ne!(a, b);
+        assert!(a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+    }
+
+    /// Only the line with the current nonce counts, whatever came before, around or in
+    /// pieces; the buffer stays small.
+    #[test]
+    fn only_the_status_line_with_the_nonce_counts() {
+        let nonce = "c0ffee";
+        let mut buf = Vec::new();
+        for (got, want) in [
+            (&b"0\n"[..], None),
+            (b"bad0ff 0\n1\n", None),
+            (b"junk without newline c0f", None),
+            (b"fee ", None),
+            (b"4", None),
+            (b"2\n", Some(42)),
+        ] {
+            buf.extend_from_slice(got);
+            assert_eq!(take_status(&mut buf, nonce), want, "{got:?}");
+            assert!(buf.len() <= 16, "{buf:?}");
+        }
+        assert!(buf.is_empty());
+        buf.extend_from_slice(b"xx c0ffee junk\nc0ffee 0\n");
+        assert_eq!(take_status(&mut buf, nonce), Some(255));
+        buf.extend_from_slice(b"c0ffeed 0\nc0ffe 1\n");
+        assert_eq!(take_status(&mut buf, nonce), None);
+    }
+
+    /// The session directory is made afresh and never through a link; command files are
+    /// new files, never written through a link or over an existing file.
+    #[test]
+    fn command_files_go_to_a_fresh_directory_never_through_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("sessions");
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::create_dir(&base).unwrap();
+
+        // A link planted where the directory goes is refused and left alone.
+        std::os::unix::fs::symlink(&elsewhere, base.join("s.7")).unwrap();
+        assert!(session_dir(&base, "s", 7).is_err());
+        assert!(fs::symlink_metadata(base.join("s.7")).unwrap().is_symlink());
+        fs::write(base.join("s.8"), "x").unwrap();
+        assert!(session_dir(&base, "s", 8).is_err());
+        // A stale directory is replaced by an empty one.
+        fs::create_dir(base.join("s.9")).unwrap();
+        fs::write(base.join("s.9/cmd-1"), "stale").unwrap();
+        let dir = session_dir(&base, "s", 9).unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+
+        let path = write_command(&dir, "cmd-1", "echo hi").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "echo hi\n");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // Never over an existing file or through a link.
+        assert!(write_command(&dir, "cmd-1", "again").is_err());
+        std::os::unix::fs::symlink(elsewhere.join("target"), dir.join("cmd-2")).unwrap();
+        assert!(write_command(&dir, "cmd-2", "evil").is_err());
+        assert!(!elsewhere.join("target").exists());
+        // A directory swapped for a link is refused; a removed one is made again.
+        fs::remove_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &dir).unwrap();
+        assert!(write_command(&dir, "cmd-3", "evil").is_err());
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0);
+        fs::remove_file(&dir).unwrap();
+        assert!(write_command(&dir, "cmd-4", "true").is_ok());
     }
 
     #[test]
@@ -687,11 +847,13 @@ mod tests {
             fs::write(&cmd1, "cd /; X=kept; read line; echo \"read:$?\"; false\n").unwrap();
             let cmd2 = dir.path().join(format!("{shell}-2"));
             fs::write(&cmd2, "echo \"$PWD $X\"; exit 4\n").unwrap();
-            let mut status = [0u8; 2];
-            ours.write_all(source_line(cmd1.to_str().unwrap()).as_bytes()).unwrap();
+            let mut status = [0u8; 8];
+            ours.write_all(source_line(cmd1.to_str().unwrap(), "a1b2c").as_bytes())
+                .unwrap();
             ours.read_exact(&mut status).unwrap();
-            assert_eq!(&status, b"1\n", "{shell}");
-            ours.write_all(source_line(cmd2.to_str().unwrap()).as_bytes()).unwrap();
+            assert_eq!(&status, b"a1b2c 1\n", "{shell}");
+            ours.write_all(source_line(cmd2.to_str().unwrap(), "d3").as_bytes())
+                .unwrap();
             let mut out = String::new();
             child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
             assert_eq!(out, "read:1\n/ kept\n", "{shell}");

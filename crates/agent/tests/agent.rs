@@ -455,3 +455,215 @@ fn init_reaps_orphans_forwards_sigterm_and_survives_its_server() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+impl Client {
+    /// Sends a `write` with `data` in two frames; returns the answer.
+    fn upload(&mut self, path: &str, mode: Option<u32>, append: bool, data: &[u8]) -> Response {
+        self.send(
+            &Request::Write {
+                path: path.into(),
+                mode,
+                append,
+                create_dirs: false,
+            },
+            b"",
+        );
+        let (a, b) = data.split_at(data.len() / 2);
+        self.send(&Request::Data, a);
+        self.send(&Request::Data, b);
+        self.send(&Request::Eof, b"");
+        self.recv().0
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Names in `dir` that look like an upload's temporary file.
+fn temporaries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".conductor-"))
+        .collect()
+}
+
+/// Waits until the agent removed the temporaries of `dir` (it does so once it sees the
+/// client gone).
+fn no_temporaries(dir: &Path) {
+    let t = Instant::now();
+    while !temporaries(dir).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", temporaries(dir));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn raw_writes_replace_the_whole_file_or_leave_it_as_it_was() {
+    let a = Agent::start("serve");
+    let (root, f) = (a.root.clone(), a.root.join("f"));
+    let outside = root.parent().unwrap().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let mut c = a.connect();
+
+    // A new file: 0644 less the umask (022 here); a replaced one keeps its permissions.
+    assert_eq!(c.upload("f", None, false, b"first"), Response::Done { size: 5 });
+    assert_eq!(mode_of(&f), 0o644);
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert_eq!(c.upload("f", None, false, b"second!"), Response::Done { size: 7 });
+    assert_eq!(
+        (std::fs::read_to_string(&f).unwrap(), mode_of(&f)),
+        ("second!".into(), 0o600)
+    );
+    // A given mode is applied as given (not less the umask), set-id bits dropped, to an
+    // existing file too, appending as well.
+    assert_eq!(c.upload("f", Some(0o777), false, b"third"), Response::Done { size: 5 });
+    assert_eq!(mode_of(&f), 0o777);
+    assert_eq!(
+        c.upload("f", Some(0o6751), false, b"fourth"),
+        Response::Done { size: 6 }
+    );
+    assert_eq!(mode_of(&f), 0o751);
+    assert_eq!(c.upload("f", Some(0o640), true, b"+more"), Response::Done { size: 5 });
+    assert_eq!(
+        (std::fs::read_to_string(&f).unwrap(), mode_of(&f)),
+        ("fourth+more".into(), 0o640)
+    );
+    assert!(temporaries(&root).is_empty(), "{:?}", temporaries(&root));
+
+    // A client that hangs up midway: the old contents stay, the temporary goes.
+    {
+        let mut c2 = a.connect();
+        c2.send(
+            &Request::Write {
+                path: "f".into(),
+                mode: Some(0o600),
+                append: false,
+                create_dirs: false,
+            },
+            b"",
+        );
+        c2.send(&Request::Data, &vec![b'x'; 1 << 20]);
+        // The agent is writing the temporary file.
+        let t = Instant::now();
+        while temporaries(&root).is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(5), "no temporary file");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    no_temporaries(&root);
+    assert_eq!(
+        (std::fs::read_to_string(&f).unwrap(), mode_of(&f)),
+        ("fourth+more".into(), 0o640)
+    );
+    // A protocol error midway: the same.
+    let mut c3 = a.connect();
+    c3.send(
+        &Request::Write {
+            path: "f".into(),
+            mode: None,
+            append: false,
+            create_dirs: false,
+        },
+        b"",
+    );
+    c3.send(&Request::Data, b"partial");
+    c3.send(&Request::Stat { path: "f".into() }, b"");
+    assert_eq!(error_code(&c3.recv().0), ErrorCode::Protocol);
+    no_temporaries(&root);
+    assert_eq!(std::fs::read_to_string(&f).unwrap(), "fourth+more");
+
+    // A link to a file inside is followed: the file is replaced, the link stays.
+    std::fs::create_dir(root.join("d")).unwrap();
+    std::fs::write(root.join("d/target"), "old").unwrap();
+    std::os::unix::fs::symlink("d/target", root.join("link")).unwrap();
+    assert_eq!(c.upload("link", None, false, b"new"), Response::Done { size: 3 });
+    assert_eq!(std::fs::read_to_string(root.join("d/target")).unwrap(), "new");
+    assert!(std::fs::symlink_metadata(root.join("link"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(temporaries(&root.join("d")).is_empty());
+    // A dangling one is replaced by the file.
+    std::os::unix::fs::symlink("d/missing", root.join("dangling")).unwrap();
+    assert_eq!(c.upload("dangling", None, false, b"here"), Response::Done { size: 4 });
+    assert!(std::fs::symlink_metadata(root.join("dangling")).unwrap().is_file());
+    assert!(!root.join("d/missing").exists());
+    // One that leads outside is refused, and nothing is written there.
+    std::fs::write(outside.join("secret"), "s").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret"), root.join("out")).unwrap();
+    assert_eq!(
+        error_code(&c.upload("out", None, false, b"evil")),
+        ErrorCode::OutsideRoot
+    );
+    assert_eq!(std::fs::read_to_string(outside.join("secret")).unwrap(), "s");
+    // Wrong kinds are refused up front, with nothing left behind.
+    assert_eq!(error_code(&c.upload("d", None, false, b"x")), ErrorCode::IsADirectory);
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    assert_eq!(
+        error_code(&c.upload("fifo", None, false, b"x")),
+        ErrorCode::NotARegularFile
+    );
+    assert_eq!(
+        error_code(&c.upload("fifo", None, true, b"x")),
+        ErrorCode::NotARegularFile
+    );
+    assert!(temporaries(&root).is_empty(), "{:?}", temporaries(&root));
+    // The connection is still in step after all that.
+    assert!(matches!(c.op(Request::Stat { path: "f".into() }), Response::Stat(_)));
+}
+
+#[test]
+fn a_deep_tree_is_deleted_without_exhausting_the_agent() {
+    use nix::fcntl::{open, openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let a = Agent::start("serve");
+    let outside = a.root.parent().unwrap().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), "k").unwrap();
+    // 5000 nested directories (deeper than PATH_MAX allows to name), with a file every 500
+    // levels and a link to outside at the bottom.
+    let dir_flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+    let mut fd = open(&a.root, dir_flags, Mode::empty()).unwrap();
+    let dir_mode = Mode::from_bits_truncate(0o755);
+    mkdirat(&fd, "deep", dir_mode).unwrap();
+    fd = openat(&fd, "deep", dir_flags, Mode::empty()).unwrap();
+    for level in 0..5000 {
+        mkdirat(&fd, "d", dir_mode).unwrap();
+        if level % 500 == 0 {
+            let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC;
+            openat(&fd, "file", flags, Mode::from_bits_truncate(0o644)).unwrap();
+            mkdirat(&fd, "side", dir_mode).unwrap();
+        }
+        fd = openat(&fd, "d", dir_flags, Mode::empty()).unwrap();
+    }
+    nix::unistd::symlinkat(&outside, &fd, "out").unwrap();
+    drop(fd);
+
+    let mut c = a.connect();
+    assert_eq!(
+        error_code(&c.op(Request::Delete {
+            path: "deep".into(),
+            recursive: false
+        })),
+        ErrorCode::DirectoryNotEmpty
+    );
+    assert_eq!(
+        c.op(Request::Delete {
+            path: "deep".into(),
+            recursive: true
+        }),
+        Response::Done { size: 0 }
+    );
+    assert!(!a.root.join("deep").exists());
+    assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "k");
+    // The agent is alive and this connection in step.
+    assert!(matches!(c.op(Request::Stat { path: ".".into() }), Response::Stat(_)));
+    assert!(matches!(
+        a.connect().op(Request::List { path: ".".into() }),
+        Response::List { .. }
+    ));
+}

@@ -380,3 +380,29 @@ fn a_failed_write_is_answered_at_once_and_the_connection_stays_in_step() {
     c.send(&Request::Eof, b"");
     assert!(matches!(c.op(Request::Stat { path: "d".into() }), Response::Stat(_)));
 }
+
+#[test]
+fn extract_refuses_oversized_long_name_and_pax_entries_without_buffering_them() {
+    let agent = Agent::start();
+    let mut c = agent.connect();
+    for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+        // A header announcing 1 GiB of extension data, then 4 MiB of it: refused at the
+        // header (the tar crate would otherwise read it all into memory).
+        let mut tar = raw_header(b"././@LongLink", kind, 1 << 30, 0o644).as_bytes().to_vec();
+        tar.extend(std::iter::repeat_n(b'a', 4 << 20));
+        let r = c.extract(".", &tar);
+        assert_eq!(error_code(&r), ErrorCode::InvalidArchive, "{kind:?}: {r:?}");
+        let m = error_message(&r);
+        assert!(m.contains("64 KiB") && m.contains("1073741824"), "{m}");
+    }
+    // Long names within the limit are fine; the connection stayed in step.
+    let long = format!("top/{}/{}.txt", "n".repeat(250), "m".repeat(250));
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(2);
+    b.append_data(&mut h, &long, &b"ok"[..]).unwrap();
+    let r = c.extract(".", &b.into_inner().unwrap());
+    assert!(matches!(r, Response::Done { size: 2 }), "{r:?}");
+    assert_eq!(std::fs::read(agent.root.join(&long)).unwrap(), b"ok");
+}

@@ -464,3 +464,74 @@ fn output_streams_through_a_session() {
     assert_eq!((code, out.as_str(), err.as_str()), (0, "", "loud\n"));
     c.end(&s);
 }
+
+/// A subshell of an earlier command still holds the shell's saved copy of the control
+/// socket and writes status lines on it: they neither end a later command nor give it
+/// their status, whether they come while it runs or between commands.
+#[test]
+fn forged_status_lines_are_ignored() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("forge");
+    // Every 0.2 s for 3 s, on every socket it has: lines without the nonce, and a piece
+    // of a line.
+    let forger = "( for t in $(seq 15); do for n in $(seq 3 20); do \
+                  [ -S /proc/$BASHPID/fd/$n ] && printf '0\\n7 7\\njunk' >&$n; done; sleep 0.2; \
+                  done ) >/dev/null 2>&1 & echo started";
+    assert_eq!(c.run(&s, forger), (0, "started\n".into(), String::new()));
+    let t = Instant::now();
+    let (code, out, _) = c.run(&s, "sleep 1; echo slept; (exit 3)");
+    assert!(t.elapsed() >= Duration::from_secs(1), "ended early: {:?}", t.elapsed());
+    assert_eq!((code, out.as_str()), (3, "slept\n"));
+    assert_eq!(c.run(&s, "echo ok"), (0, "ok\n".into(), String::new()));
+    // Forged lines that came while the session was idle do not count either.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.run(&s, "sleep 0.3; (exit 4)").0, 4);
+    assert_eq!(c.run(&s, "true").0, 0);
+    assert_eq!(c.end(&s), Response::Done { size: 0 });
+}
+
+/// Waits until `pid` has no /proc entry at all (reaped, not merely a zombie).
+fn wait_reaped(pid: u32) -> bool {
+    let t = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if t.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// A shell that died stays unreaped (its pid, the session's process group id, cannot be
+/// reused) until its session is dropped; then it is reaped, whichever way the session ended.
+#[test]
+fn shells_are_reaped_when_their_session_goes() {
+    let a = Agent::start();
+    let mut c = a.connect();
+    let s = a.sid("reap");
+    let pid = |out: String| out.trim().parse::<u32>().unwrap();
+    let first = pid(c.run(&s, "echo $$").1);
+    assert_eq!(c.run(&s, "exit 5").0, 5);
+    assert!(wait_reaped(first), "{first} was not reaped");
+
+    // Killed while idle: a zombie until the next command replaces the session.
+    let second = pid(c.run(&s, "echo $$").1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_gone(second));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        std::path::Path::new(&format!("/proc/{second}")).exists(),
+        "{second} was reaped while its session still held it"
+    );
+    let third = pid(c.run(&s, "echo $$").1);
+    assert_ne!(third, second);
+    assert!(wait_reaped(second), "{second} was not reaped");
+
+    assert_eq!(c.end(&s), Response::Done { size: 0 });
+    assert!(wait_reaped(third), "{third} was not reaped");
+}

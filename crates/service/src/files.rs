@@ -12,17 +12,21 @@
 //!   chrooted into the volume's directory, members owned by the workspace user), and list,
 //!   stat and delete run `find`/`stat`/`rm` as the workspace user. Tars sent this way are
 //!   checked and rewritten member by member first (the agent's rules, uid/gid 1000, no
-//!   set-id bits).
+//!   set-id bits). A path or member through an absolute symlink is resolved against the
+//!   workspace's volume (Podman's chroot), so it may land elsewhere inside the workspace.
 //!
 //! # Limits
 //!
 //! Paths are checked by [`validate::workspace_path`] before the workspace is looked at.
 //! Nothing is held whole in memory: bodies stream through in chunks (a raw upload through
 //! the Podman fallback without a known size is spooled to a temporary file first: a tar
-//! header needs the size). An upload larger than the workspace's `volume_size` is refused
+//! header needs the size); every tar parsed here goes through a [`TarGuard`], which refuses
+//! a long-name or pax extension entry over 64 KiB before it is buffered. An upload larger than the workspace's `volume_size` is refused
 //! (up front when its size is declared, else when it gets there): [`ServiceError::TooLarge`];
-//! a full volume is [`ServiceError::NoSpace`]. A raw upload that fails midway removes the
-//! incomplete file (its space is free again); a tar that fails midway leaves the members
+//! a full volume is [`ServiceError::NoSpace`]. A raw upload that fails midway leaves the
+//! previous file, if any, untouched through the agent (it writes a temporary file and renames
+//! it at the end); through Podman the incomplete file is removed (its space is free again);
+//! a tar that fails midway leaves the members
 //! unpacked so far.
 
 use std::io::{self, Read, Write};
@@ -31,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use conductor_agent_protocol::{archive_member, ErrorCode, FileKind, FileStat, CHUNK, FEATURE_ARCHIVE};
+use conductor_agent_protocol::{archive_member, ErrorCode, FileKind, FileStat, TarGuard, CHUNK, FEATURE_ARCHIVE};
 use conductor_core::engine::{ByteStream, ExecSpec, OutputChunk};
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::WorkspaceLimits;
@@ -81,7 +85,9 @@ pub enum DownloadKind {
 pub struct Download {
     pub kind: DownloadKind,
     pub size: Option<u64>,
-    /// Base name of the path (`workspace` for the root), e.g. for a file name.
+    /// Base name of the path (`workspace` for the root), e.g. for a file name. For an
+    /// archive, the top-level name of its entries: through Podman that of the path with
+    /// its symlinks resolved (`real` for `link -> real`).
     pub name: String,
     pub via: ExecPath,
     /// The contents; an error ends it early (the workspace changed, the agent died).
@@ -258,14 +264,11 @@ impl Conductor {
             Err(_) if over.load(Ordering::Relaxed) => too_large(t.limit),
             Err(e) => e,
         };
-        // Stopped while writing because the volume is full or the body too large: the
-        // file is incomplete; remove it so that its space is free again. (Through Podman,
-        // "too large" is found while spooling, before anything is written.)
-        let wrote = match e {
-            ServiceError::NoSpace(_) => true,
-            ServiceError::TooLarge(_) => via_agent,
-            _ => false,
-        };
+        // The agent writes to a temporary file that it renames over the target only at the
+        // end and removes on failure: the previous file stays. Podman writes in place: a
+        // full volume leaves an incomplete file; remove it so that its space is free again.
+        // ("Too large" is found while spooling, before Podman writes anything.)
+        let wrote = !via_agent && matches!(e, ServiceError::NoSpace(_));
         if wrote {
             self.discard(&t).await;
         }
@@ -676,7 +679,11 @@ impl Conductor {
             "dir" => Ok(Download {
                 kind: DownloadKind::Archive,
                 size: None,
-                name: t.name(),
+                // Podman names the entries after the path it was given: the resolved one.
+                name: match r.path.rsplit('/').next() {
+                    Some(n) if !n.is_empty() => n.to_string(),
+                    _ => t.name(),
+                },
                 via: ExecPath::Podman,
                 stream: archive.await?,
             }),
@@ -687,7 +694,7 @@ impl Conductor {
                 tokio::task::spawn_blocking(move || {
                     let mut out = ChannelWriter::new(tx.clone());
                     let result = (|| {
-                        let mut ar = tar::Archive::new(input);
+                        let mut ar = tar::Archive::new(TarGuard::new(input));
                         let mut entry = ar
                             .entries()?
                             .next()
@@ -819,11 +826,12 @@ fn dir_header() -> tar::Header {
 /// Copies the tar read from `input` to `out`, member by member, with the agent's rules:
 /// names checked by [`archive_member`], only files, directories and symlinks, a member
 /// never below a symlink member of the same archive, owner uid/gid 1000, no set-id bits.
-/// Returns the bytes of file contents.
+/// The input is read through a [`TarGuard`]: a long-name or pax entry over 64 KiB is
+/// refused before the parser buffers it. Returns the bytes of file contents.
 fn rewrite_archive(input: impl Read, out: &mut ChannelWriter) -> Result<u64> {
     let bad = |m: String| ServiceError::invalid("body", m);
     let malformed = |e: io::Error| ServiceError::invalid("body", format!("the tar stream is malformed: {e}"));
-    let mut ar = tar::Archive::new(input);
+    let mut ar = tar::Archive::new(TarGuard::new(input));
     let mut b = tar::Builder::new(out);
     let mut links: Vec<String> = Vec::new();
     let mut size = 0u64;
@@ -1142,6 +1150,21 @@ mod tests {
                     assert!(message.contains(what), "{message}");
                 }
                 other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn fallback_archives_with_oversized_extension_entries_are_refused() {
+        for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+            let mut tar = header(b"././@LongLink", kind, 1 << 30, 0o644).as_bytes().to_vec();
+            tar.extend(std::iter::repeat_n(b'a', 1 << 20));
+            match rewrite(tar).0 {
+                Err(ServiceError::Invalid { field, message }) => {
+                    assert_eq!(field, "body");
+                    assert!(message.contains("64 KiB"), "{message}");
+                }
+                other => panic!("{kind:?}: {other:?}"),
             }
         }
     }
