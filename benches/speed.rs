@@ -6,8 +6,10 @@
 //!    without it, vs `podman run --rm <image> true`;
 //! 2. exec latency in an existing workspace: through the agent, through the REST API
 //!    (conductor's Podman path), `podman exec` (CLI), and the `nsenter` floor;
-//! 3. throughput: 200 one-command sandbox tasks through the orchestrator with 8 workers,
-//!    with and without a warm pool;
+//! 3. one task end to end (submit → result) with and without the pool vs `podman run --rm`;
+//!    throughput: 200 one-command sandbox tasks through the orchestrator with 8 workers,
+//!    with and without a warm pool, and in shared mode (`BENCH_THROUGHPUT_EXTRA`: YAML lines
+//!    under `isolated_workspace` to measure only the throughput of that configuration);
 //! 4. idle memory per workspace with 50 idle workspaces (conmon + agent, RSS and PSS from
 //!    /proc), with the agent and with the former `sh` loop as PID 1.
 //!
@@ -167,6 +169,28 @@ async fn idle_memory(c: &Conductor, ws: &[WorkspaceInfo]) -> (f64, f64, f64) {
     (conmon as f64 / n, inside as f64 / n, pss as f64 / n)
 }
 
+/// Time from submitting one `true` task to its recorded success (the orchestrator runs).
+async fn one_task(c: &Conductor, agent: &str) -> Duration {
+    let spec = TaskSpec {
+        task_type: "isolated_execution".into(),
+        description: None,
+        environment: "minimal".into(),
+        commands: vec!["true".into()],
+        services: Vec::new(),
+        priority: None,
+        timeout: None,
+        agent_id: Some(agent.into()),
+        env: BTreeMap::new(),
+        source: None,
+    };
+    let t = Instant::now();
+    let id = c.submit_tasks(vec![spec]).unwrap().remove(0).id;
+    let v = c.wait_task(&id).await.unwrap();
+    let d = t.elapsed();
+    assert_eq!(v.status, conductor_core::lifecycle::TaskState::Succeeded, "{v:?}");
+    d
+}
+
 /// Tasks per second for `tasks` one-command tasks of `agents` agents (round robin).
 async fn throughput(c: Arc<Conductor>, tasks: usize, agents: usize) -> f64 {
     let orchestrator = Orchestrator::start(c.clone());
@@ -209,6 +233,17 @@ async fn throughput(c: Arc<Conductor>, tasks: usize, agents: usize) -> f64 {
     rate
 }
 
+/// CPU time (user + system, all processes) since boot in clock ticks (1/100 s).
+fn cpu_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let cpu = stat.lines().next().unwrap_or_default();
+    cpu.split_whitespace()
+        .skip(1)
+        .take(3)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
+}
+
 /// The benchmark's configuration with `isolated` extra lines under `isolated_workspace`.
 fn config(isolated: &str) -> String {
     format!(
@@ -247,6 +282,16 @@ fn main() {
             std::thread::available_parallelism().map(|p| p.get()).unwrap_or(1)
         );
 
+        if let Ok(extra) = std::env::var("BENCH_THROUGHPUT_EXTRA") {
+            let x = open(&dir.path().join("x"), &config(&extra)).await;
+            let t0 = cpu_ticks();
+            let rate = throughput(x.clone(), n_tasks, n_tasks).await;
+            println!(
+                "extra config {extra:?}: {rate:.1} tasks/s, {:.0} ms CPU per task",
+                (cpu_ticks() - t0) as f64 * 10.0 / n_tasks as f64
+            );
+            return;
+        }
         // 1. Time to first command, interleaved.
         let (mut pool_on, mut pool_off, mut raw) = (vec![], vec![], vec![]);
         for i in 0..n {
@@ -359,6 +404,42 @@ fn main() {
             ],
         );
         plain.remove_workspace(&w.id, None).await.unwrap();
+
+        // 3a. One task end to end (submit, a sandbox workspace, `true`, its result), interleaved.
+        let (mut t_pool, mut t_plain, mut t_raw) = (vec![], vec![], vec![]);
+        let orchestrators = [Orchestrator::start(c.clone()), Orchestrator::start(plain.clone())];
+        for i in 0..n {
+            c.refill_warm_pool(true).await.unwrap();
+            t_pool.push(one_task(&c, &format!("lat{i}")).await);
+            t_plain.push(one_task(&plain, &format!("lat{i}")).await);
+            let mut args = vec!["--runtime", runtime.as_str(), "run", "--rm", "--network", "none"];
+            args.extend(ul);
+            args.extend([image.as_str(), "true"]);
+            t_raw.push(timed(|| {
+                run("podman", &args);
+            }));
+        }
+        for o in orchestrators {
+            o.shutdown(Duration::from_secs(30)).await;
+        }
+        let raw_stats = stats(t_raw.clone());
+        print_rows(
+            "### One task end to end (submit, sandbox workspace, `true`, result)",
+            vec![
+                Row {
+                    name: "task, warm pool",
+                    ours: t_pool,
+                    baseline_name: "`podman run --rm`",
+                    baseline: Some(raw_stats),
+                },
+                Row {
+                    name: "task, no pool",
+                    ours: t_plain,
+                    baseline_name: "`podman run --rm`",
+                    baseline: Some(raw_stats),
+                },
+            ],
+        );
 
         // 3. Throughput of one-command sandbox tasks.
         let without = throughput(plain.clone(), n_tasks, n_tasks).await;

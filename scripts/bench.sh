@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole benchmark in one run, on this machine: speed (time to first command, exec
+# latency, throughput, idle memory), snapshots, and the workspace lifecycle, each against
+# raw Podman, as Markdown tables on stdout (docs/performance.md holds the last run).
+#
+#   scripts/bench.sh                 # everything (~15 min on 2 cores)
+#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle
+#
+# Knobs (environment): BENCH_N (speed iterations, 30), BENCH_N_SLOW (snapshots and
+# lifecycle iterations, 3 and 20), BENCH_TASKS (throughput tasks, 200), BENCH_IDLE (idle
+# workspaces, 50).
+# Needs what scripts/setup.sh installs: root, Podman, the static agent, the minimal image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+benches=("$@")
+[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle)
+for b in "${benches[@]}"; do
+    case "$b" in
+        speed | snapshots | lifecycle) ;;
+        *) echo "unknown bench '$b' (speed, snapshots, lifecycle)" >&2; exit 2 ;;
+    esac
+done
+
+echo "== building the static agent and conductor" >&2
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
+    --target x86_64-unknown-linux-gnu -p conductor-agent
+cargo build --release --quiet --bin conductor
+echo "== making sure the minimal environment exists" >&2
+./target/release/conductor env build minimal >&2
+
+echo "# conductor benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r)"
+for b in "${benches[@]}"; do
+    echo
+    echo "## $b"
+    echo
+    # Snapshot rounds are slower; keep their default unless asked.
+    if [ "$b" = speed ]; then
+        cargo bench --quiet --bench "$b" 2>&1 | grep -v '^running\|^test result' || exit 1
+    else
+        BENCH_N="${BENCH_N_SLOW:-}" cargo bench --quiet --bench "$b" 2>&1 | grep -v '^running\|^test result' || exit 1
+    fi
+done
