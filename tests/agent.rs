@@ -10,27 +10,16 @@ mod common;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::time::{Duration, Instant};
 
-use common::{quiet, TestEnv};
+use common::{agent_workspace, minimal, quiet, server_pid, TestEnv};
 use conductor_agent_protocol::{ErrorCode, FileKind};
 use conductor_core::engine::OutputChunk;
 use conductor_service::agent_client::{self, AgentConn, AgentError};
 use conductor_service::exec::{ExecPath, ExecRequest};
-use conductor_service::workspaces::{CreateRequest, WorkspaceInfo};
 use conductor_service::Conductor;
 use tokio::sync::mpsc;
 
-async fn workspace(c: &Conductor, agent: &str) -> WorkspaceInfo {
-    assert!(
-        agent_client::binary(&c.config).is_some(),
-        "the static conductor-agent is not built (see the header of tests/agent.rs)"
-    );
-    let req = CreateRequest {
-        agent_id: agent.into(),
-        environment: "minimal".into(),
-        ..Default::default()
-    };
-    c.create_workspace(req, quiet()).await.expect("create workspace")
-}
+/// Configuration of a conductor that starts workspaces without the agent.
+const WITHOUT_AGENT: &str = "isolated_workspace:\n  agent_containers:\n    agent_binary: \"\"\n";
 
 async fn sh(c: &Conductor, id: &str, cmd: &str) -> (i64, String, String) {
     let (o, out, err) = c.exec_collect(id, ExecRequest::new(cmd)).await.expect("exec");
@@ -40,22 +29,6 @@ async fn sh(c: &Conductor, id: &str, cmd: &str) -> (i64, String, String) {
 async fn exec_path(c: &Conductor, id: &str) -> ExecPath {
     let (_, usage) = c.inspect_workspace(id).await.unwrap();
     usage.expect("running").exec_path.expect("exec path")
-}
-
-/// Host pid of the agent's server (the only child of the container's PID 1 at rest).
-async fn server_pid(c: &Conductor, w: &WorkspaceInfo) -> i32 {
-    let init = c
-        .engine
-        .container_inspect(&w.container_name)
-        .await
-        .unwrap()
-        .unwrap()
-        .pid
-        .unwrap();
-    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
-    let pids: Vec<i32> = children.split_whitespace().map(|p| p.parse().unwrap()).collect();
-    assert_eq!(pids.len(), 1, "children of the agent init: {pids:?}");
-    pids[0]
 }
 
 fn rss_kib() -> u64 {
@@ -68,7 +41,7 @@ fn rss_kib() -> u64 {
 async fn agent_is_pid_1_with_the_workloads_restrictions_and_serves_exec() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag1").await;
+    let w = agent_workspace(c, "ag1", None).await;
     assert_eq!(exec_path(c, &w.id).await, ExecPath::Agent);
 
     let (code, out, _) = sh(
@@ -130,7 +103,7 @@ async fn agent_is_pid_1_with_the_workloads_restrictions_and_serves_exec() {
 async fn streaming_100_mib_keeps_memory_bounded() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag2").await;
+    let w = agent_workspace(c, "ag2", None).await;
     let (tx, mut rx) = mpsc::channel::<OutputChunk>(4);
     let before = rss_kib();
     let consumer = tokio::spawn(async move {
@@ -158,7 +131,7 @@ async fn streaming_100_mib_keeps_memory_bounded() {
 async fn timeout_and_cancel_kill_grandchildren() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag3").await;
+    let w = agent_workspace(c, "ag3", None).await;
     let mut r = ExecRequest::new("sleep 301 & (setsid sleep 302 &); bash -c 'sleep 303 & wait' & sleep 304");
     r.timeout = Some(Duration::from_secs(1));
     let start = Instant::now();
@@ -196,7 +169,7 @@ async fn timeout_and_cancel_kill_grandchildren() {
 async fn orphans_are_reaped_by_the_agent() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag4").await;
+    let w = agent_workspace(c, "ag4", None).await;
     // The shell exits at once; its background children are orphaned to PID 1.
     let (code, out, _) = sh(c, &w.id, "for i in 1 2 3; do sleep 0.2 & done; echo $!").await;
     assert_eq!(code, 0);
@@ -215,7 +188,7 @@ async fn orphans_are_reaped_by_the_agent() {
 async fn file_operations_are_confined_to_the_workspace() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag5").await;
+    let w = agent_workspace(c, "ag5", None).await;
     let (code, _, err) = sh(
         c,
         &w.id,
@@ -287,7 +260,7 @@ async fn file_operations_are_confined_to_the_workspace() {
 async fn exec_falls_back_to_podman_when_the_agent_is_killed() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag6").await;
+    let w = agent_workspace(c, "ag6", None).await;
     assert_eq!(exec_path(c, &w.id).await, ExecPath::Agent);
     let server = server_pid(c, &w).await;
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(server), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -320,14 +293,9 @@ async fn exec_falls_back_to_podman_when_the_agent_is_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_agent_binary_workspaces_use_podman() {
-    let t = TestEnv::new("isolated_workspace:\n  agent_containers:\n    agent_binary: \"\"\n").await;
+    let t = TestEnv::new(WITHOUT_AGENT).await;
     let c = t.c();
-    let req = CreateRequest {
-        agent_id: "ag7".into(),
-        environment: "minimal".into(),
-        ..Default::default()
-    };
-    let w = c.create_workspace(req, quiet()).await.unwrap();
+    let w = c.create_workspace(minimal("ag7"), quiet()).await.unwrap();
     assert_eq!(exec_path(c, &w.id).await, ExecPath::Podman);
     let (code, out, _) = sh(c, &w.id, "tr '\\0' ' ' < /proc/1/cmdline").await;
     assert_eq!(code, 0);
@@ -356,7 +324,7 @@ async fn count(c: &Conductor, id: &str, pattern: &str) -> String {
 async fn sessions_keep_one_shell_per_session() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag8").await;
+    let w = agent_workspace(c, "ag8", None).await;
     let dir = agent_client::socket_dir(&c.paths, &w.id);
     assert!(AgentConn::connect(&dir).await.unwrap().has_sessions());
 
@@ -457,14 +425,9 @@ async fn sessions_keep_one_shell_per_session() {
 /// each command gets a fresh shell.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_agent_sessions_fall_back_to_saved_state() {
-    let t = TestEnv::new("isolated_workspace:\n  agent_containers:\n    agent_binary: \"\"\n").await;
+    let t = TestEnv::new(WITHOUT_AGENT).await;
     let c = t.c();
-    let req = CreateRequest {
-        agent_id: "ag9".into(),
-        environment: "minimal".into(),
-        ..Default::default()
-    };
-    let w = c.create_workspace(req, quiet()).await.unwrap();
+    let w = c.create_workspace(minimal("ag9"), quiet()).await.unwrap();
     assert_eq!(exec_path(c, &w.id).await, ExecPath::Podman);
     let (_, pid, _) = in_session(c, &w.id, "task-f1", "cd /tmp; export X=1; echo $$").await;
     let (code, out, _) = in_session(c, &w.id, "task-f1", "pwd; echo $X; echo $$").await;
@@ -481,7 +444,7 @@ async fn without_the_agent_sessions_fall_back_to_saved_state() {
 async fn a_server_started_by_the_workload_is_not_trusted() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "ag-impostor").await;
+    let w = agent_workspace(c, "ag-impostor", None).await;
     assert_eq!(exec_path(c, &w.id).await, ExecPath::Agent);
     // The agent is not dumpable: the workload cannot read its memory or environment.
     let (code, _, err) = sh(c, &w.id, "head -c1 /proc/1/environ").await;

@@ -12,30 +12,16 @@ use std::io::Read;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{quiet, TestEnv};
+use common::{agent_workspace, server_pid, TestEnv};
 use conductor_core::engine::ByteStream;
 use conductor_core::size::ByteSize;
 use conductor_service::agent_client;
 use conductor_service::exec::{ExecPath, ExecRequest};
 use conductor_service::files::{DownloadKind, PutOptions};
-use conductor_service::workspaces::{CreateRequest, WorkspaceInfo};
+use conductor_service::workspaces::WorkspaceInfo;
 use conductor_service::{Conductor, ServiceError};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-
-async fn workspace(c: &Conductor, agent: &str, volume_size: Option<ByteSize>) -> WorkspaceInfo {
-    assert!(
-        agent_client::binary(&c.config).is_some(),
-        "the static conductor-agent is not built (see the header of tests/agent.rs)"
-    );
-    let mut req = CreateRequest {
-        agent_id: agent.into(),
-        environment: "minimal".into(),
-        ..Default::default()
-    };
-    req.limits.volume_size = volume_size;
-    c.create_workspace(req, quiet()).await.expect("create workspace")
-}
 
 async fn sh(c: &Conductor, id: &str, cmd: &str) -> (i64, String) {
     let (o, out, err) = c.exec_collect(id, ExecRequest::new(cmd)).await.expect("exec");
@@ -140,18 +126,8 @@ fn raw_tar(entries: &[RawMember]) -> Vec<u8> {
 
 /// Kills the agent's server in the workspace (its init and the workspace stay up).
 async fn kill_agent(c: &Conductor, w: &WorkspaceInfo) {
-    let init = c
-        .engine
-        .container_inspect(&w.container_name)
-        .await
-        .unwrap()
-        .unwrap()
-        .pid
-        .unwrap();
-    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
-    let pids: Vec<i32> = children.split_whitespace().map(|p| p.parse().unwrap()).collect();
-    assert_eq!(pids.len(), 1, "children of the agent init: {pids:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let server = server_pid(c, w).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server), nix::sys::signal::Signal::SIGKILL).unwrap();
     let dir = agent_client::socket_dir(&c.paths, &w.id);
     for _ in 0..50 {
         if !agent_client::answers(&dir).await {
@@ -166,7 +142,7 @@ async fn kill_agent(c: &Conductor, w: &WorkspaceInfo) {
 async fn raw_files_round_trip_as_the_workspace_user_list_and_delete() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "files1", None).await;
+    let w = agent_workspace(c, "files1", None).await;
 
     // A few MiB of every byte value, into a directory that does not exist yet.
     let data = binary(3 << 20 | 12345);
@@ -316,7 +292,7 @@ async fn raw_files_round_trip_as_the_workspace_user_list_and_delete() {
 async fn tars_extract_and_download_round_trip() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "files2", None).await;
+    let w = agent_workspace(c, "files2", None).await;
     let big = binary(1 << 20);
 
     // Into a directory that does not exist yet.
@@ -381,7 +357,7 @@ async fn tars_extract_and_download_round_trip() {
 async fn paths_and_members_leaving_the_workspace_are_refused() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "files3", None).await;
+    let w = agent_workspace(c, "files3", None).await;
     let (code, _) = sh(c, &w.id, "ln -s /etc /workspace/etc-link && mkdir /workspace/ok").await;
     assert_eq!(code, 0);
     let long = "a/".repeat(2500);
@@ -472,7 +448,7 @@ async fn paths_and_members_leaving_the_workspace_are_refused() {
 async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "files4", Some(ByteSize::mib(16))).await;
+    let w = agent_workspace(c, "files4", Some(ByteSize::mib(16))).await;
 
     // Declared too large: refused before anything is read or written.
     let declared = PutOptions {
@@ -556,7 +532,7 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
 async fn files_go_through_podman_when_the_agent_is_gone() {
     let t = TestEnv::new("").await;
     let c = t.c();
-    let w = workspace(c, "files5", None).await;
+    let w = agent_workspace(c, "files5", None).await;
     sh(
         c,
         &w.id,

@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use conductor_core::engine::{Progress, ProgressSink};
+use conductor_core::size::ByteSize;
 use conductor_core::Config;
+use conductor_service::agent_client;
+use conductor_service::workspaces::{CreateRequest, WorkspaceInfo};
 use conductor_service::Conductor;
 
 pub struct TestEnv {
@@ -191,4 +194,45 @@ pub fn unmount_under(dir: &std::path::Path) {
     for m in mounts {
         let _ = std::process::Command::new("umount").args(["-l", &m]).status();
     }
+}
+
+/// A request for a `minimal` workspace of `agent`.
+pub fn minimal(agent: &str) -> CreateRequest {
+    CreateRequest {
+        agent_id: agent.into(),
+        environment: "minimal".into(),
+        ..Default::default()
+    }
+}
+
+/// Creates a `minimal` workspace of `agent` that runs the in-workspace agent (the static
+/// binary must be built), with `volume_size` as its storage limit when given.
+pub async fn agent_workspace(c: &Conductor, agent: &str, volume_size: Option<ByteSize>) -> WorkspaceInfo {
+    assert!(
+        agent_client::binary(&c.config).is_some(),
+        "the static conductor-agent is not built (see the header of tests/agent.rs)"
+    );
+    let mut req = minimal(agent);
+    req.limits.volume_size = volume_size;
+    c.create_workspace(req, quiet()).await.expect("create workspace")
+}
+
+/// Host pid of the workspace container's PID 1 (the agent's init).
+pub async fn init_pid(c: &Conductor, w: &WorkspaceInfo) -> u32 {
+    c.engine
+        .container_inspect(&w.container_name)
+        .await
+        .unwrap()
+        .unwrap()
+        .pid
+        .unwrap()
+}
+
+/// Host pid of the agent's server (the only child of the container's PID 1 at rest).
+pub async fn server_pid(c: &Conductor, w: &WorkspaceInfo) -> i32 {
+    let init = init_pid(c, w).await;
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+    let pids: Vec<i32> = children.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(pids.len(), 1, "children of the agent init: {pids:?}");
+    pids[0]
 }

@@ -17,21 +17,31 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use conductor_agent_protocol::{ErrorCode, ExecRequest, Request, Response, CHUNK};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::poll::PollTimeout;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::conn::Conn;
+use crate::pipes::{timeout_until, Output, Ready};
 
 /// How long output already in the pipes may take to drain after the command exited.
 pub(crate) const DRAIN: Duration = Duration::from_millis(200);
 /// Rounds of the marker scan (a process may fork while we scan).
 const KILL_ROUNDS: usize = 5;
+
+/// The descriptors the loop watches besides the output pipes.
+#[derive(Clone, Copy)]
+enum Watched {
+    /// The client: stdin data, cancel, hang-up.
+    Client,
+    /// The waiter thread's exit notice.
+    Exited,
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -202,8 +212,10 @@ pub fn run(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
         tx
     });
     let mut stdin_tx = stdin_tx;
-    let mut out: Option<ChildStdout> = child.stdout.take();
-    let mut err: Option<ChildStderr> = child.stderr.take();
+    let mut output = Output {
+        out: child.stdout.take(),
+        err: child.stderr.take(),
+    };
     let (mut exited_rx, mut exited_tx) = UnixStream::pair()?;
     std::thread::Builder::new()
         .name("wait".into())
@@ -224,7 +236,7 @@ pub fn run(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
         return conn.send_error(ErrorCode::Protocol, m);
     }
     loop {
-        if status.is_some() && out.is_none() && err.is_none() {
+        if status.is_some() && output.closed() {
             break;
         }
         if let (Some(d), None, None) = (deadline, stop, status) {
@@ -235,76 +247,35 @@ pub fn run(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
         }
         let timeout = match (drain_until, stop, deadline) {
             (Some(_), _, _) => PollTimeout::ZERO,
-            (None, None, Some(d)) => {
-                let left = d.saturating_duration_since(Instant::now()).as_millis() + 1;
-                PollTimeout::try_from(left.min(60_000)).unwrap_or(PollTimeout::NONE)
-            }
+            (None, None, Some(d)) => timeout_until(d, Instant::now()),
             _ => PollTimeout::NONE,
         };
-        let waiting = status.is_none();
         // Order: stdout, stderr, client, exit notice (absent ones are skipped).
-        let mut fds = Vec::with_capacity(4);
-        let mut which = Vec::with_capacity(4);
-        if let Some(o) = &out {
-            fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
-            which.push(0);
+        let mut others = Vec::with_capacity(2);
+        if status.is_none() {
+            others.push((conn.stream.as_fd(), Watched::Client));
+            others.push((exited_rx.as_fd(), Watched::Exited));
         }
-        if let Some(e) = &err {
-            fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
-            which.push(1);
-        }
-        if waiting {
-            fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
-            which.push(2);
-            fds.push(PollFd::new(exited_rx.as_fd(), PollFlags::POLLIN));
-            which.push(3);
-        }
-        let n = match poll(&mut fds, timeout) {
-            Ok(n) => n,
+        let ready = match output.poll(&others, timeout) {
+            Ok(ready) => ready,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
-        if n == 0 {
+        if ready.is_empty() {
             if drain_until.is_some() {
                 break; // nothing left in the pipes
             }
             continue;
         }
-        let ready: Vec<usize> = fds
-            .iter()
-            .zip(&which)
-            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(_, w)| *w)
-            .collect();
-        drop(fds);
-        for w in ready {
-            match w {
-                0 | 1 => {
-                    let pipe: &mut dyn Read = if w == 0 {
-                        out.as_mut().expect("polled")
-                    } else {
-                        err.as_mut().expect("polled")
-                    };
-                    let got = match pipe.read(&mut buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => 0,
-                    };
-                    if got == 0 {
-                        if w == 0 {
-                            out = None;
-                        } else {
-                            err = None;
-                        }
-                    } else {
-                        let msg = if w == 0 { Response::Stdout } else { Response::Stderr };
-                        if let Err(e) = conn.send(&msg, &buf[..got]) {
-                            kill_tree(pgid, marker);
-                            return Err(e);
-                        }
+        for r in ready {
+            match r {
+                Ready::Pipe(pipe) => {
+                    if let Err(e) = output.forward(pipe, &mut buf, conn) {
+                        kill_tree(pgid, marker);
+                        return Err(e);
                     }
                 }
-                2 => {
+                Ready::Other(Watched::Client) => {
                     if conn.read_more()? == 0 {
                         // The client is gone: nobody wants the command any more.
                         kill_tree(pgid, marker);
@@ -314,7 +285,7 @@ pub fn run(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
                         return conn.send_error(ErrorCode::Protocol, m);
                     }
                 }
-                _ => {
+                Ready::Other(Watched::Exited) => {
                     let mut raw = [0u8; 4];
                     exited_rx.read_exact(&mut raw)?;
                     status = Some(ExitStatus::from_raw(i32::from_ne_bytes(raw)));

@@ -22,6 +22,7 @@ mod conn;
 mod exec;
 mod files;
 mod init;
+mod pipes;
 mod server;
 mod session;
 

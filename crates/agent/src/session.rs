@@ -52,7 +52,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{ChildStderr, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
@@ -68,6 +68,7 @@ use nix::unistd::{geteuid, mkdir, Pid};
 use crate::conn::Conn;
 use crate::exec::{exit_code, kill_tree, DRAIN};
 use crate::files::random_token;
+use crate::pipes::{timeout_until, Output, Ready};
 
 /// Where sessions keep their command files (one directory per shell) when [`set_dir`] was
 /// not called.
@@ -95,15 +96,25 @@ fn base_dir() -> &'static Path {
 /// anyway (its session is dropped, which kills again).
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// The descriptors a command's loop watches besides the output pipes.
+#[derive(Clone, Copy)]
+enum Watched {
+    /// The shell's control socket: status lines.
+    Control,
+    /// The client: cancel, hang-up.
+    Client,
+    /// The waiter thread's exit notice.
+    Exited,
+}
+
 /// One live shell.
 struct Session {
     pid: u32,
     marker: Option<String>,
     /// Our end of the control socket (the shell's stdin): command lines out, status lines in.
     control: UnixStream,
-    /// `None` once the shell closed them for good (`exec >/dev/null`).
-    out: Option<ChildStdout>,
-    err: Option<ChildStderr>,
+    /// Its stdout and stderr: `None` once the shell closed them for good (`exec >/dev/null`).
+    output: Output,
     /// Readable once the shell has exited: the raw wait status, from the waiter thread.
     exited: UnixStream,
     /// Dropped with the session: the waiter then reaps the shell.
@@ -344,7 +355,10 @@ fn spawn(id: &str, req: &ExecRequest) -> Result<Session, String> {
             return Err(failed(e));
         }
     };
-    let (out, err) = (child.stdout.take(), child.stderr.take());
+    let output = Output {
+        out: child.stdout.take(),
+        err: child.stderr.take(),
+    };
     let (reap, reap_rx) = mpsc::channel::<()>();
     let waiter = std::thread::Builder::new()
         .name("session".into())
@@ -360,8 +374,7 @@ fn spawn(id: &str, req: &ExecRequest) -> Result<Session, String> {
         pid,
         marker: req.kill_marker.clone(),
         control,
-        out,
-        err,
+        output,
         exited,
         _reap: reap,
         dir: PathBuf::new(),
@@ -542,83 +555,42 @@ pub fn exec(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
                 _ => None,
             };
             match next {
-                Some(t) => {
-                    let left = t.saturating_duration_since(now).as_millis() + 1;
-                    PollTimeout::try_from(left.min(60_000)).unwrap_or(PollTimeout::NONE)
-                }
+                Some(t) => timeout_until(t, now),
                 None => PollTimeout::NONE,
             }
         };
         // Order: stdout, stderr, control, client, exit notice (absent ones are skipped).
-        let mut fds = Vec::with_capacity(5);
-        let mut which = Vec::with_capacity(5);
-        if let Some(o) = &session.out {
-            fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
-            which.push(0);
-        }
-        if let Some(e) = &session.err {
-            fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
-            which.push(1);
-        }
+        let mut others = Vec::with_capacity(3);
         if !finished {
             if control_open {
-                fds.push(PollFd::new(session.control.as_fd(), PollFlags::POLLIN));
-                which.push(2);
+                others.push((session.control.as_fd(), Watched::Control));
             }
-            fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
-            which.push(3);
-            fds.push(PollFd::new(session.exited.as_fd(), PollFlags::POLLIN));
-            which.push(4);
+            others.push((conn.stream.as_fd(), Watched::Client));
+            others.push((session.exited.as_fd(), Watched::Exited));
         }
-        let n = match poll(&mut fds, timeout) {
-            Ok(n) => n,
+        let ready = match session.output.poll(&others, timeout) {
+            Ok(ready) => ready,
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 kill();
                 return Err(e.into());
             }
         };
-        if n == 0 {
+        if ready.is_empty() {
             if finished {
                 break; // nothing left in the pipes
             }
             continue;
         }
-        let ready: Vec<usize> = fds
-            .iter()
-            .zip(&which)
-            .filter(|(f, _)| f.revents().is_some_and(|r| !r.is_empty()))
-            .map(|(_, w)| *w)
-            .collect();
-        drop(fds);
-        for w in ready {
-            match w {
-                0 | 1 => {
-                    let pipe: &mut dyn Read = if w == 0 {
-                        session.out.as_mut().expect("polled")
-                    } else {
-                        session.err.as_mut().expect("polled")
-                    };
-                    let got = match pipe.read(&mut buf) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => 0,
-                    };
-                    if got == 0 {
-                        if w == 0 {
-                            session.out = None;
-                        } else {
-                            session.err = None;
-                        }
-                    } else {
-                        let msg = if w == 0 { Response::Stdout } else { Response::Stderr };
-                        if let Err(e) = conn.send(&msg, &buf[..got]) {
-                            kill();
-                            return Err(e);
-                        }
+        for r in ready {
+            match r {
+                Ready::Pipe(pipe) => {
+                    if let Err(e) = session.output.forward(pipe, &mut buf, conn) {
+                        kill();
+                        return Err(e);
                     }
                 }
-                2 => {
+                Ready::Other(Watched::Control) => {
                     let got = match session.control.read(&mut buf) {
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -637,7 +609,7 @@ pub fn exec(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
                         }
                     }
                 }
-                3 => {
+                Ready::Other(Watched::Client) => {
                     if conn.read_more()? == 0 {
                         // The client is gone: nobody wants the command (or the session) any
                         // more. Dropping the lease frees the id, then kills the session.
@@ -648,7 +620,7 @@ pub fn exec(conn: &mut Conn, req: ExecRequest) -> io::Result<()> {
                         return conn.send_error(ErrorCode::Protocol, m);
                     }
                 }
-                _ => {
+                Ready::Other(Watched::Exited) => {
                     let mut raw = [0u8; 4];
                     session.exited.read_exact(&mut raw)?;
                     shell_status = Some(ExitStatus::from_raw(i32::from_ne_bytes(raw)));

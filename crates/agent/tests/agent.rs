@@ -1,119 +1,14 @@
 //! The agent binary on the host (no container): protocol, exec, kill, file confinement, init.
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use conductor_agent_protocol::{encode, parse_prefix, ErrorCode, ExecRequest, FileKind, Request, Response, VERSION};
-
-const BIN: &str = env!("CARGO_BIN_EXE_conductor-agent");
-
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    root: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(mode: &str) -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(BIN)
-            .args([
-                mode,
-                "--socket",
-                socket.to_str().unwrap(),
-                "--root",
-                root.to_str().unwrap(),
-            ])
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(5), "agent did not listen");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Agent {
-            child,
-            socket,
-            root,
-            _dir: dir,
-        }
-    }
-
-    fn connect(&self) -> Client {
-        let mut c = Client(UnixStream::connect(&self.socket).unwrap());
-        c.send(&Request::Hello { version: VERSION }, b"");
-        match c.recv().0 {
-            Response::Hello { version, .. } => assert_eq!(version, VERSION),
-            other => panic!("{other:?}"),
-        }
-        c
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Client(UnixStream);
-
-impl Client {
-    fn send(&mut self, msg: &Request, data: &[u8]) {
-        let mut buf = Vec::new();
-        encode(msg, data, &mut buf);
-        self.0.write_all(&buf).unwrap();
-    }
-
-    fn recv(&mut self) -> (Response, Vec<u8>) {
-        let mut prefix = [0u8; 8];
-        self.0.read_exact(&mut prefix).unwrap();
-        let (h, d) = parse_prefix(&prefix).unwrap();
-        let mut header = vec![0u8; h];
-        self.0.read_exact(&mut header).unwrap();
-        let mut data = vec![0u8; d];
-        self.0.read_exact(&mut data).unwrap();
-        (serde_json::from_slice(&header).unwrap(), data)
-    }
-
-    /// Runs a command; returns (exit message, stdout, stderr).
-    fn exec(&mut self, req: ExecRequest, stdin: Option<&[u8]>) -> (Response, String, String) {
-        self.send(&Request::Exec(req), b"");
-        if let Some(input) = stdin {
-            self.send(&Request::Data, input);
-            self.send(&Request::Eof, b"");
-        }
-        self.collect()
-    }
-
-    fn collect(&mut self) -> (Response, String, String) {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        loop {
-            match self.recv() {
-                (Response::Started { .. }, _) => {}
-                (Response::Stdout, d) => out.extend(d),
-                (Response::Stderr, d) => err.extend(d),
-                (exit @ Response::Exit { .. }, _) => {
-                    return (exit, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-    }
-
-    fn op(&mut self, req: Request) -> Response {
-        self.send(&req, b"");
-        self.recv().0
-    }
-}
+use common::{code_of, error_code, wait_gone, Agent};
+use conductor_agent_protocol::{ErrorCode, ExecRequest, FileKind, Request, Response};
 
 fn shell(cmd: &str) -> ExecRequest {
     ExecRequest {
@@ -122,44 +17,11 @@ fn shell(cmd: &str) -> ExecRequest {
     }
 }
 
-fn code_of(r: &Response) -> i32 {
-    match r {
-        Response::Exit { code, .. } => *code,
-        other => panic!("{other:?}"),
-    }
-}
-
-fn error_code(r: &Response) -> ErrorCode {
-    match r {
-        Response::Error { code, .. } => *code,
-        other => panic!("expected an error, got {other:?}"),
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie still has a /proc entry: look at its state too.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-fn wait_gone(pid: u32) -> bool {
-    let t = Instant::now();
-    while alive(pid) {
-        if t.elapsed() > Duration::from_secs(5) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 #[test]
 fn exec_streams_output_exit_code_env_cwd_and_stdin() {
     let a = Agent::start("serve");
     let mut c = a.connect();
-    let (exit, out, err) = c.exec(shell("echo out; echo err >&2; exit 7"), None);
+    let (exit, out, err) = c.exec(shell("echo out; echo err >&2; exit 7"));
     assert_eq!((code_of(&exit), out.as_str(), err.as_str()), (7, "out\n", "err\n"));
     let req = ExecRequest {
         argv: Some(vec!["sh".into(), "-c".into(), "echo $GREETING from $(pwd); cat".into()]),
@@ -168,19 +30,16 @@ fn exec_streams_output_exit_code_env_cwd_and_stdin() {
         stdin: true,
         ..Default::default()
     };
-    let (exit, out, _) = c.exec(req, Some(b"piped\n"));
+    let (exit, out, _) = c.exec_stdin(req, b"piped\n");
     assert_eq!(code_of(&exit), 0);
     assert_eq!(out, "hi there from /tmp\npiped\n");
     // Same connection, next request; a missing program is 127 as in a shell.
-    let (exit, _, err) = c.exec(
-        ExecRequest {
-            argv: Some(vec!["/no/such/program".into()]),
-            ..Default::default()
-        },
-        None,
-    );
+    let (exit, _, err) = c.exec(ExecRequest {
+        argv: Some(vec!["/no/such/program".into()]),
+        ..Default::default()
+    });
     assert_eq!(code_of(&exit), 127, "{err}");
-    let (exit, _, _) = c.exec(shell("kill -TERM $$"), None);
+    let (exit, _, _) = c.exec(shell("kill -TERM $$"));
     match exit {
         Response::Exit { code, signal, .. } => assert_eq!((code, signal), (143, Some(15))),
         other => panic!("{other:?}"),
@@ -190,15 +49,15 @@ fn exec_streams_output_exit_code_env_cwd_and_stdin() {
 #[test]
 fn wrong_version_and_garbage_are_refused() {
     let a = Agent::start("serve");
-    let mut c = Client(UnixStream::connect(&a.socket).unwrap());
+    let mut c = a.raw();
     c.send(&Request::Hello { version: 99 }, b"");
     assert_eq!(error_code(&c.recv().0), ErrorCode::UnsupportedVersion);
-    let mut c = Client(UnixStream::connect(&a.socket).unwrap());
+    let mut c = a.raw();
     c.0.write_all(&[0, 0, 0, 3, 0, 0, 0, 0, b'{', b'x', b'}']).unwrap();
     assert_eq!(error_code(&c.recv().0), ErrorCode::Protocol);
     // The server still answers others.
     let mut c = a.connect();
-    assert_eq!(code_of(&c.exec(shell("true"), None).0), 0);
+    assert_eq!(code_of(&c.exec(shell("true")).0), 0);
 }
 
 #[test]
@@ -214,7 +73,7 @@ fn timeout_and_cancel_kill_grandchildren() {
         ..Default::default()
     };
     let t = Instant::now();
-    let (exit, out, _) = c.exec(req, None);
+    let (exit, out, _) = c.exec(req);
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     match exit {
         Response::Exit {
@@ -418,7 +277,7 @@ fn init_reaps_orphans_forwards_sigterm_and_survives_its_server() {
     let mut c = a.connect();
     // The background sleep is orphaned when its shell exits; init (a subreaper here, PID 1
     // in a container) must reap it when it exits.
-    let (exit, out, _) = c.exec(shell("sleep 0.3 >/dev/null 2>&1 & echo $!"), None);
+    let (exit, out, _) = c.exec(shell("sleep 0.3 >/dev/null 2>&1 & echo $!"));
     assert_eq!(code_of(&exit), 0);
     let orphan: u32 = out.trim().parse().unwrap();
     assert!(wait_gone(orphan), "orphan {orphan} stayed a zombie");
@@ -456,7 +315,7 @@ fn init_reaps_orphans_forwards_sigterm_and_survives_its_server() {
     }
 }
 
-impl Client {
+impl common::Client {
     /// Sends a `write` with `data` in two frames; returns the answer.
     fn upload(&mut self, path: &str, mode: Option<u32>, append: bool, data: &[u8]) -> Response {
         self.send(

@@ -1,101 +1,27 @@
 //! The agent binary on the host: `mkdir`, `archive` and `extract` (tar streams), with the
 //! member checks that keep an extract beneath the root.
 
-use std::io::{Read, Write};
+mod common;
+
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use conductor_agent_protocol::{encode, parse_prefix, ErrorCode, Request, Response, FEATURE_ARCHIVE, VERSION};
+use common::{error_code, Agent, Client};
+use conductor_agent_protocol::{ErrorCode, Request, Response, FEATURE_ARCHIVE};
 
-const BIN: &str = env!("CARGO_BIN_EXE_conductor-agent");
-
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    /// The agent's root; its parent is "outside".
-    root: PathBuf,
-    dir: tempfile::TempDir,
+/// A serving agent that announces the archive requests.
+fn serve() -> Agent {
+    Agent::start("serve").needing(FEATURE_ARCHIVE)
 }
 
 impl Agent {
-    fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--socket",
-                socket.to_str().unwrap(),
-                "--root",
-                root.to_str().unwrap(),
-            ])
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(5), "agent did not listen");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Agent {
-            child,
-            socket,
-            root,
-            dir,
-        }
-    }
-
-    fn connect(&self) -> Client {
-        let mut c = Client(UnixStream::connect(&self.socket).unwrap());
-        c.send(&Request::Hello { version: VERSION }, b"");
-        match c.recv().0 {
-            Response::Hello { features, .. } => assert!(features.iter().any(|f| f == FEATURE_ARCHIVE)),
-            other => panic!("{other:?}"),
-        }
-        c
-    }
-
     fn outside(&self) -> &Path {
         self.dir.path()
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Client(UnixStream);
-
 impl Client {
-    fn send(&mut self, msg: &Request, data: &[u8]) {
-        let mut buf = Vec::new();
-        encode(msg, data, &mut buf);
-        self.0.write_all(&buf).unwrap();
-    }
-
-    fn recv(&mut self) -> (Response, Vec<u8>) {
-        let mut prefix = [0u8; 8];
-        self.0.read_exact(&mut prefix).unwrap();
-        let (h, d) = parse_prefix(&prefix).unwrap();
-        let mut header = vec![0u8; h];
-        self.0.read_exact(&mut header).unwrap();
-        let mut data = vec![0u8; d];
-        self.0.read_exact(&mut data).unwrap();
-        (serde_json::from_slice(&header).unwrap(), data)
-    }
-
-    fn op(&mut self, req: Request) -> Response {
-        self.send(&req, b"");
-        self.recv().0
-    }
-
     /// The tar of `path`, or the error.
     fn archive(&mut self, path: &str) -> Result<Vec<u8>, (ErrorCode, String)> {
         self.send(&Request::Archive { path: path.into() }, b"");
@@ -121,13 +47,6 @@ impl Client {
         }
         self.send(&Request::Eof, b"");
         self.recv().0
-    }
-}
-
-fn error_code(r: &Response) -> ErrorCode {
-    match r {
-        Response::Error { code, .. } => *code,
-        other => panic!("expected an error, got {other:?}"),
     }
 }
 
@@ -180,7 +99,7 @@ fn tar_of(entries: &[(tar::Header, &[u8])]) -> Vec<u8> {
 
 #[test]
 fn archive_streams_files_and_trees_without_following_links_below_the_top() {
-    let agent = Agent::start();
+    let agent = serve();
     let root = &agent.root;
     std::fs::create_dir_all(root.join("src/sub")).unwrap();
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
@@ -224,7 +143,7 @@ fn archive_streams_files_and_trees_without_following_links_below_the_top() {
 
 #[test]
 fn extract_unpacks_files_dirs_and_links_as_the_agent_user_without_set_id_bits() {
-    let agent = Agent::start();
+    let agent = serve();
     let mut c = agent.connect();
     let mut b = tar::Builder::new(Vec::new());
     let mut h = tar::Header::new_gnu();
@@ -291,7 +210,7 @@ fn extract_unpacks_files_dirs_and_links_as_the_agent_user_without_set_id_bits() 
 
 #[test]
 fn extract_refuses_members_that_would_leave_the_root_and_names_them() {
-    let agent = Agent::start();
+    let agent = serve();
     let mut c = agent.connect();
     let outside = agent.outside();
     let file = |name: &[u8]| raw_header(name, tar::EntryType::Regular, 3, 0o644);
@@ -361,7 +280,7 @@ fn extract_refuses_members_that_would_leave_the_root_and_names_them() {
 
 #[test]
 fn a_failed_write_is_answered_at_once_and_the_connection_stays_in_step() {
-    let agent = Agent::start();
+    let agent = serve();
     std::fs::create_dir(agent.root.join("d")).unwrap();
     let mut c = agent.connect();
     c.send(
@@ -383,7 +302,7 @@ fn a_failed_write_is_answered_at_once_and_the_connection_stays_in_step() {
 
 #[test]
 fn extract_refuses_oversized_long_name_and_pax_entries_without_buffering_them() {
-    let agent = Agent::start();
+    let agent = serve();
     let mut c = agent.connect();
     for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
         // A header announcing 1 GiB of extension data, then 4 MiB of it: refused at the

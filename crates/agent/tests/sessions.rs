@@ -2,69 +2,42 @@
 //! over, sessions are independent, a shell that exits is replaced, timeout, cancel, hang-up
 //! and `end_session` kill everything a session started, one command at a time.
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command};
+mod common;
+
+use std::ops::Deref;
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use conductor_agent_protocol::{encode, parse_prefix, ErrorCode, ExecRequest, Request, Response, VERSION};
+use common::{alive, code_of, wait_gone, wait_until, Client};
+use conductor_agent_protocol::{ErrorCode, ExecRequest, Request, Response, FEATURE_SESSIONS};
 
-const BIN: &str = env!("CARGO_BIN_EXE_conductor-agent");
-
+/// An agent serving sessions, each of whose session ids ends with its tag.
 struct Agent {
-    child: Child,
-    socket: PathBuf,
-    dir: tempfile::TempDir,
+    agent: common::Agent,
     /// Ends every session id of this agent (see [`Agent::sid`]).
     tag: String,
 }
 
 impl Agent {
     fn start() -> Agent {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("root");
-        std::fs::create_dir(&root).unwrap();
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(BIN)
-            .args([
-                "serve",
-                "--socket",
-                socket.to_str().unwrap(),
-                "--root",
-                root.to_str().unwrap(),
-            ])
-            .spawn()
-            .unwrap();
-        let t = Instant::now();
-        while UnixStream::connect(&socket).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(5), "agent did not listen");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let agent = common::Agent::start("serve").needing(FEATURE_SESSIONS);
         static COUNT: AtomicUsize = AtomicUsize::new(0);
         let tag = format!("-{}-{}", std::process::id(), COUNT.fetch_add(1, Ordering::SeqCst));
-        Agent {
-            child,
-            socket,
-            dir,
-            tag,
-        }
+        Agent { agent, tag }
     }
 
     /// A session id unique to this agent of this test run.
     fn sid(&self, name: &str) -> String {
         format!("{name}{}", self.tag)
     }
+}
 
-    fn connect(&self) -> Client {
-        let mut c = Client(UnixStream::connect(&self.socket).unwrap());
-        c.send(&Request::Hello { version: VERSION }, b"");
-        match c.recv().0 {
-            Response::Hello { features, .. } => assert!(features.iter().any(|f| f == "sessions"), "{features:?}"),
-            other => panic!("{other:?}"),
-        }
-        c
+impl Deref for Agent {
+    type Target = common::Agent;
+
+    fn deref(&self) -> &common::Agent {
+        &self.agent
     }
 }
 
@@ -72,8 +45,7 @@ impl Drop for Agent {
     /// Also kills what sessions of this agent left (after a failure): their shells carry
     /// `MARK=<session id>`, which ends with the agent's tag.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.agent.stop();
         let suffix = self.tag.clone();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(env) = std::fs::read(entry.path().join("environ")) else {
@@ -89,47 +61,7 @@ impl Drop for Agent {
     }
 }
 
-struct Client(UnixStream);
-
 impl Client {
-    fn send(&mut self, msg: &Request, data: &[u8]) {
-        let mut buf = Vec::new();
-        encode(msg, data, &mut buf);
-        self.0.write_all(&buf).unwrap();
-    }
-
-    fn recv(&mut self) -> (Response, Vec<u8>) {
-        let mut prefix = [0u8; 8];
-        self.0.read_exact(&mut prefix).unwrap();
-        let (h, d) = parse_prefix(&prefix).unwrap();
-        let mut header = vec![0u8; h];
-        self.0.read_exact(&mut header).unwrap();
-        let mut data = vec![0u8; d];
-        self.0.read_exact(&mut data).unwrap();
-        (serde_json::from_slice(&header).unwrap(), data)
-    }
-
-    /// Runs a request; returns (exit message, stdout, stderr).
-    fn exec(&mut self, req: ExecRequest) -> (Response, String, String) {
-        self.send(&Request::Exec(req), b"");
-        self.collect()
-    }
-
-    fn collect(&mut self) -> (Response, String, String) {
-        let (mut out, mut err) = (Vec::new(), Vec::new());
-        loop {
-            match self.recv() {
-                (Response::Started { .. }, _) => {}
-                (Response::Stdout, d) => out.extend(d),
-                (Response::Stderr, d) => err.extend(d),
-                (end @ (Response::Exit { .. } | Response::Error { .. }), _) => {
-                    return (end, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-    }
-
     /// Runs `cmd` in `session`; returns (exit code, stdout, stderr).
     fn run(&mut self, session: &str, cmd: &str) -> (i32, String, String) {
         let (exit, out, err) = self.exec(in_session(session, cmd));
@@ -155,31 +87,6 @@ fn in_session(session: &str, cmd: &str) -> ExecRequest {
         kill_marker: Some(format!("MARK={session}")),
         ..Default::default()
     }
-}
-
-fn code_of(r: &Response) -> i32 {
-    match r {
-        Response::Exit { code, .. } => *code,
-        other => panic!("{other:?}"),
-    }
-}
-
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-fn wait_gone(pid: u32) -> bool {
-    let t = Instant::now();
-    while alive(pid) {
-        if t.elapsed() > Duration::from_secs(5) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
 }
 
 /// The session directories of `id` (beside the agent's socket).
@@ -493,14 +400,7 @@ fn forged_status_lines_are_ignored() {
 
 /// Waits until `pid` has no /proc entry at all (reaped, not merely a zombie).
 fn wait_reaped(pid: u32) -> bool {
-    let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        if t.elapsed() > Duration::from_secs(5) {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
+    wait_until(|| !std::path::Path::new(&format!("/proc/{pid}")).exists())
 }
 
 /// A shell that died stays unreaped (its pid, the session's process group id, cannot be
