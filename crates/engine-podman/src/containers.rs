@@ -11,12 +11,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, ContainerStatsResponse, ContainerSummaryStateEnum, HostConfig,
-    Mount as ApiMount, MountType, PortBinding, ResourcesUlimits,
+    ContainerCreateBody, ContainerStateStatusEnum, ContainerStatsResponse, HostConfig, Mount as ApiMount, MountType,
+    PortBinding, ResourcesUlimits,
 };
 use bollard::query_parameters::{
-    CreateContainerOptions, ListContainersOptions, RemoveContainerOptions, RenameContainerOptions, StatsOptions,
-    StopContainerOptions,
+    CreateContainerOptions, RemoveContainerOptions, RenameContainerOptions, StatsOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use conductor_core::engine::{
@@ -24,7 +23,10 @@ use conductor_core::engine::{
     Mount, NetworkAttachment,
 };
 
+use hyper::Method;
+
 use crate::error::api_error;
+use crate::libpod::{encode_query_value, Libpod};
 
 /// Interval between the two stats readings CPU use is computed from.
 const CPU_SAMPLE_INTERVAL: Duration = Duration::from_millis(500);
@@ -274,16 +276,6 @@ fn state_status(status: Option<ContainerStateStatusEnum>) -> ContainerStatus {
     }
 }
 
-fn summary_status(state: Option<ContainerSummaryStateEnum>) -> ContainerStatus {
-    match state {
-        Some(ContainerSummaryStateEnum::CREATED) => ContainerStatus::Created,
-        Some(ContainerSummaryStateEnum::RUNNING) => ContainerStatus::Running,
-        Some(ContainerSummaryStateEnum::PAUSED) => ContainerStatus::Paused,
-        Some(ContainerSummaryStateEnum::EXITED) => ContainerStatus::Exited,
-        _ => ContainerStatus::Other,
-    }
-}
-
 fn to_labels(labels: Option<HashMap<String, String>>) -> Labels {
     labels.unwrap_or_default().into_iter().collect()
 }
@@ -299,31 +291,53 @@ pub(crate) fn label_filters(labels: &[(&str, Option<&str>)]) -> Vec<String> {
         .collect()
 }
 
-pub(crate) async fn list(docker: &Docker, labels: &[(&str, Option<&str>)]) -> EngineResult<Vec<ContainerSummary>> {
-    let filters = HashMap::from([("label".to_string(), label_filters(labels))]);
-    let options = ListContainersOptions {
-        all: true,
-        filters: Some(filters),
-        ..Default::default()
-    };
-    let containers = docker.list_containers(Some(options)).await.map_err(|e| {
-        api_error(
-            format!("list containers with labels {:?}", label_filters(labels)),
-            None,
-            e,
-        )
-    })?;
-    Ok(containers
+/// One container in libpod's list.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LibpodListed {
+    id: String,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    labels: Option<HashMap<String, String>>,
+}
+
+/// Maps libpod's state names, a superset of Docker's (`configured`, `stopped`, `stopping`…).
+fn libpod_status(state: &str) -> ContainerStatus {
+    match state {
+        "created" | "configured" => ContainerStatus::Created,
+        "running" => ContainerStatus::Running,
+        "paused" => ContainerStatus::Paused,
+        "exited" | "stopped" => ContainerStatus::Exited,
+        _ => ContainerStatus::Other,
+    }
+}
+
+/// Lists containers through libpod's endpoint: the Docker-compatible one reports Podman's
+/// own states (e.g. `stopped` while a container is being removed), which the Docker
+/// model cannot decode, so one container in that state would fail the whole list.
+pub(crate) async fn list(libpod: &Libpod, labels: &[(&str, Option<&str>)]) -> EngineResult<Vec<ContainerSummary>> {
+    let filters = serde_json::json!({ "label": label_filters(labels) }).to_string();
+    let path = format!("/containers/json?all=true&filters={}", encode_query_value(&filters));
+    let op = || format!("list containers with labels {:?}", label_filters(labels));
+    let listed: Vec<LibpodListed> = libpod
+        .call(Method::GET, &path, None)
+        .await
+        .map_err(|e| api_error(op(), None, e))?;
+    Ok(listed
         .into_iter()
         .map(|c| ContainerSummary {
-            id: c.id.unwrap_or_default(),
+            id: c.id,
             name: c
                 .names
-                .and_then(|names| names.into_iter().next())
+                .into_iter()
+                .next()
                 .unwrap_or_default()
                 .trim_start_matches('/')
                 .into(),
-            status: summary_status(c.state),
+            status: libpod_status(&c.state),
             labels: to_labels(c.labels),
         })
         .collect())
@@ -391,6 +405,16 @@ fn cpu_percent(first: &ContainerStatsResponse, second: &ContainerStatsResponse) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn libpod_states_map_onto_ours() {
+        use super::libpod_status;
+        assert_eq!(libpod_status("running"), ContainerStatus::Running);
+        assert_eq!(libpod_status("configured"), ContainerStatus::Created);
+        assert_eq!(libpod_status("stopped"), ContainerStatus::Exited);
+        assert_eq!(libpod_status("stopping"), ContainerStatus::Other);
+        assert_eq!(libpod_status("something new"), ContainerStatus::Other);
+    }
+
     use std::path::PathBuf;
 
     use bollard::models::{ContainerCpuStats, ContainerCpuUsage};

@@ -251,7 +251,7 @@ impl Engine for PodmanEngine {
     }
 
     async fn container_list(&self, labels: &[(&str, Option<&str>)]) -> EngineResult<Vec<ContainerSummary>> {
-        containers::list(&self.docker, labels).await
+        containers::list(&self.libpod, labels).await
     }
 
     async fn container_stats(&self, id: &str) -> EngineResult<ContainerStats> {
