@@ -33,6 +33,11 @@ pub fn quiet() -> ProgressSink {
 impl TestEnv {
     /// Opens a conductor with `extra` configuration YAML (top-level keys other than storage).
     pub async fn new(extra: &str) -> TestEnv {
+        // `RUST_LOG=warn cargo test …` shows the service's log next to a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::Builder::new()
             .prefix("conductor-test-")
             .tempdir_in(test_root())
