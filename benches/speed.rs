@@ -169,9 +169,9 @@ async fn idle_memory(c: &Conductor, ws: &[WorkspaceInfo]) -> (f64, f64, f64) {
     (conmon as f64 / n, inside as f64 / n, pss as f64 / n)
 }
 
-/// Time from submitting one `true` task to its recorded success (the orchestrator runs).
-async fn one_task(c: &Conductor, agent: &str) -> Duration {
-    let spec = TaskSpec {
+/// A one-command (`true`) task of agent `agent` in the minimal environment.
+fn true_task(agent: &str) -> TaskSpec {
+    TaskSpec {
         task_type: "isolated_execution".into(),
         description: None,
         environment: "minimal".into(),
@@ -182,7 +182,12 @@ async fn one_task(c: &Conductor, agent: &str) -> Duration {
         agent_id: Some(agent.into()),
         env: BTreeMap::new(),
         source: None,
-    };
+    }
+}
+
+/// Time from submitting one `true` task to its recorded success (the orchestrator runs).
+async fn one_task(c: &Conductor, agent: &str) -> Duration {
+    let spec = true_task(agent);
     let t = Instant::now();
     let id = c.submit_tasks(vec![spec]).unwrap().remove(0).id;
     let v = c.wait_task(&id).await.unwrap();
@@ -208,20 +213,7 @@ async fn throughput(c: Arc<Conductor>, tasks: usize, agents: usize) -> f64 {
         assert!(t.elapsed() < Duration::from_secs(300), "the pool did not fill");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let specs: Vec<TaskSpec> = (0..tasks)
-        .map(|i| TaskSpec {
-            task_type: "isolated_execution".into(),
-            description: None,
-            environment: "minimal".into(),
-            commands: vec!["true".into()],
-            services: Vec::new(),
-            priority: None,
-            timeout: None,
-            agent_id: Some(format!("tp{}", i % agents)),
-            env: BTreeMap::new(),
-            source: None,
-        })
-        .collect();
+    let specs: Vec<TaskSpec> = (0..tasks).map(|i| true_task(&format!("tp{}", i % agents))).collect();
     let start = Instant::now();
     let ids: Vec<String> = c.submit_tasks(specs).unwrap().into_iter().map(|t| t.id).collect();
     for id in &ids {

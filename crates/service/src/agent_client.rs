@@ -504,12 +504,7 @@ impl AgentConn {
         mode: Option<u32>,
         create_dirs: bool,
     ) -> Result<u64, AgentError> {
-        let req = Request::Write {
-            path: path.to_string(),
-            mode,
-            append: false,
-            create_dirs,
-        };
+        let req = replace_request(path, mode, create_dirs);
         self.send(&req, &[]).await?;
         for chunk in contents.chunks(CHUNK) {
             self.send(&Request::Data, chunk).await?;
@@ -587,6 +582,16 @@ impl AgentConn {
     }
 }
 
+/// A `write` that creates or replaces the whole file.
+fn replace_request(path: &str, mode: Option<u32>, create_dirs: bool) -> Request {
+    Request::Write {
+        path: path.to_string(),
+        mode,
+        append: false,
+        create_dirs,
+    }
+}
+
 fn unexpected((msg, _): (Response, Bytes)) -> AgentError {
     match msg {
         Response::Error { code, message } => AgentError::Refused { code, message },
@@ -629,12 +634,7 @@ impl AgentConn {
         create_dirs: bool,
         body: conductor_core::engine::ByteStream,
     ) -> Result<u64, AgentError> {
-        let req = Request::Write {
-            path: path.to_string(),
-            mode,
-            append: false,
-            create_dirs,
-        };
+        let req = replace_request(path, mode, create_dirs);
         self.send_body(req, body).await
     }
 
