@@ -444,13 +444,22 @@ async fn bad_workspace_requests_are_refused_and_leave_nothing() {
         r#"{{"agent_id":"a","environment":"minimal","pad":"{}"}}"#,
         "x".repeat(100 * 1024)
     );
-    let got = send(
-        api.http
-            .post(api.url("/workspaces"))
-            .header("content-type", json_type)
-            .body(huge),
-    )
-    .await;
+    let r = api
+        .http
+        .post(api.url("/workspaces"))
+        .header("content-type", json_type)
+        .body(huge)
+        .send()
+        .await
+        .expect("send request");
+    // The body was refused unread: the server says it closes the connection, so the
+    // client does not reuse it for the next request.
+    assert_eq!(r.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
+    let status = r.status();
+    let got = (
+        status,
+        serde_json::from_str(&r.text().await.unwrap()).unwrap_or(Value::Null),
+    );
     assert_error(&got, 413, "payload_too_large", None);
 
     assert_error(&api.get("/workspaces/ws-nope").await, 404, "not_found", None);

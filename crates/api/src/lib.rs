@@ -1,7 +1,8 @@
 //! The conductor HTTP API: axum routes over [`Conductor`].
 //!
 //! [`router`] assembles the routes (one module per resource under `routes/`) with the
-//! guards every request passes, outermost first: a request log line, the body size limit
+//! guards every request passes, outermost first: a request log line, `Connection: close`
+//! on errors to requests with a body (their rest may be unread), the body size limit
 //! (`network.max_body_size`), the `Host` check against DNS rebinding ([`host`]), and the
 //! bearer token when `security.api_key_required` is on ([`auth`]). Handlers only parse
 //! and validate, then call the service; every failure becomes an [`ApiError`], whose one
@@ -111,7 +112,32 @@ pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Rece
     Ok(app
         .layer(middleware::from_fn_with_state(policy, host::check_host))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(close_after_refused_body))
         .layer(middleware::from_fn(log_request)))
+}
+
+/// Adds `Connection: close` to an error response for a request that carried a body.
+///
+/// A refusal (413 before reading, 415, 401, a 400 on a partly read upload) can leave
+/// the rest of the body unread on the connection. hyper then closes the connection
+/// after the response, but the response itself said keep-alive, so a client that
+/// reuses it for its next request sees the connection drop mid-request. Saying `close`
+/// up front makes every client open a fresh connection instead.
+async fn close_after_refused_body(req: Request, next: Next) -> Response {
+    use axum::http::header;
+    let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0");
+    let mut response = next.run(req).await;
+    if has_body && (response.status().is_client_error() || response.status().is_server_error()) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// Logs one line per request: method, path, status, duration.
