@@ -194,7 +194,7 @@ async fn the_orchestrator_keeps_the_pool_and_sandbox_tasks_use_it() {
     assert!(members.contains(&ws), "{ws} is not from the pool {members:?}");
     assert_eq!(done.commands.last().unwrap().stdout, "from tp1\n");
     // The sandbox is removed after the task, and the pool refills by itself.
-    assert_eq!(c.get_workspace(&ws).unwrap().state, WorkspaceState::Removed);
+    common::wait_removed(&c, &ws).await;
     let again = wait_full(c.clone()).await;
     assert!(!again.contains(&ws));
 

@@ -170,11 +170,8 @@ async fn python_tests_run_on_a_copied_source() {
     assert!(ok.duration_ms.is_some() && ok.started_at.is_some() && ok.finished_at.is_some());
     assert_eq!(ok.description.as_deref(), Some("Run Python tests"));
     let ws = ok.workspace_id.clone().unwrap();
-    assert_eq!(
-        env.c.get_workspace(&ws).unwrap().state,
-        WorkspaceState::Removed,
-        "sandbox workspaces are destroyed"
-    );
+    // Sandbox workspaces are destroyed (just after the outcome is recorded).
+    common::wait_removed(&env.c, &ws).await;
     let log: String = env
         .c
         .read_task_log(&ok.id, 0)
@@ -474,7 +471,7 @@ async fn cancel_and_priorities_with_one_worker() {
     assert!(begin.elapsed() < Duration::from_secs(30), "{:?}", begin.elapsed());
     assert_eq!(b.commands[0].exit_code, None);
     let ws = b.workspace_id.unwrap();
-    assert_eq!(env.c.get_workspace(&ws).unwrap().state, WorkspaceState::Removed);
+    common::wait_removed(&env.c, &ws).await;
     assert!(env.task_containers(&blocker).await.is_empty());
     match env.c.cancel_task(&blocker).await {
         Err(ServiceError::Conflict(m)) => assert!(m.contains("already finished"), "{m}"),
@@ -628,11 +625,12 @@ async fn fullstack_commands_reach_postgres_and_redis() {
     let out: Vec<&str> = v.commands.iter().map(|c| c.stdout.trim()).collect();
     assert_eq!(out[1..], ["PONG", "v", "1", "2", "isolated"]);
     assert_eq!(v.services, ["postgres:14", "redis:7"]);
+    let ws = v.workspace_id.unwrap();
+    common::wait_removed(&env.c, &ws).await;
     assert!(
         env.task_containers(&v.id).await.is_empty(),
         "sidecars removed with the task"
     );
-    let ws = v.workspace_id.unwrap();
     let left = env
         .c
         .engine

@@ -300,6 +300,12 @@ async fn reconcile_removes_orphans_and_marks_vanished_lost() {
         .container_remove(rec.container_id.as_deref().unwrap())
         .await
         .unwrap();
+    // What a crash between recording a sandbox task's outcome and removing its workspace
+    // leaves: a workspace marked `removing` whose container still runs.
+    let half = create(c, req("rec4", "minimal")).await;
+    c.store
+        .set_workspace_state(&half.id, WorkspaceState::Removing, None)
+        .unwrap();
     // What a crash between making the agent directory and recording the container leaves.
     let agents = c.paths.base.join("agents");
     std::fs::create_dir_all(agents.join("ws-crashedmid")).unwrap();
@@ -330,6 +336,14 @@ async fn reconcile_removes_orphans_and_marks_vanished_lost() {
         .unwrap()
         .is_none());
     assert_eq!(c.get_workspace(&w.id).unwrap().state, WorkspaceState::Running);
+    assert_eq!(report.finished, vec![half.id.clone()], "{report:?}");
+    assert_eq!(c.get_workspace(&half.id).unwrap().state, WorkspaceState::Removed);
+    assert!(c
+        .engine
+        .container_inspect(&half.container_name)
+        .await
+        .unwrap()
+        .is_none());
     let again = c.reconcile().await.unwrap();
     assert!(
         again.orphans_removed.is_empty() && again.lost.is_empty() && again.agent_dirs_removed.is_empty(),

@@ -241,3 +241,21 @@ pub async fn server_pid(c: &Conductor, w: &WorkspaceInfo) -> i32 {
     assert_eq!(pids.len(), 1, "children of the agent init: {pids:?}");
     pids[0]
 }
+
+/// Waits (up to 30 s) until workspace `id` is removed: a finished sandbox is removed just
+/// after its task's outcome is recorded.
+#[allow(dead_code)]
+pub async fn wait_removed(c: &Conductor, id: &str) {
+    let start = std::time::Instant::now();
+    loop {
+        let state = c.get_workspace(id).expect("workspace").state;
+        if state == conductor_core::lifecycle::WorkspaceState::Removed {
+            return;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "workspace {id} still {state:?} 30 s after its task"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

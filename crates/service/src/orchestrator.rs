@@ -260,8 +260,7 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
     let stop = c.tasks.register(&id);
     let log = c.task_log(&id);
     let attempt = task.attempt;
-    let hybrid = c.config.isolated_workspace.mode == Mode::Hybrid;
-    let (ending, snapshot_note) = match serde_json::from_str::<TaskSpec>(&task.spec_json) {
+    let (ending, snapshot_note, removal) = match serde_json::from_str::<TaskSpec>(&task.spec_json) {
         Ok(spec) => {
             let mut attempt = Attempt {
                 c,
@@ -271,9 +270,10 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
                 log: log.clone(),
                 log_bytes: 0,
                 snapshot_note: None,
+                removal: None,
             };
             let ending = attempt.run().await;
-            (ending, attempt.snapshot_note)
+            (ending, attempt.snapshot_note, attempt.removal)
         }
         Err(e) => (
             Ending::Failed {
@@ -281,9 +281,21 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
                 error: format!("the stored task spec cannot be read: {e}"),
             },
             None,
+            None,
         ),
     };
     c.tasks.unregister(&id);
+    record_outcome(c, &id, attempt, ending, snapshot_note, &log);
+    if let Some(ws) = removal {
+        if let Err(error) = c.finish_removal(&ws).await {
+            tracing::warn!(task = %id, workspace = %ws, %error, "removing the sandbox failed; reconcile retries");
+        }
+    }
+}
+
+/// Records how the task ended (or queues it again after an infrastructure failure).
+fn record_outcome(c: &Conductor, id: &str, attempt: u32, ending: Ending, snapshot_note: Option<String>, log: &TaskLog) {
+    let hybrid = c.config.isolated_workspace.mode == Mode::Hybrid;
     let result = hybrid.then(|| ResultDoc {
         snapshot: Some(snapshot_note.unwrap_or_else(|| HYBRID_NOTE.to_string())),
     });
@@ -303,7 +315,7 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
                 let message = format!("attempt {attempt} failed: {e}; retrying in {} s", te.retry_delay);
                 log.system(&message);
                 let not_before = now_ms() + i64::try_from(te.retry_delay.saturating_mul(1000)).unwrap_or(i64::MAX);
-                match c.store.requeue_task(&id, not_before, Some(&message)) {
+                match c.store.requeue_task(id, not_before, Some(&message)) {
                     // Queued again, or no longer running (its outcome was recorded meanwhile).
                     Ok(_) => return,
                     Err(error) => tracing::error!(task = %id, %error, "cannot requeue the task"),
@@ -318,7 +330,7 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
     } else {
         log.system(&format!("task {state}"));
     }
-    if let Err(err) = c.conclude_task(&id, state, exit_code, error.as_deref(), result.as_ref()) {
+    if let Err(err) = c.conclude_task(id, state, exit_code, error.as_deref(), result.as_ref()) {
         tracing::error!(task = %id, error = %err, "cannot record the outcome of the task");
     }
 }
@@ -365,6 +377,8 @@ struct Attempt<'a> {
     log_bytes: usize,
     /// Hybrid mode: what happened with the before-task snapshot.
     snapshot_note: Option<String>,
+    /// A finished sandbox marked `removing`: removed once the outcome is recorded.
+    removal: Option<String>,
 }
 
 impl Attempt<'_> {
@@ -768,7 +782,16 @@ impl Attempt<'_> {
                 ));
                 Ok(())
             } else {
-                c.remove_workspace(&lease.record.id, Some(false)).await.map(|_| ())
+                // The task's outcome is recorded before the container goes (it costs ~130 ms
+                // of Podman work the caller need not wait for); `removing` makes it survive
+                // a crash in between.
+                match c.begin_removal(&lease.record.id) {
+                    Ok(()) => {
+                        self.removal = Some(lease.record.id.clone());
+                        Ok(())
+                    }
+                    Err(_) => c.remove_workspace(&lease.record.id, Some(false)).await.map(|_| ()),
+                }
             }
         } else {
             let released = match c.remove_task_services(&self.task.id).await {

@@ -600,6 +600,33 @@ impl Conductor {
         self.get_workspace(&w.id)
     }
 
+    /// First half of removing a throw-away workspace (a finished sandbox): marks it
+    /// `removing`, so that the caller may report first and call [`Self::finish_removal`]
+    /// after. Should conductor stop in between, reconcile finishes the removal (it removes
+    /// every `removing` workspace, its ephemeral volume included).
+    pub(crate) fn begin_removal(&self, id: &str) -> Result<()> {
+        let w = self.record(id)?;
+        if !w.state.can_remove() {
+            return Err(ServiceError::Conflict(format!(
+                "workspace '{}' is already removed",
+                w.id
+            )));
+        }
+        self.store.set_workspace_state(&w.id, WorkspaceState::Removing, None)?;
+        Ok(())
+    }
+
+    /// Second half of [`Self::begin_removal`]: removes the container and deletes the data.
+    pub(crate) async fn finish_removal(&self, id: &str) -> Result<()> {
+        let w = self.record(id)?;
+        if w.state != WorkspaceState::Removing {
+            return Ok(());
+        }
+        self.release_resources(&w, Some(false)).await?;
+        self.store.set_workspace_state(&w.id, WorkspaceState::Removed, None)?;
+        Ok(())
+    }
+
     /// Removes the engine objects of a workspace and releases or deletes its volume (and
     /// with it its snapshots).
     pub(crate) async fn release_resources(&self, w: &WorkspaceRecord, keep_volumes: Option<bool>) -> Result<()> {
