@@ -526,6 +526,30 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
         .await
         .unwrap();
     assert!(collect(c.get_file(&w.id, "small").await.unwrap().stream).await == small);
+
+    // The same through Podman: a full volume fails the upload, the previous file stays
+    // and the temporary file is removed.
+    kill_agent(c, &w).await;
+    match c
+        .put_file(
+            &w.id,
+            "small",
+            body(&almost),
+            PutOptions {
+                mode: None,
+                size: Some(almost.len() as u64),
+            },
+        )
+        .await
+    {
+        Err(ServiceError::NoSpace(m)) => assert!(m.contains("full"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let d = c.get_file(&w.id, "small").await.unwrap();
+    assert_eq!(d.via, ExecPath::Podman);
+    assert!(collect(d.stream).await == small);
+    let (_, out) = sh(c, &w.id, "ls -A /workspace | grep -v '^lost+found$'").await;
+    assert_eq!(out, "big\nsmall\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,6 +608,31 @@ async fn files_go_through_podman_when_the_agent_is_gone() {
         (DownloadKind::File, Some(data.len() as u64), ExecPath::Podman)
     );
     assert!(collect(d.stream).await == data);
+
+    // Replacing: a complete upload replaces the file (its mode stays); one that breaks off
+    // leaves the previous file whole and no temporary file behind.
+    c.put_file(&w.id, "fb/nested/blob.bin", body(b"v2\n"), PutOptions::default())
+        .await
+        .unwrap();
+    let short = c
+        .put_file(
+            &w.id,
+            "fb/nested/blob.bin",
+            body(b"only ten b"),
+            PutOptions {
+                mode: None,
+                size: Some(100),
+            },
+        )
+        .await;
+    assert!(short.is_err(), "a body shorter than its size is refused: {short:?}");
+    let (_, out) = sh(
+        c,
+        &w.id,
+        "stat -c '%a' /workspace/fb/nested/blob.bin; cat /workspace/fb/nested/blob.bin; ls -A /workspace/fb/nested",
+    )
+    .await;
+    assert_eq!(out, "640\nv2\nblob.bin\n");
 
     // Tars both ways.
     let big = binary(300_000);

@@ -24,10 +24,10 @@
 //! a long-name or pax extension entry over 64 KiB before it is buffered. An upload larger than the workspace's `volume_size` is refused
 //! (up front when its size is declared, else when it gets there): [`ServiceError::TooLarge`];
 //! a full volume is [`ServiceError::NoSpace`]. A raw upload that fails midway leaves the
-//! previous file, if any, untouched through the agent (it writes a temporary file and renames
-//! it at the end); through Podman the incomplete file is removed (its space is free again);
-//! a tar that fails midway leaves the members
-//! unpacked so far.
+//! previous file, if any, untouched either way: the agent, and Podman's archive endpoint,
+//! write a temporary file beside the target that is renamed over it only once complete
+//! (through Podman the rename is a `mv` run as the workspace user) and removed on failure;
+//! a tar that fails midway leaves the members unpacked so far.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -240,9 +240,7 @@ impl Conductor {
         }
         let over = Arc::new(AtomicBool::new(false));
         let body = limited(body, t.limit, over.clone());
-        let agent = self.agent_for(&t, false).await;
-        let via_agent = agent.is_some();
-        let result = match agent {
+        let result = match self.agent_for(&t, false).await {
             Some(conn) => conn
                 .write_stream(t.agent_path(), opts.mode, true, body)
                 .await
@@ -253,39 +251,16 @@ impl Conductor {
                 .await
                 .map(|size| (size, ExecPath::Podman)),
         };
-        let e = match result {
-            Ok((size, via)) => {
-                return Ok(Written {
-                    path: t.abs(),
-                    size,
-                    via,
-                })
-            }
-            Err(_) if over.load(Ordering::Relaxed) => too_large(t.limit),
-            Err(e) => e,
-        };
-        // The agent writes to a temporary file that it renames over the target only at the
-        // end and removes on failure: the previous file stays. Podman writes in place: a
-        // full volume leaves an incomplete file; remove it so that its space is free again.
-        // ("Too large" is found while spooling, before Podman writes anything.)
-        let wrote = !via_agent && matches!(e, ServiceError::NoSpace(_));
-        if wrote {
-            self.discard(&t).await;
-        }
-        Err(e)
-    }
-
-    /// Best-effort removal of a partly written file.
-    async fn discard(&self, t: &Target) {
-        let removed = match self.agent_for(t, false).await {
-            Some(mut conn) => conn
-                .delete(t.agent_path(), false)
-                .await
-                .map_err(|e| agent_error(e, "path")),
-            None => self.podman_delete(t, false).await,
-        };
-        if let Err(e) = removed {
-            tracing::debug!(workspace = %t.workspace, "cannot remove the incomplete {}: {e}", t.abs());
+        // Both ways write a temporary file beside the target and rename it over the target
+        // only at the end, removing it on failure: the previous file, if any, stays.
+        match result {
+            Ok((size, via)) => Ok(Written {
+                path: t.abs(),
+                size,
+                via,
+            }),
+            Err(_) if over.load(Ordering::Relaxed) => Err(too_large(t.limit)),
+            Err(e) => Err(e),
         }
     }
 
@@ -586,7 +561,7 @@ impl Conductor {
             "dir" => return Err(ServiceError::Conflict(format!("{} is a directory", t.abs()))),
             _ => return Err(not_regular(&t.abs())),
         }
-        let (parent, name) = r.path.rsplit_once('/').unwrap_or((WORKSPACE_ROOT, &r.path));
+        let (parent, _) = r.path.rsplit_once('/').unwrap_or((WORKSPACE_ROOT, &r.path));
         let parent = if parent.is_empty() { "/" } else { parent };
         self.podman_mkdirs(t, &r.base, parent).await?;
         // A tar header needs the size: without one, spool the body to a temporary file.
@@ -602,8 +577,12 @@ impl Conductor {
                 .unwrap_or(if r.kind == "file" { r.mode & 0o777 } else { 0o644 }),
         );
         owned_by_user(&mut header);
+        // The contents go to a temporary file beside the target, renamed over it once
+        // complete (a fixed-length name: the target's may already be at NAME_MAX).
+        let temp_name = format!(".conductor-upload-{}", uuid::Uuid::new_v4().simple());
+        let temp = format!("{}/{temp_name}", parent.trim_end_matches('/'));
         let mut b = tar::Builder::new(Vec::new());
-        b.append_data(&mut header, name, io::empty())
+        b.append_data(&mut header, &temp_name, io::empty())
             .map_err(|e| fallback_failed("write a file", e))?;
         // The builder wrote the header (and a long-name entry) and, on finishing, the
         // two end blocks: the contents go between.
@@ -635,11 +614,35 @@ impl Conductor {
                 .chain(contents)
                 .chain(tail),
         );
-        self.engine
+        let copied = self
+            .engine
             .copy_in(&t.container, parent, stream)
             .await
-            .map_err(|e| podman_write_error(e, t))?;
+            .map_err(|e| podman_write_error(e, t));
+        let renamed = match copied {
+            Ok(()) => self.podman_sh(t, "mv -f -T -- \"$1\" \"$2\"", &[&temp, &r.path]).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = renamed {
+            // Best effort: a partial temporary file would hold the volume's space.
+            if let Err(rm) = self.podman_sh(t, "rm -f -- \"$1\"", &[&temp]).await {
+                tracing::debug!(workspace = %t.workspace, "cannot remove the incomplete {temp}: {rm}");
+            }
+            return Err(e);
+        }
         Ok(size)
+    }
+
+    /// Runs a `sh -c` script as the workspace user with `args` as `$1`…; an error
+    /// unless it exits 0.
+    async fn podman_sh(&self, t: &Target, script: &str, args: &[&str]) -> Result<()> {
+        let mut argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let (code, _, err) = self.exec_as_user(t, argv).await?;
+        match code {
+            0 => Ok(()),
+            _ => Err(fallback_failed("write a file", format!("exit {code}: {}", err.trim()))),
+        }
     }
 
     async fn podman_put_archive(&self, t: &Target, body: ByteStream) -> Result<u64> {
