@@ -1,5 +1,5 @@
-//! `conductor mcp` driven by the MCP SDK's own client over the child's stdio, against real
-//! Podman: the tool list and schemas, a workspace created, commands run (output, exit
+//! `conductor mcp` driven by the MCP SDK's own client over the child's stdio (and the same
+//! tools over streamable HTTP from `conductor serve`), against real Podman: the tool list and schemas, a workspace created, commands run (output, exit
 //! codes, truncation, timeout), files written, read back and listed, a snapshot restored,
 //! the workspace destroyed, and bad input answered with tool errors the model can read.
 
@@ -369,4 +369,140 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
         .ok("list_workspaces", json!({}))
         .await
         .starts_with("No live workspaces"));
+}
+
+/// `conductor serve` also serves the tools over streamable HTTP at `/mcp`: the SDK's HTTP
+/// client drives a workspace through it with the API's token; without the token, or from a
+/// web page (an `Origin` header), it is refused; a session left open does not hold up the
+/// server's shutdown.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_http_api_serves_the_tools_at_mcp() {
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    use rmcp::transport::StreamableHttpClientTransport;
+
+    let dir = tempfile::Builder::new()
+        .prefix("conductor-mcp-http-")
+        .tempdir_in(test_root())
+        .unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        config_text(dir.path(), "security:\n  api_key_required: true\n"),
+    )
+    .unwrap();
+    let served = common::serve(&config);
+    let url = format!("{}/mcp", served.base);
+    let token = std::fs::read_to_string(dir.path().join("config/api-key"))
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // Refusals, before any MCP handling: no token; a request a web page sent.
+    let initialize = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "raw", "version": "0"}}
+    });
+    let http = reqwest::Client::new();
+    let post = |auth: Option<&str>, origin: Option<&str>| {
+        let mut r = http
+            .post(&url)
+            .header("accept", "application/json, text/event-stream")
+            .json(&initialize);
+        if let Some(t) = auth {
+            r = r.bearer_auth(t);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    assert_eq!(post(None, None).await.unwrap().status().as_u16(), 401);
+    assert_eq!(post(Some("wrong"), None).await.unwrap().status().as_u16(), 401);
+    assert_eq!(
+        post(Some(&token), Some("http://page.invalid"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+
+    let transport = StreamableHttpClientTransport::from_config(
+        StreamableHttpClientTransportConfig::with_uri(url.clone()).auth_header(token.clone()),
+    );
+    let client = ().serve(transport).await.expect("MCP initialize over HTTP");
+    let call = |tool: &'static str, args: Value| {
+        let Value::Object(args) = args else {
+            panic!("arguments must be an object")
+        };
+        client.call_tool(CallToolRequestParams::new(tool).with_arguments(args))
+    };
+    let tools = client.list_all_tools().await.expect("tools/list");
+    assert_eq!(
+        tools.len(),
+        11,
+        "{:?}",
+        tools.iter().map(|t| &t.name).collect::<Vec<_>>()
+    );
+
+    let created = text(
+        &call(
+            "create_workspace",
+            json!({"environment": "minimal", "agent_id": "mcp-http"}),
+        )
+        .await
+        .unwrap(),
+    );
+    let id = created
+        .lines()
+        .find_map(|l| l.strip_prefix("workspace_id: "))
+        .unwrap_or_else(|| panic!("no workspace_id in {created}"))
+        .to_string();
+    let wrote = call(
+        "write_file",
+        json!({"workspace_id": id, "path": "/workspace/hello.txt", "content": "over http\n"}),
+    )
+    .await
+    .unwrap();
+    assert_ne!(wrote.is_error, Some(true), "{}", text(&wrote));
+    let out = text(
+        &call(
+            "run_command",
+            json!({"workspace_id": id, "command": "cat hello.txt; id -u"}),
+        )
+        .await
+        .unwrap(),
+    );
+    assert!(out.starts_with("exit_code: 0\n"), "{out}");
+    assert!(out.contains("stdout:\nover http\n1000\n"), "{out}");
+    // The workspace is the service's: the REST API sees it.
+    let listed: Value = http
+        .get(format!("{}/workspaces", served.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(listed.to_string().contains(&id), "{listed}");
+
+    // Stopping the server with the session still open ends the session, so the server
+    // does not sit out its 10 s drain of open requests.
+    let stopped_at = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        stopped_at.elapsed() < std::time::Duration::from_secs(8),
+        "took {:?}",
+        stopped_at.elapsed()
+    );
+    drop(client);
+    // Clean up through the service (the workspace is persistent by design).
+    let parsed = Config::parse(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    let c = Conductor::open(parsed.config).await.unwrap();
+    let removed = c.remove_workspace(&id, Some(false)).await.unwrap();
+    assert_eq!(removed.id, id);
+    let _ = c.reconcile().await;
 }

@@ -60,6 +60,13 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     for (image, why) in conductor.preload_images().await {
         tracing::warn!("podman_config.preload_images: {image}: {why}");
     }
+    if conductor.config.security.api_key_required {
+        // The token file exists before the service says it listens: scripts read it then.
+        conductor_api::auth::ApiKey::load_or_create(&conductor_api::auth::key_path(
+            &conductor.config,
+            &conductor.paths,
+        ))?;
+    }
     let orchestrator = Orchestrator::start(conductor.clone());
     let cleanup = conductor_service::maintenance::spawn_cleanup(conductor.clone());
 

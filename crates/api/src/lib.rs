@@ -9,7 +9,9 @@
 //! `IntoResponse` writes `{"error":{"code","message","field"}}`.
 //!
 //! The routes are registered through `utoipa_axum`, so the OpenAPI document ([`openapi`])
-//! is generated from the same list and cannot drift from what is served.
+//! is generated from the same list and cannot drift from what is served. `/mcp` is the
+//! one route outside it: the MCP tools over streamable HTTP (`conductor_mcp::http`),
+//! behind the same guards.
 
 pub mod auth;
 pub mod error;
@@ -77,8 +79,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The complete application for a server listening on `local`. Reads (or creates) the API
-/// key file when `security.api_key_required` is on.
+/// key file when `security.api_key_required` is on. MCP sessions end when `closing` turns
+/// `true`.
 pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Receiver<bool>) -> Result<Router> {
+    Ok(app(conductor, local, closing)?.0)
+}
+
+/// [`router`], and the MCP endpoint mounted at `/mcp` (for its drain at shutdown).
+fn app(
+    conductor: Arc<Conductor>,
+    local: SocketAddr,
+    closing: watch::Receiver<bool>,
+) -> Result<(Router, Arc<conductor_mcp::http::McpHttp>)> {
     let (routes, api) = api_routes().split_for_parts();
     let body_limit = usize::try_from(conductor.config.network.max_body_size.bytes()).unwrap_or(usize::MAX);
     let key = if conductor.config.security.api_key_required {
@@ -89,6 +101,15 @@ pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Rece
     } else {
         None
     };
+    let mcp = Arc::new(conductor_mcp::http::McpHttp::new(conductor.clone(), body_limit));
+    {
+        let (mcp, mut closing) = (mcp.clone(), closing.clone());
+        tokio::spawn(async move {
+            // Also when the sender is gone: nothing can serve the sessions any more.
+            let _ = closing.wait_for(|c| *c).await;
+            mcp.close();
+        });
+    }
     let state = AppState {
         conductor,
         body_limit,
@@ -96,6 +117,7 @@ pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Rece
         openapi: Arc::new(api),
     };
     let mut app = routes
+        .route_service("/mcp", mcp.service.clone())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -109,11 +131,12 @@ pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Rece
         app = app.layer(middleware::from_fn_with_state(key, auth::require_token));
     }
     let policy = Arc::new(host::HostPolicy::new(local.ip()));
-    Ok(app
+    let app = app
         .layer(middleware::from_fn_with_state(policy, host::check_host))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(close_after_refused_body))
-        .layer(middleware::from_fn(log_request)))
+        .layer(middleware::from_fn(log_request));
+    Ok((app, mcp))
 }
 
 /// Adds `Connection: close` to an error response for a request that carried a body.
@@ -164,12 +187,15 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| ServiceError::host("read the listening address", e))?;
     let (tx, rx) = watch::channel(false);
-    let app = router(conductor, local, rx)?;
-    axum::serve(listener, app)
+    let (app, mcp) = app(conductor, local, rx)?;
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             let _ = tx.send(true);
         })
         .await
-        .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e))
+        .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e));
+    mcp.close();
+    mcp.drain().await;
+    served
 }

@@ -1,6 +1,7 @@
 //! conductor as a Model Context Protocol server: workspaces as tools an AI agent calls.
 //!
-//! `conductor mcp` serves MCP over stdio with the official Rust SDK (`rmcp`). The tools
+//! `conductor mcp` serves MCP over stdio with the official Rust SDK (`rmcp`); the HTTP API
+//! serves the same tools over streamable HTTP at `/mcp` ([`http::McpHttp`]). The tools
 //! ([`tools::WorkspaceTools`]) drive an in-process [`Conductor`] the same way the CLI does:
 //! create a workspace, run commands in it, read, write and list its files, snapshot and
 //! restore it, destroy it. File tools work through the workspace's own shell
@@ -12,6 +13,7 @@
 //! workspace is left half made.
 
 pub mod files;
+pub mod http;
 pub mod output;
 pub mod tools;
 
