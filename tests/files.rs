@@ -548,7 +548,13 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
     let d = c.get_file(&w.id, "small").await.unwrap();
     assert_eq!(d.via, ExecPath::Podman);
     assert!(collect(d.stream).await == small);
-    let (_, out) = sh(c, &w.id, "ls -A /workspace | grep -v '^lost+found$'").await;
+    let (_, out) = sh(
+        c,
+        &w.id,
+        "for i in $(seq 50); do ls -A /workspace | grep -q conductor- || break; sleep 0.1; done; \
+         ls -A /workspace | grep -v '^lost+found$'",
+    )
+    .await;
     assert_eq!(out, "big\nsmall\n");
 }
 
@@ -626,13 +632,25 @@ async fn files_go_through_podman_when_the_agent_is_gone() {
         )
         .await;
     assert!(short.is_err(), "a body shorter than its size is refused: {short:?}");
+    // (The temporary file is removed on a task of its own, at once and again 1 s later.)
     let (_, out) = sh(
         c,
         &w.id,
-        "stat -c '%a' /workspace/fb/nested/blob.bin; cat /workspace/fb/nested/blob.bin; ls -A /workspace/fb/nested",
+        "stat -c '%a' /workspace/fb/nested/blob.bin; cat /workspace/fb/nested/blob.bin; \
+         for i in $(seq 50); do ls -A /workspace/fb/nested | grep -q conductor- || break; sleep 0.1; done; \
+         ls -A /workspace/fb/nested",
     )
     .await;
     assert_eq!(out, "640\nv2\nblob.bin\n");
+    // Podman writes as root, but what the workspace user cannot write is refused, as
+    // through the agent.
+    sh(c, &w.id, "mkdir /workspace/ro && chmod 555 /workspace/ro").await;
+    match c.put_file(&w.id, "ro/x", body(b"x"), PutOptions::default()).await {
+        Err(ServiceError::Conflict(m)) => assert!(m.contains("permission denied"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let (_, out) = sh(c, &w.id, "ls -A /workspace/ro; rmdir /workspace/ro").await;
+    assert_eq!(out, "");
 
     // Tars both ways.
     let big = binary(300_000);

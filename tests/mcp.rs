@@ -90,23 +90,42 @@ fn text(r: &CallToolResult) -> String {
 impl Drop for McpServer {
     fn drop(&mut self) {
         let client = self.client.take();
-        let config = std::fs::read_to_string(self.config_path()).unwrap_or_default();
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async move {
                 // Closing stdin ends the server; then clean up what a failed test left.
                 if let Some(c) = client {
                     let _ = c.cancel().await;
                 }
-                let Ok(parsed) = Config::parse(&config) else { return };
-                let Ok(c) = Conductor::open(parsed.config).await else {
-                    return;
-                };
-                for w in c.list_workspaces(&ListFilter::default()).unwrap_or_default() {
-                    let _ = c.remove_workspace(&w.id, Some(false)).await;
-                }
-                let _ = c.reconcile().await;
             })
         });
+        remove_everything(&self.config_path());
+    }
+}
+
+/// Removes every workspace of the conductor configured by `config` (what a test, failed
+/// or not, left behind) and reconciles.
+fn remove_everything(config: &std::path::Path) {
+    let config = std::fs::read_to_string(config).unwrap_or_default();
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async move {
+            let Ok(parsed) = Config::parse(&config) else { return };
+            let Ok(c) = Conductor::open(parsed.config).await else {
+                return;
+            };
+            for w in c.list_workspaces(&ListFilter::default()).unwrap_or_default() {
+                let _ = c.remove_workspace(&w.id, Some(false)).await;
+            }
+            let _ = c.reconcile().await;
+        })
+    });
+}
+
+/// Calls [`remove_everything`] when dropped.
+struct CleanUp(PathBuf);
+
+impl Drop for CleanUp {
+    fn drop(&mut self) {
+        remove_everything(&self.0);
     }
 }
 
@@ -391,6 +410,9 @@ async fn the_http_api_serves_the_tools_at_mcp() {
     )
     .unwrap();
     let served = common::serve(&config);
+    // Removes the test's workspace at the end, also after a failed assertion (dropped
+    // before `dir`, whose database it opens).
+    let _clean_up = CleanUp(config.clone());
     let url = format!("{}/mcp", served.base);
     let token = std::fs::read_to_string(dir.path().join("config/api-key"))
         .unwrap()
@@ -499,10 +521,4 @@ async fn the_http_api_serves_the_tools_at_mcp() {
         stopped_at.elapsed()
     );
     drop(client);
-    // Clean up through the service (the workspace is persistent by design).
-    let parsed = Config::parse(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    let c = Conductor::open(parsed.config).await.unwrap();
-    let removed = c.remove_workspace(&id, Some(false)).await.unwrap();
-    assert_eq!(removed.id, id);
-    let _ = c.reconcile().await;
 }

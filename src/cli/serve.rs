@@ -60,18 +60,14 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     for (image, why) in conductor.preload_images().await {
         tracing::warn!("podman_config.preload_images: {image}: {why}");
     }
-    if conductor.config.security.api_key_required {
-        // The token file exists before the service says it listens: scripts read it then.
-        conductor_api::auth::ApiKey::load_or_create(&conductor_api::auth::key_path(
-            &conductor.config,
-            &conductor.paths,
-        ))?;
-    }
     let orchestrator = Orchestrator::start(conductor.clone());
     let cleanup = conductor_service::maintenance::spawn_cleanup(conductor.clone());
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(conductor_api::serve(conductor.clone(), listener, async {
+    // Built before the line below: the API key file exists when scripts read it.
+    let server = conductor_api::Server::new(conductor.clone(), listener)?;
+    let mcp = server.mcp();
+    let mut server = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
     println!("conductor listening on http://{addr}");
@@ -86,6 +82,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     if let Some(r) = failed {
         // The server ended by itself: stop the tasks and report why.
         orchestrator.shutdown(grace).await;
+        mcp.drain().await;
         return match r {
             Ok(Err(e)) => Err(e),
             Ok(Ok(())) => Ok(ExitCode::SUCCESS),
@@ -104,6 +101,10 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
         }
         _ => {}
     }
+    // MCP tool operations detached from their requests (a workspace being created) get
+    // their own time to finish, outside the HTTP drain.
+    mcp.close();
+    mcp.drain().await;
     if Arc::strong_count(&conductor) > 1 {
         tracing::info!("background work still holds the conductor; it ends with the process");
     }

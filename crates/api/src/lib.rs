@@ -1,6 +1,6 @@
 //! The conductor HTTP API: axum routes over [`Conductor`].
 //!
-//! [`router`] assembles the routes (one module per resource under `routes/`) with the
+//! `router` assembles the routes (one module per resource under `routes/`) with the
 //! guards every request passes, outermost first: a request log line, `Connection: close`
 //! on errors to requests with a body (their rest may be unread), the body size limit
 //! (`network.max_body_size`), the `Host` check against DNS rebinding ([`host`]), and the
@@ -78,15 +78,10 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     api_routes().split_for_parts().1
 }
 
-/// The complete application for a server listening on `local`. Reads (or creates) the API
-/// key file when `security.api_key_required` is on. MCP sessions end when `closing` turns
-/// `true`.
-pub fn router(conductor: Arc<Conductor>, local: SocketAddr, closing: watch::Receiver<bool>) -> Result<Router> {
-    Ok(app(conductor, local, closing)?.0)
-}
-
-/// [`router`], and the MCP endpoint mounted at `/mcp` (for its drain at shutdown).
-fn app(
+/// The complete application for a server listening on `local`, and the MCP endpoint it
+/// mounts at `/mcp` (the caller closes and drains it at shutdown). Reads (or creates) the
+/// API key file when `security.api_key_required` is on.
+fn router(
     conductor: Arc<Conductor>,
     local: SocketAddr,
     closing: watch::Receiver<bool>,
@@ -102,14 +97,6 @@ fn app(
         None
     };
     let mcp = Arc::new(conductor_mcp::http::McpHttp::new(conductor.clone(), body_limit));
-    {
-        let (mcp, mut closing) = (mcp.clone(), closing.clone());
-        tokio::spawn(async move {
-            // Also when the sender is gone: nothing can serve the sessions any more.
-            let _ = closing.wait_for(|c| *c).await;
-            mcp.close();
-        });
-    }
     let state = AppState {
         conductor,
         body_limit,
@@ -176,25 +163,69 @@ async fn log_request(req: Request, next: Next) -> Response {
     response
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then stops accepting
-/// connections, ends long-lived responses and waits for the requests in flight.
+/// An API server bound to its listener: [`Server::run`] serves until shutdown;
+/// [`Server::mcp`] is the MCP endpoint, whose tool operations the process waits for
+/// ([`conductor_mcp::http::McpHttp::drain`]) once the HTTP side has stopped.
+pub struct Server {
+    app: Router,
+    listener: TcpListener,
+    local: SocketAddr,
+    closing: watch::Sender<bool>,
+    mcp: Arc<conductor_mcp::http::McpHttp>,
+}
+
+impl Server {
+    /// Builds the application for `listener` (the API key file exists when this returns).
+    pub fn new(conductor: Arc<Conductor>, listener: TcpListener) -> Result<Server> {
+        let local = listener
+            .local_addr()
+            .map_err(|e| ServiceError::host("read the listening address", e))?;
+        let (closing, rx) = watch::channel(false);
+        let (app, mcp) = router(conductor, local, rx)?;
+        Ok(Server {
+            app,
+            listener,
+            local,
+            closing,
+            mcp,
+        })
+    }
+
+    pub fn mcp(&self) -> Arc<conductor_mcp::http::McpHttp> {
+        self.mcp.clone()
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting connections, ends
+    /// long-lived responses and MCP sessions, and waits for the requests in flight.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+        let Server {
+            app,
+            listener,
+            local,
+            closing,
+            mcp,
+        } = self;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                let _ = closing.send(true);
+                mcp.close();
+            })
+            .await
+            .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e))
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes (see [`Server::run`]), then
+/// waits for MCP tool operations still running.
 pub async fn serve(
     conductor: Arc<Conductor>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let local = listener
-        .local_addr()
-        .map_err(|e| ServiceError::host("read the listening address", e))?;
-    let (tx, rx) = watch::channel(false);
-    let (app, mcp) = app(conductor, local, rx)?;
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = tx.send(true);
-        })
-        .await
-        .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e));
+    let server = Server::new(conductor, listener)?;
+    let mcp = server.mcp();
+    let served = server.run(shutdown).await;
     mcp.close();
     mcp.drain().await;
     served

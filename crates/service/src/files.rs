@@ -577,10 +577,32 @@ impl Conductor {
                 .unwrap_or(if r.kind == "file" { r.mode & 0o777 } else { 0o644 }),
         );
         owned_by_user(&mut header);
+        // Podman writes as root: refuse what the workspace user could not write (as the
+        // agent does), which also keeps the temporary file removable by that user.
+        let (code, _, _) = self
+            .exec_as_user(
+                t,
+                vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "[ -w \"$1\" ]".into(),
+                    "sh".into(),
+                    parent.into(),
+                ],
+            )
+            .await?;
+        if code != 0 {
+            return Err(ServiceError::Conflict(format!("{}: permission denied", t.abs())));
+        }
         // The contents go to a temporary file beside the target, renamed over it once
         // complete (a fixed-length name: the target's may already be at NAME_MAX).
         let temp_name = format!(".conductor-upload-{}", uuid::Uuid::new_v4().simple());
         let temp = format!("{}/{temp_name}", parent.trim_end_matches('/'));
+        let mut cleanup = TempUpload {
+            engine: self.engine.clone(),
+            container: t.container.clone(),
+            path: Some(temp.clone()),
+        };
         let mut b = tar::Builder::new(Vec::new());
         b.append_data(&mut header, &temp_name, io::empty())
             .map_err(|e| fallback_failed("write a file", e))?;
@@ -619,17 +641,10 @@ impl Conductor {
             .copy_in(&t.container, parent, stream)
             .await
             .map_err(|e| podman_write_error(e, t));
-        let renamed = match copied {
-            Ok(()) => self.podman_sh(t, "mv -f -T -- \"$1\" \"$2\"", &[&temp, &r.path]).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = renamed {
-            // Best effort: a partial temporary file would hold the volume's space.
-            if let Err(rm) = self.podman_sh(t, "rm -f -- \"$1\"", &[&temp]).await {
-                tracing::debug!(workspace = %t.workspace, "cannot remove the incomplete {temp}: {rm}");
-            }
-            return Err(e);
-        }
+        copied?;
+        self.podman_sh(t, "mv -f -T -- \"$1\" \"$2\"", &[&temp, &r.path])
+            .await?;
+        cleanup.path = None;
         Ok(size)
     }
 
@@ -796,6 +811,41 @@ impl Conductor {
             }
             _ => Err(fallback_failed("delete", format!("exit {code}: {err}"))),
         }
+    }
+}
+
+/// The temporary file of an upload through Podman, removed (as the workspace user) unless
+/// the upload completed: on its own task, so that a request dropped midway cleans up too,
+/// and once more a second later, since Podman may still be writing the file when the
+/// upload's stream has already failed. (A crash of conductor mid-upload leaves it.)
+struct TempUpload {
+    engine: Arc<dyn conductor_core::engine::Engine>,
+    container: String,
+    /// `None` once the file was renamed over its target.
+    path: Option<String>,
+}
+
+impl Drop for TempUpload {
+    fn drop(&mut self) {
+        let Some(path) = self.path.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (engine, container) = (self.engine.clone(), self.container.clone());
+        runtime.spawn(async move {
+            for wait in [0, 1000] {
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                let spec = ExecSpec {
+                    argv: vec!["rm".into(), "-f".into(), "--".into(), path.clone()],
+                    user: Some(WORKSPACE_USER.into()),
+                    ..Default::default()
+                };
+                let (tx, _rx) = mpsc::channel(4);
+                if let Err(e) = engine.exec(&container, spec, tx).await {
+                    tracing::debug!(%container, "cannot remove the incomplete upload {path}: {e}");
+                }
+            }
+        });
     }
 }
 

@@ -288,7 +288,7 @@ async fn run_task(c: &Conductor, task: TaskRecord) {
     record_outcome(c, &id, attempt, ending, snapshot_note, &log);
     if let Some(ws) = removal {
         if let Err(error) = c.finish_removal(&ws).await {
-            tracing::warn!(task = %id, workspace = %ws, %error, "removing the sandbox failed; reconcile retries");
+            tracing::warn!(task = %id, workspace = %ws, %error, "removing the sandbox failed; it stays `removing` until the next start's reconcile");
         }
     }
 }
