@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config_text, test_root, TestEnv};
+use common::TestEnv;
 use conductor_service::tasks::Orchestrator;
 use conductor_service::workspaces::ListFilter;
 use conductor_service::Conductor;
@@ -1120,16 +1120,7 @@ async fn spec_curl_examples_work_as_written() {
 /// cancels a running task within the grace period, removes its workspace and exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_binary_serves_and_stops_gracefully() {
-    let dir = tempfile::Builder::new()
-        .prefix("conductor-serve-")
-        .tempdir_in(test_root())
-        .unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        config_text(dir.path(), "task_execution:\n  shutdown_grace_period: 2\n"),
-    )
-    .unwrap();
+    let (dir, config) = common::config_dir("conductor-serve-", "task_execution:\n  shutdown_grace_period: 2\n");
     let served = common::serve(&config);
     let base = served.base.clone();
     assert!(base.starts_with("http://127.0.0.1:"), "{base}");

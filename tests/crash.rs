@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config_text, leftover_containers, serve, test_root};
+use common::{leftover_containers, serve};
 use serde_json::{json, Value};
 
 async fn get(http: &reqwest::Client, url: String) -> Value {
@@ -26,19 +26,10 @@ fn processes_with(needle: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_loses_nothing_and_runs_nothing_twice() {
-    let dir = tempfile::Builder::new()
-        .prefix("conductor-crash-")
-        .tempdir_in(test_root())
-        .unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        config_text(
-            dir.path(),
-            "task_execution:\n  max_workers: 1\n  shutdown_grace_period: 5\n",
-        ),
-    )
-    .unwrap();
+    let (dir, config) = common::config_dir(
+        "conductor-crash-",
+        "task_execution:\n  max_workers: 1\n  shutdown_grace_period: 5\n",
+    );
     let served = serve(&config);
     let base = served.base.clone();
     let http = reqwest::Client::new();

@@ -35,6 +35,14 @@ fn body(data: &[u8]) -> ByteStream {
 }
 
 /// `n` bytes of every value.
+/// Options of an upload that declares its size (as `Content-Length` does).
+fn sized(n: u64) -> PutOptions {
+    PutOptions {
+        mode: None,
+        size: Some(n),
+    }
+}
+
 fn binary(n: usize) -> Vec<u8> {
     (0..n).map(|i| ((i * 7 + i / 251) % 256) as u8).collect()
 }
@@ -451,10 +459,7 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
     let w = agent_workspace(c, "files4", Some(ByteSize::mib(16))).await;
 
     // Declared too large: refused before anything is read or written.
-    let declared = PutOptions {
-        mode: None,
-        size: Some(32 << 20),
-    };
+    let declared = sized(32 << 20);
     match c.put_file(&w.id, "big", body(b""), declared).await {
         Err(ServiceError::TooLarge(m)) => assert!(m.contains("storage limit"), "{m}"),
         other => panic!("{other:?}"),
@@ -478,15 +483,7 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
     // Within the limit, but the volume (ext4 overhead, other files) is full: ENOSPC.
     let almost = binary(15 << 20);
     match c
-        .put_file(
-            &w.id,
-            "big",
-            body(&almost),
-            PutOptions {
-                mode: None,
-                size: Some(almost.len() as u64),
-            },
-        )
+        .put_file(&w.id, "big", body(&almost), sized(almost.len() as u64))
         .await
     {
         Err(ServiceError::NoSpace(m)) => assert!(m.contains("full"), "{m}"),
@@ -531,15 +528,7 @@ async fn the_storage_limit_is_enforced_and_the_workspace_keeps_working() {
     // and the temporary file is removed.
     kill_agent(c, &w).await;
     match c
-        .put_file(
-            &w.id,
-            "small",
-            body(&almost),
-            PutOptions {
-                mode: None,
-                size: Some(almost.len() as u64),
-            },
-        )
+        .put_file(&w.id, "small", body(&almost), sized(almost.len() as u64))
         .await
     {
         Err(ServiceError::NoSpace(m)) => assert!(m.contains("full"), "{m}"),
@@ -621,15 +610,7 @@ async fn files_go_through_podman_when_the_agent_is_gone() {
         .await
         .unwrap();
     let short = c
-        .put_file(
-            &w.id,
-            "fb/nested/blob.bin",
-            body(b"only ten b"),
-            PutOptions {
-                mode: None,
-                size: Some(100),
-            },
-        )
+        .put_file(&w.id, "fb/nested/blob.bin", body(b"only ten b"), sized(100))
         .await;
     assert!(short.is_err(), "a body shorter than its size is refused: {short:?}");
     // (The temporary file is removed on a task of its own, at once and again 1 s later.)

@@ -7,7 +7,6 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{config_text, test_root};
 use conductor_core::Config;
 use conductor_service::workspaces::ListFilter;
 use conductor_service::Conductor;
@@ -26,12 +25,7 @@ struct McpServer {
 
 impl McpServer {
     async fn start() -> McpServer {
-        let dir = tempfile::Builder::new()
-            .prefix("conductor-mcp-")
-            .tempdir_in(test_root())
-            .expect("temp dir");
-        let config = dir.path().join("config.yaml");
-        std::fs::write(&config, config_text(dir.path(), "")).unwrap();
+        let (dir, config) = common::config_dir("conductor-mcp-", "");
         let transport = TokioChildProcess::new(
             tokio::process::Command::new(env!("CARGO_BIN_EXE_conductor")).configure(|cmd| {
                 cmd.arg("mcp").arg("--config").arg(&config);
@@ -399,16 +393,7 @@ async fn the_http_api_serves_the_tools_at_mcp() {
     use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
     use rmcp::transport::StreamableHttpClientTransport;
 
-    let dir = tempfile::Builder::new()
-        .prefix("conductor-mcp-http-")
-        .tempdir_in(test_root())
-        .unwrap();
-    let config = dir.path().join("config.yaml");
-    std::fs::write(
-        &config,
-        config_text(dir.path(), "security:\n  api_key_required: true\n"),
-    )
-    .unwrap();
+    let (dir, config) = common::config_dir("conductor-mcp-http-", "security:\n  api_key_required: true\n");
     let served = common::serve(&config);
     // Removes the test's workspace at the end, also after a failed assertion (dropped
     // before `dir`, whose database it opens).

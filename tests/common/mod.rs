@@ -62,6 +62,19 @@ impl TestEnv {
 }
 
 /// Test data lives on the disk (not /tmp, which may be a small tmpfs).
+/// A fresh data directory under [`test_root`] with a `config.yaml` in it (storage there,
+/// plus `extra`); returns the directory and the configuration file's path.
+#[allow(dead_code)]
+pub fn config_dir(prefix: &str, extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(test_root())
+        .expect("temp dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, config_text(dir.path(), extra)).expect("write config.yaml");
+    (dir, config)
+}
+
 pub fn test_root() -> PathBuf {
     let root = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("it");
     std::fs::create_dir_all(&root).unwrap();

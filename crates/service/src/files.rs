@@ -253,15 +253,7 @@ impl Conductor {
         };
         // Both ways write a temporary file beside the target and rename it over the target
         // only at the end, removing it on failure: the previous file, if any, stays.
-        match result {
-            Ok((size, via)) => Ok(Written {
-                path: t.abs(),
-                size,
-                via,
-            }),
-            Err(_) if over.load(Ordering::Relaxed) => Err(too_large(t.limit)),
-            Err(e) => Err(e),
-        }
+        written(&t, result, &over)
     }
 
     /// Unpacks the tar `body` into the directory `path` (made when missing), as the
@@ -288,15 +280,7 @@ impl Conductor {
                 .await
                 .map(|size| (size, ExecPath::Podman)),
         };
-        match result {
-            Ok((size, via)) => Ok(Written {
-                path: t.abs(),
-                size,
-                via,
-            }),
-            Err(_) if over.load(Ordering::Relaxed) => Err(too_large(t.limit)),
-            Err(e) => Err(e),
-        }
+        written(&t, result, &over)
     }
 
     /// Downloads `path`: a regular file raw, a directory as a tar.
@@ -811,6 +795,20 @@ impl Conductor {
             }
             _ => Err(fallback_failed("delete", format!("exit {code}: {err}"))),
         }
+    }
+}
+
+/// What an upload reports: its size and path, or why it failed (too large when the body
+/// went over the storage limit, whatever broke off the upload then).
+fn written(t: &Target, result: Result<(u64, ExecPath)>, over: &AtomicBool) -> Result<Written> {
+    match result {
+        Ok((size, via)) => Ok(Written {
+            path: t.abs(),
+            size,
+            via,
+        }),
+        Err(_) if over.load(Ordering::Relaxed) => Err(too_large(t.limit)),
+        Err(e) => Err(e),
     }
 }
 

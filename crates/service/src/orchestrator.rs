@@ -786,7 +786,7 @@ impl Attempt<'_> {
                 // of Podman work the caller need not wait for); `removing` makes it survive
                 // a crash in between.
                 match c.begin_removal(&lease.record.id) {
-                    Ok(()) => {
+                    Ok(_) => {
                         self.removal = Some(lease.record.id.clone());
                         Ok(())
                     }

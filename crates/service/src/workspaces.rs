@@ -587,14 +587,7 @@ impl Conductor {
     /// data, `Some(false)` deletes it, `None` keeps it only for a persistent volume with
     /// `persistent_volumes` on.
     pub async fn remove_workspace(&self, id: &str, keep_volumes: Option<bool>) -> Result<WorkspaceInfo> {
-        let w = self.record(id)?;
-        if !w.state.can_remove() {
-            return Err(ServiceError::Conflict(format!(
-                "workspace '{}' is already removed",
-                w.id
-            )));
-        }
-        self.store.set_workspace_state(&w.id, WorkspaceState::Removing, None)?;
+        let w = self.begin_removal(id)?;
         self.release_resources(&w, keep_volumes).await?;
         self.store.set_workspace_state(&w.id, WorkspaceState::Removed, None)?;
         self.get_workspace(&w.id)
@@ -604,7 +597,7 @@ impl Conductor {
     /// `removing`, so that the caller may report first and call [`Self::finish_removal`]
     /// after. Should conductor stop in between, reconcile finishes the removal (it removes
     /// every `removing` workspace, its ephemeral volume included).
-    pub(crate) fn begin_removal(&self, id: &str) -> Result<()> {
+    pub(crate) fn begin_removal(&self, id: &str) -> Result<WorkspaceRecord> {
         let w = self.record(id)?;
         if !w.state.can_remove() {
             return Err(ServiceError::Conflict(format!(
@@ -613,7 +606,7 @@ impl Conductor {
             )));
         }
         self.store.set_workspace_state(&w.id, WorkspaceState::Removing, None)?;
-        Ok(())
+        Ok(w)
     }
 
     /// Second half of [`Self::begin_removal`]: removes the container and deletes the data.
