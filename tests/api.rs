@@ -163,7 +163,10 @@ async fn health_openapi_and_environments() {
     let api = Api::start("").await;
     let (s, health) = api.get("/health").await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!(health, json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}));
+    assert_eq!(
+        health,
+        json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "engine": "ok"})
+    );
 
     let (s, served) = api.get("/openapi.json").await;
     assert_eq!(s, StatusCode::OK);

@@ -779,7 +779,7 @@ impl BinaryEnv {
 
     /// Runs the binary; (success, stdout, stderr).
     fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
-        cli(&self.config, args, stdin)
+        common::cli(&self.config, args, stdin)
     }
 
     /// Runs the binary and expects success; its stdout.
@@ -988,31 +988,6 @@ async fn http_endpoints_of_the_real_server() {
     let status = tokio::task::spawn_blocking(move || served.stop()).await.unwrap();
     assert!(status.success(), "{status}");
     assert_eq!(env.leftovers(), "", "containers left behind");
-}
-
-fn cli(config: &std::path::Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("CONDUCTOR_CONFIG")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(data) = stdin {
-        input.write_all(data).unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -426,7 +426,7 @@ async fn cleanup_above_max_containers_removes_the_least_recently_used() {
 }
 
 /// Ports are published only when asked for, only on 127.0.0.1, from the configured range,
-/// and only for `egress` workspaces (Podman cannot publish from internal networks).
+/// and only for `egress` workspaces (an `isolated` workspace has only loopback).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ports_are_published_on_loopback_only_when_asked() {
     let t = TestEnv::new("podman_config:\n  container_port_range: \"21000-21999\"\n").await;

@@ -101,7 +101,12 @@ pub async fn run(cli: Cli) -> ExitCode {
 }
 
 async fn reconcile(cli: &Cli) -> Result<ExitCode, ServiceError> {
-    let c = open(cli).await?;
+    let config = load_config(cli)?;
+    let base = config.storage.resolve(&conductor_service::home_dir()).base;
+    if base.exists() {
+        conductor_service::instance_lock::InstanceLock::ensure_no_service(&base, "reconcile")?;
+    }
+    let c = Conductor::open(config).await?;
     let r = c.reconcile().await?;
     println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
     Ok(ExitCode::SUCCESS)

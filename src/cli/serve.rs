@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use conductor_service::instance_lock::InstanceLock;
 use conductor_service::tasks::Orchestrator;
-use conductor_service::{home_dir, Conductor, ServiceError};
+use conductor_service::{home_dir, Conductor, ServiceError, ServiceRole};
 use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -54,7 +55,10 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
         .map_err(|e| ServiceError::host("read the listening address", e))?;
     let grace = Duration::from_secs(config.task_execution.shutdown_grace_period);
 
-    let conductor = Arc::new(Conductor::open(config).await?);
+    let base = config.storage.resolve(&home_dir()).base;
+    std::fs::create_dir_all(&base).map_err(|e| ServiceError::host(format!("create {}", base.display()), e))?;
+    let _lock = InstanceLock::acquire(&base)?;
+    let conductor = Arc::new(Conductor::open_as(config, ServiceRole::Owner).await?);
     let report = conductor.reconcile().await?;
     tracing::info!("reconciled: {}", serde_json::to_string(&report).unwrap_or_default());
     for (image, why) in conductor.preload_images().await {
@@ -62,6 +66,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     }
     let orchestrator = Orchestrator::start(conductor.clone());
     let cleanup = conductor_service::maintenance::spawn_cleanup(conductor.clone());
+    let watch = conductor_service::liveness::spawn_watch(conductor.clone());
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Built before the line below: the API key file exists when scripts read it.
@@ -81,6 +86,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     };
     if let Some(r) = failed {
         // The server ended by itself: stop the tasks and report why.
+        watch.abort();
         orchestrator.shutdown(grace).await;
         mcp.drain().await;
         return match r {
@@ -90,6 +96,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
         };
     }
     cleanup.abort();
+    watch.abort();
     tracing::warn!("shutting down: running tasks get {}s to finish", grace.as_secs());
     orchestrator.shutdown(grace).await;
     let _ = stop.send(());

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use conductor_core::command::shell_quote;
 use conductor_core::config::NetworkPolicy;
 use conductor_core::engine::OutputChunk;
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::LimitOverrides;
 use conductor_core::size::{ByteSize, Cpu};
-use conductor_service::exec::ExecRequest;
+use conductor_service::exec::{Command, ExecRequest};
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
 use conductor_service::{Conductor, ServiceError};
 use tokio::sync::mpsc;
@@ -118,7 +119,8 @@ pub struct ExecArgs {
     pub id: String,
     #[command(flatten)]
     pub exec: ExecOpts,
-    /// The command: one argument is a shell command line; several are quoted and joined.
+    /// The command: one argument is a shell command line; several are quoted and joined
+    /// (with --no-shell: a program and its arguments, run without a shell).
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
 }
@@ -137,6 +139,10 @@ pub struct ExecOpts {
     /// Pass this process's stdin to the command.
     #[arg(long, short)]
     pub interactive: bool,
+    /// Execute the arguments as a program and its arguments, without a shell in between (as
+    /// `podman exec` does).
+    #[arg(long)]
+    pub no_shell: bool,
 }
 
 #[derive(Debug, Args)]
@@ -167,21 +173,16 @@ fn parse_pairs(field: &str, items: &[String]) -> Result<BTreeMap<String, String>
         .collect()
 }
 
-/// One argument is taken as a shell command line; several are shell-quoted and joined.
-pub fn command_line(args: &[String]) -> String {
-    if args.len() == 1 {
-        return args[0].clone();
+/// The command the arguments name: with `--no-shell` an argv executed directly; else one
+/// argument is taken as a shell command line, and several are shell-quoted and joined.
+pub fn command_of(args: &[String], no_shell: bool) -> Command {
+    if no_shell {
+        return Command::Argv(args.to_vec());
     }
-    args.iter()
-        .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
-                a.clone()
-            } else {
-                format!("'{}'", a.replace('\'', "'\\''"))
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    if args.len() == 1 {
+        return Command::Shell(args[0].clone());
+    }
+    Command::Shell(args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "))
 }
 
 fn create_request(agent: &str, environment: &str, o: &WorkspaceOpts) -> Result<CreateRequest, ServiceError> {
@@ -220,7 +221,7 @@ async fn exec_streaming(c: &Conductor, id: &str, command: &[String], o: &ExecOpt
         None
     };
     let req = ExecRequest {
-        command: command_line(command),
+        command: command_of(command, o.no_shell),
         cwd: o.cwd.clone(),
         env: parse_pairs("env-var", &o.env)?,
         stdin,
@@ -304,6 +305,9 @@ pub async fn run(cli: &Cli, cmd: &WsCommand) -> Result<ExitCode, ServiceError> {
             all,
             json: as_json,
         } => {
+            if let Err(e) = c.refresh_states().await {
+                tracing::debug!("listing without refreshing the workspaces' states: {e}");
+            }
             let list = c.list_workspaces(&ListFilter {
                 agent_id: agent.clone(),
                 environment: environment.clone(),
@@ -365,15 +369,23 @@ pub async fn run_once(cli: &Cli, a: &RunArgs) -> Result<ExitCode, ServiceError> 
 
 #[cfg(test)]
 mod tests {
-    use super::command_line;
+    use super::{command_of, Command};
+
+    fn line(args: &[&str]) -> Command {
+        command_of(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), false)
+    }
 
     #[test]
     fn one_argument_is_a_shell_line_several_are_quoted() {
-        assert_eq!(command_line(&["cd /x && ls | wc -l".into()]), "cd /x && ls | wc -l");
-        assert_eq!(
-            command_line(&["echo".into(), "a b".into(), "it's".into()]),
-            "echo 'a b' 'it'\\''s'"
-        );
-        assert_eq!(command_line(&["pytest".into(), "-q".into()]), "pytest -q");
+        assert_eq!(line(&["cd /x && ls | wc -l"]), Command::from("cd /x && ls | wc -l"));
+        assert_eq!(line(&["echo", "a b", "it's"]), Command::from("echo 'a b' 'it'\\''s'"));
+        assert_eq!(line(&["pytest", "-q"]), Command::from("pytest -q"));
+    }
+
+    #[test]
+    fn no_shell_gives_an_argv() {
+        let args = vec!["sh".to_string(), "-c".into(), "echo $0".into()];
+        assert_eq!(command_of(&args, true), Command::Argv(args.clone()));
+        assert_eq!(command_of(&args[..1], true), Command::Argv(vec!["sh".into()]));
     }
 }

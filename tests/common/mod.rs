@@ -180,6 +180,32 @@ impl Drop for Served {
     }
 }
 
+/// Runs the conductor binary with configuration `config`; (success, stdout, stderr).
+pub fn cli(config: &std::path::Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_conductor"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("CONDUCTOR_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(data) = stdin {
+        input.write_all(data).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Names of the containers Podman still has for the conductor whose database is `db`.
 pub fn leftover_containers(db: &std::path::Path) -> String {
     let store = conductor_store::Store::open(db).unwrap();

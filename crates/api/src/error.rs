@@ -10,6 +10,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use conductor_core::engine::EngineError;
 use conductor_service::ServiceError;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -36,8 +37,8 @@ pub struct ErrorDetail {
     /// Stable code: `invalid_request`, `malformed_json`, `unsupported_media_type`,
     /// `payload_too_large`, `not_found`, `method_not_allowed`, `conflict`,
     /// `resource_exhausted`, `environment_unavailable`, `invalid_config`, `unauthorized`,
-    /// `forbidden_host`, `shutting_down`, `insufficient_storage`, `engine_unavailable` or
-    /// `internal_error`.
+    /// `forbidden_host`, `shutting_down`, `insufficient_storage`, `workspace_exited`,
+    /// `engine_unavailable`, `engine_error` or `internal_error`.
     pub code: String,
     pub message: String,
     /// The request field at fault, as a path such as `commands[1]` or `env.BAD-NAME`.
@@ -79,6 +80,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::Invalid { field, message } => ApiError::invalid(field, message),
             ServiceError::NotFound { what } => ApiError::not_found(format!("{what} not found")),
             ServiceError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            ServiceError::WorkspaceExited(m) => ApiError::new(StatusCode::CONFLICT, "workspace_exited", m),
             ServiceError::Exhausted(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "resource_exhausted", m),
             ServiceError::TooLarge(m) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", m),
             ServiceError::NoSpace(m) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage", m),
@@ -102,10 +104,16 @@ impl From<ServiceError> for ApiError {
                     ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_config", message)
                 }
             }
-            ServiceError::Engine(e) => ApiError::internal(
+            ServiceError::Engine(e @ EngineError::Unavailable(_)) => ApiError::internal(
                 "engine_unavailable",
                 StatusCode::SERVICE_UNAVAILABLE,
-                "the container engine failed; the service log has the details",
+                "the container engine does not answer; the service log has the details",
+                &e,
+            ),
+            ServiceError::Engine(e) => ApiError::internal(
+                "engine_error",
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "a container engine operation failed; the service log has the details",
                 &e,
             ),
             e @ (ServiceError::Store(_) | ServiceError::Host { .. }) => ApiError::internal(
@@ -137,7 +145,6 @@ pub type ApiResult<T> = Result<T, ApiError>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use conductor_core::engine::EngineError;
 
     #[test]
     fn service_errors_map_to_status_and_code() {
@@ -150,6 +157,18 @@ mod tests {
             ),
             (ServiceError::not_found("workspace 'ws-1'"), 404, "not_found", None),
             (ServiceError::Conflict("busy".into()), 409, "conflict", None),
+            (
+                ServiceError::WorkspaceExited("its main process died".into()),
+                409,
+                "workspace_exited",
+                None,
+            ),
+            (
+                ServiceError::Engine(EngineError::failed("remove container 'c'", "/run/x: improper")),
+                500,
+                "engine_error",
+                None,
+            ),
             (ServiceError::Exhausted("full".into()), 429, "resource_exhausted", None),
             (ServiceError::TooLarge("big".into()), 413, "payload_too_large", None),
             (ServiceError::NoSpace("full".into()), 507, "insufficient_storage", None),

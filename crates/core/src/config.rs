@@ -82,9 +82,10 @@ impl Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkPolicy {
-    /// No network interface but loopback.
+    /// No network interface but loopback (the same namespace as `isolated`).
     None,
-    /// Its own internal network: no route out, no DNS forwarding, no other workspace.
+    /// A private network namespace with loopback only: no route out, no DNS, no other
+    /// workspace, no host service (sidecars share it and answer on localhost).
     Isolated,
     /// Opt-in: a bridge with a route to the outside. Never the default.
     Egress,

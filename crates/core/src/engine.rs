@@ -171,6 +171,11 @@ pub struct ContainerInfo {
     pub exit_code: Option<i64>,
     pub oom_killed: bool,
     pub labels: Labels,
+    /// Whether the engine still supervises the running container (Podman: its `conmon` is
+    /// alive). `Some(false)` means the engine will record neither its exit nor its output,
+    /// and may fail to stop it. `None` when it is not running or the engine cannot tell.
+    #[serde(default)]
+    pub supervised: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,6 +273,8 @@ pub struct NetworkSummary {
 /// A container engine. Object-safe so the service can hold an `Arc<dyn Engine>`.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
+    /// Whether the engine answers now (quick; `Unavailable` with the reason when not).
+    async fn ping(&self) -> EngineResult<()>;
     async fn info(&self) -> EngineResult<EngineInfo>;
 
     // Images

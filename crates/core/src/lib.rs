@@ -7,6 +7,7 @@
 //! (and later a Kubernetes one) implements. Nothing in this crate touches the file system,
 //! the network or a process; the crates above it do.
 
+pub mod command;
 pub mod config;
 pub mod engine;
 pub mod environment;

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::models::{
-    ContainerCreateBody, ContainerStateStatusEnum, ContainerStatsResponse, HostConfig, Mount as ApiMount, MountType,
-    PortBinding, ResourcesUlimits,
+    ContainerCreateBody, ContainerStatsResponse, HostConfig, Mount as ApiMount, MountType, PortBinding,
+    ResourcesUlimits,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, RemoveContainerOptions, RenameContainerOptions, StatsOptions, StopContainerOptions,
@@ -208,12 +208,23 @@ pub(crate) async fn remove(docker: &Docker, id: &str) -> EngineResult<()> {
         v: true,
         ..Default::default()
     };
-    match docker.remove_container(id, Some(options)).await {
-        Ok(()) => Ok(()),
-        Err(e) => match api_error(format!("remove container '{id}'"), Some(&object(id)), e) {
-            EngineError::NotFound { .. } => Ok(()),
-            other => Err(other),
-        },
+    // A container whose conmon died cannot be stopped on the first try ("could not be
+    // stopped: … container state improper"): Podman then learns from the runtime that it is
+    // stopped, and a second removal succeeds.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match docker.remove_container(id, Some(options.clone())).await {
+            Ok(()) => return Ok(()),
+            Err(e) => match api_error(format!("remove container '{id}'"), Some(&object(id)), e) {
+                EngineError::NotFound { .. } => return Ok(()),
+                EngineError::Failed { message, .. } if tries < 3 && message.contains("could not be stopped") => {
+                    tracing::debug!(container = id, "removal failed ({message}); trying again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                other => return Err(other),
+            },
+        }
     }
 }
 
@@ -239,9 +250,13 @@ pub(crate) async fn unpause(docker: &Docker, id: &str) -> EngineResult<()> {
         .map_err(|e| api_error(format!("unpause container '{id}'"), Some(&object(id)), e))
 }
 
-pub(crate) async fn inspect(docker: &Docker, id: &str) -> EngineResult<Option<ContainerInfo>> {
-    let response = match docker.inspect_container(id, None).await {
-        Ok(response) => response,
+/// Inspects through libpod's endpoint, for the reason [`list`] does: the Docker-compatible
+/// one answers a container in Podman's own `stopped` state (its main process just died)
+/// with a state the Docker model cannot decode. Libpod also names the container's conmon.
+pub(crate) async fn inspect(libpod: &Libpod, id: &str) -> EngineResult<Option<ContainerInfo>> {
+    let path = format!("/containers/{}/json", encode_query_value(id));
+    let c: LibpodInspected = match libpod.call(Method::GET, &path, None).await {
+        Ok(c) => c,
         Err(e) => {
             return match api_error(format!("inspect container '{id}'"), Some(&object(id)), e) {
                 EngineError::NotFound { .. } => Ok(None),
@@ -249,31 +264,79 @@ pub(crate) async fn inspect(docker: &Docker, id: &str) -> EngineResult<Option<Co
             }
         }
     };
-    let state = response.state.unwrap_or_default();
-    let status = state_status(state.status);
-    let config = response.config.unwrap_or_default();
+    let status = libpod_status(&c.state.status);
+    let live = matches!(status, ContainerStatus::Running | ContainerStatus::Paused);
+    let pid = u32::try_from(c.state.pid).ok().filter(|pid| *pid > 0);
+    let conmon = u32::try_from(c.state.conmon_pid).ok().filter(|pid| *pid > 0);
     Ok(Some(ContainerInfo {
-        id: response.id.unwrap_or_default(),
-        name: response.name.unwrap_or_default().trim_start_matches('/').to_string(),
-        image: config.image.or(response.image).unwrap_or_default(),
+        id: c.id,
+        name: c.name.trim_start_matches('/').to_string(),
+        image: c.config.image.or(c.image_name).unwrap_or_default(),
         status,
-        pid: state.pid.filter(|pid| *pid > 0).and_then(|pid| u32::try_from(pid).ok()),
-        exit_code: matches!(status, ContainerStatus::Exited)
-            .then_some(state.exit_code)
-            .flatten(),
-        oom_killed: state.oom_killed.unwrap_or(false),
-        labels: to_labels(config.labels),
+        pid,
+        exit_code: matches!(status, ContainerStatus::Exited).then_some(c.state.exit_code),
+        oom_killed: c.state.oom_killed,
+        labels: to_labels(c.config.labels),
+        supervised: match (live, conmon) {
+            (true, Some(conmon)) => Some(is_conmon(conmon)),
+            _ => None,
+        },
     }))
 }
 
-fn state_status(status: Option<ContainerStateStatusEnum>) -> ContainerStatus {
-    match status {
-        Some(ContainerStateStatusEnum::CREATED) => ContainerStatus::Created,
-        Some(ContainerStateStatusEnum::RUNNING) => ContainerStatus::Running,
-        Some(ContainerStateStatusEnum::PAUSED) => ContainerStatus::Paused,
-        Some(ContainerStateStatusEnum::EXITED) => ContainerStatus::Exited,
-        _ => ContainerStatus::Other,
-    }
+/// The answer of libpod's inspect, as far as conductor reads it.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct LibpodInspected {
+    id: String,
+    #[serde(default)]
+    name: String,
+    #[serde(default)]
+    image_name: Option<String>,
+    #[serde(default)]
+    state: LibpodState,
+    #[serde(default)]
+    config: LibpodConfig,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct LibpodState {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    pid: i64,
+    #[serde(default)]
+    conmon_pid: i64,
+    #[serde(default)]
+    exit_code: i64,
+    #[serde(default, rename = "OOMKilled")]
+    oom_killed: bool,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct LibpodConfig {
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    labels: Option<HashMap<String, String>>,
+}
+
+/// Whether host process `pid` is a live conmon (Podman's per-container monitor). When it
+/// is gone, Podman records neither the container's exit nor its output any more.
+fn is_conmon(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| live_conmon(&stat))
+}
+
+/// Reads a `/proc/<pid>/stat` line: the command is `conmon` and the process is not a
+/// zombie (a killed conmon stays one until its parent reaps it).
+fn live_conmon(stat: &str) -> bool {
+    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+        return false;
+    };
+    let state = stat[close + 1..].split_whitespace().next();
+    &stat[open + 1..close] == "conmon" && !matches!(state, Some("Z" | "X" | "x"))
 }
 
 fn to_labels(labels: Option<HashMap<String, String>>) -> Labels {
@@ -405,6 +468,14 @@ fn cpu_percent(first: &ContainerStatsResponse, second: &ContainerStatsResponse) 
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_zombie_conmon_is_no_monitor() {
+        assert!(super::live_conmon("812 (conmon) S 1 811 811 0 -1 4194368"));
+        assert!(!super::live_conmon("812 (conmon) Z 1 811 811 0 -1 4194368"));
+        assert!(!super::live_conmon("812 (sleep) S 1 811 811 0 -1 4194368"));
+        assert!(!super::live_conmon(""));
+    }
+
     #[test]
     fn libpod_states_map_onto_ours() {
         use super::libpod_status;

@@ -1,8 +1,10 @@
 //! The supervisor of conductor's private `podman system service`.
 //!
-//! When no usable API socket is configured, conductor starts
-//! `podman [--runtime R] system service --time=0 unix://<data_dir>/podman.sock` itself, with
-//! its output in `<data_dir>/podman-service.log`, and waits until the socket answers a ping.
+//! When no usable API socket is found, conductor starts
+//! `podman [--runtime R] system service --time=0 unix://<socket>` itself (the socket is
+//! `<data_dir>/podman.sock` for `conductor serve`, `<data_dir>/podman-<pid>.sock` for other
+//! processes: see [`crate::ServiceRole`]), with its output in `<data_dir>/podman-service.log`,
+//! and waits until the socket answers a ping.
 //!
 //! The service must never outlive conductor, even after `kill -9`. The child therefore asks
 //! the kernel for `SIGKILL` when its parent dies (`PR_SET_PDEATHSIG`). The kernel's "parent"
@@ -41,13 +43,18 @@ pub(crate) struct ManagedService {
 }
 
 impl ManagedService {
-    /// Starts the service on `<data_dir>/podman.sock` and returns it with a client once the
-    /// socket answers.
-    pub(crate) async fn start(podman: &Path, runtime: &str, data_dir: &Path) -> EngineResult<(Self, Docker)> {
+    /// Starts the service on `socket` (in `data_dir`, beside its log) and returns it with a
+    /// client once the socket answers.
+    pub(crate) async fn start(
+        podman: &Path,
+        runtime: &str,
+        data_dir: &Path,
+        socket: &Path,
+    ) -> EngineResult<(Self, Docker)> {
         let unavailable = |what: String| EngineError::Unavailable(what);
         std::fs::create_dir_all(data_dir)
             .map_err(|e| unavailable(format!("cannot create data directory {}: {e}", data_dir.display())))?;
-        let socket = data_dir.join("podman.sock");
+        let socket = socket.to_path_buf();
         let log = data_dir.join("podman-service.log");
         match std::fs::remove_file(&socket) {
             Ok(()) => tracing::info!(socket = %socket.display(), "removed a stale podman socket"),

@@ -19,7 +19,7 @@ use conductor_core::engine::{
     BuildSpec, ContainerSpec, ContainerStatus, Engine, EngineError, ExecSpec, Labels, Mount, NetworkAttachment,
     NetworkSpec, OutputChunk, Progress, ProgressSink, ResourceLimits, SecurityOptions,
 };
-use conductor_engine_podman::{PodmanEngine, PodmanOptions};
+use conductor_engine_podman::{PodmanEngine, PodmanOptions, ServiceRole};
 use tokio::sync::mpsc;
 
 const TEST_LABEL: &str = "io.conductor.test";
@@ -41,6 +41,7 @@ impl TestContext {
             socket_path: None,
             data_dir: data_dir.path().to_path_buf(),
             runtime: RuntimeChoice::Auto,
+            role: ServiceRole::Guest,
         })
         .await?;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
@@ -232,7 +233,11 @@ async fn managed_service_uses_runc_here_and_stops_on_shutdown() -> Result<()> {
     assert!(info.runtime_reason.contains("crun"), "{}", info.runtime_reason);
     assert_eq!(info.cgroup_version, "v1 (hybrid)");
     let socket = info.endpoint.clone();
-    assert!(socket.ends_with("/podman.sock"), "{socket}");
+    // A guest's private service listens on a socket of its own, never the instance's.
+    assert!(
+        socket.ends_with(&format!("/podman-{}.sock", std::process::id())),
+        "{socket}"
+    );
     assert!(!processes_mentioning(&socket).is_empty(), "no process serves {socket}");
 
     let TestContext {
@@ -260,6 +265,7 @@ async fn an_answering_socket_is_used_and_a_dead_one_replaced() -> Result<()> {
         socket_path: Some(socket.clone()),
         data_dir: other_dir.path().to_path_buf(),
         runtime: RuntimeChoice::Runc,
+        role: ServiceRole::Guest,
     })
     .await?;
     let info = external.info().await?;
@@ -277,6 +283,7 @@ async fn an_answering_socket_is_used_and_a_dead_one_replaced() -> Result<()> {
         socket_path: Some(dead),
         data_dir: other_dir.path().to_path_buf(),
         runtime: RuntimeChoice::Runc,
+        role: ServiceRole::Guest,
     })
     .await?;
     let info = replaced.info().await?;
@@ -303,6 +310,7 @@ async fn death_helper() -> Result<()> {
         socket_path: None,
         data_dir: PathBuf::from(data_dir),
         runtime: RuntimeChoice::Runc,
+        role: ServiceRole::Guest,
     })
     .await?;
     println!("READY {}", engine.info().await?.endpoint);

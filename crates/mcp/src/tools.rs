@@ -17,7 +17,7 @@ use std::time::Duration;
 use conductor_core::config::NetworkPolicy;
 use conductor_core::engine::{OutputChunk, Progress};
 use conductor_core::naming;
-use conductor_service::exec::{ExecOutcome, ExecRequest, WORKSPACE_USER};
+use conductor_service::exec::{Command, ExecOutcome, ExecRequest, WORKSPACE_USER};
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
 use conductor_service::{Conductor, ServiceError};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -68,9 +68,9 @@ pub struct WorkspaceTools {
 #[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
-    /// Loopback only.
+    /// Loopback only (the same as "isolated").
     None,
-    /// Its own network with no route out (the usual default).
+    /// A private network namespace with loopback only: no route out (the usual default).
     Isolated,
     /// Internet access, e.g. to install packages.
     Egress,
@@ -97,10 +97,19 @@ pub struct CreateWorkspaceArgs {
     /// environment finds the same /workspace data again.
     #[serde(default)]
     pub agent_id: Option<String>,
-    /// "isolated" (own network, no internet), "none" (loopback only) or "egress" (internet
+    /// "isolated" (loopback only, no internet: the default), "none" (the same) or "egress" (internet
     /// access). Default: the environment's or the service's setting, normally "isolated".
     #[serde(default)]
     pub network: Option<Network>,
+}
+
+/// The schema of a command: a command line or an argv.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum CommandArg {
+    Line(String),
+    Argv(Vec<String>),
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -109,10 +118,12 @@ pub struct RunCommandArgs {
     /// Workspace id from create_workspace or list_workspaces, e.g. "ws-3f2c9a1b7d4e".
     pub workspace_id: String,
     /// A bash command line, e.g. "cd /workspace/src && python -m pytest -q". Pipes, &&,
-    /// redirections and quoting work as in a terminal. Do not start interactive programs;
-    /// start servers in the background with their output redirected, e.g.
-    /// "nohup python3 -m http.server 8000 > /tmp/server.log 2>&1 &".
-    pub command: String,
+    /// redirections and quoting work as in a terminal. Or an array of strings, e.g.
+    /// ["python3", "-c", "print(1)"]: a program and its arguments, run without a shell. Do
+    /// not start interactive programs; start servers in the background with their output
+    /// redirected, e.g. "nohup python3 -m http.server 8000 > /tmp/server.log 2>&1 &".
+    #[schemars(with = "CommandArg")]
+    pub command: Command,
     /// Seconds before the command and all its child processes are killed (default 120).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
@@ -252,7 +263,7 @@ async fn exec_collect(c: &Conductor, id: &str, req: ExecRequest, limit: usize) -
 /// A file tool's script with the path in [`files::PATH_VAR`].
 fn file_request(script: String, path: &str) -> ExecRequest {
     ExecRequest {
-        command: script,
+        command: script.into(),
         env: BTreeMap::from([(files::PATH_VAR.to_string(), path.to_string())]),
         timeout: Some(FILE_TIMEOUT),
         ..Default::default()
@@ -446,7 +457,7 @@ impl WorkspaceTools {
 
     /// Run a shell command.
     #[tool(
-        description = "Run a bash command line in a workspace and return its exit code, stdout and stderr \
+        description = "Run a bash command line (or an argv array, without a shell) in a workspace and return its exit code, stdout and stderr \
                        (only the last 64 KiB of each are returned; a note says when output was cut). The \
                        command runs in /workspace unless cwd is given, as an unprivileged user, and is \
                        killed with its children after timeout_secs (default 120; exit code 124 then). \

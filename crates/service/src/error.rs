@@ -14,6 +14,10 @@ pub enum ServiceError {
     /// The request is valid but conflicts with the current state.
     #[error("{0}")]
     Conflict(String),
+    /// The workspace's container stopped under a request (its main process died, or the
+    /// engine's monitor of it did); the workspace is recorded as `stopped` or `lost`.
+    #[error("{0}")]
+    WorkspaceExited(String),
     /// A configured limit (max_containers, …) is reached.
     #[error("{0}")]
     Exhausted(String),

@@ -1,7 +1,7 @@
-//! Running shell commands in a workspace.
+//! Running commands in a workspace.
 //!
-//! A command runs through the container's shell (`bash` when present, else `sh`), so `cd`,
-//! pipes, quoting and `&&` behave as in a terminal. Each exec carries a unique marker in its
+//! A command line runs through the container's shell (`bash` when present, else `sh`), so
+//! `cd`, pipes, quoting and `&&` behave as in a terminal; an argv is executed directly. Each exec carries a unique marker in its
 //! environment (`CONDUCTOR_EXEC_ID`); on timeout or cancel conductor kills every process in
 //! the container whose environment holds that marker, which reaches the whole process tree
 //! (children, grandchildren, even ones that called `setsid`), not just the client.
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use conductor_agent_protocol::valid_session_id;
+pub use conductor_core::command::Command;
 use conductor_core::engine::{Engine, ExecSpec, OutputChunk};
 use conductor_core::task::{command_script, state_dir};
 use conductor_core::validate;
@@ -26,10 +27,11 @@ pub const WORKSPACE_USER: &str = "1000:1000";
 pub const TIMEOUT_EXIT_CODE: i64 = 124;
 const MARKER: &str = "CONDUCTOR_EXEC_ID";
 
-/// A shell command to run in a workspace.
+/// A command to run in a workspace.
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
-    pub command: String,
+    /// A shell command line, or an argv executed without a shell.
+    pub command: Command,
     pub cwd: Option<String>,
     pub env: BTreeMap<String, String>,
     pub stdin: Option<Bytes>,
@@ -47,7 +49,7 @@ pub struct ExecRequest {
 }
 
 impl ExecRequest {
-    pub fn new(command: impl Into<String>) -> Self {
+    pub fn new(command: impl Into<Command>) -> Self {
         ExecRequest {
             command: command.into(),
             ..Default::default()
@@ -56,7 +58,9 @@ impl ExecRequest {
 
     /// Validates every field that reaches the engine; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        validate::command(&self.command).map_err(|m| ServiceError::invalid("command", m))?;
+        self.command
+            .validate("command")
+            .map_err(|(field, m)| ServiceError::invalid(field, m))?;
         if let Some(cwd) = &self.cwd {
             validate::container_path(cwd).map_err(|m| ServiceError::invalid("cwd", m))?;
         }
@@ -71,6 +75,12 @@ impl ExecRequest {
             if self.stdin.is_some() {
                 return Err(ServiceError::invalid("stdin", "commands of a session read no stdin"));
             }
+            if self.command.as_shell().is_none() {
+                return Err(ServiceError::invalid(
+                    "command",
+                    "commands of a session are shell command lines",
+                ));
+            }
         }
         Ok(())
     }
@@ -79,7 +89,9 @@ impl ExecRequest {
     /// wrapper of [`command_script`].
     fn emulating_session(mut self) -> Self {
         if let Some(session) = self.session.take() {
-            self.command = command_script(&state_dir(&session), &self.command);
+            if let Command::Shell(line) = &self.command {
+                self.command = Command::Shell(command_script(&state_dir(&session), line));
+            }
         }
         self
     }
@@ -91,6 +103,15 @@ pub struct ExecOutcome {
     pub exit_code: i64,
     pub timed_out: bool,
     pub duration_ms: u64,
+}
+
+/// The argv that runs `command`: a command line through the container's shell, an argv as
+/// it is.
+pub fn command_argv(command: Command) -> Vec<String> {
+    match command {
+        Command::Shell(line) => shell_argv(&line),
+        Command::Argv(argv) => argv,
+    }
 }
 
 /// The argv that runs `command` through the container's shell.
@@ -159,7 +180,7 @@ pub async fn run(
     env.extend(req.internal_env);
     env.push((MARKER.into(), marker.clone()));
     let spec = ExecSpec {
-        argv: shell_argv(&req.command),
+        argv: command_argv(req.command),
         user: Some(WORKSPACE_USER.into()),
         workdir: req.cwd,
         env,
@@ -234,9 +255,9 @@ async fn run_agent(conn: AgentConn, req: ExecRequest, output: mpsc::Sender<Outpu
     let mut env: Vec<(String, String)> = req.env.into_iter().collect();
     env.extend(req.internal_env);
     env.push((MARKER.into(), marker.clone()));
-    let (argv, shell) = match &req.session {
-        Some(_) => (None, Some(req.command)),
-        None => (Some(shell_argv(&req.command)), None),
+    let (argv, shell) = match (&req.session, req.command) {
+        (Some(_), Command::Shell(line)) => (None, Some(line)),
+        (_, command) => (Some(command_argv(command)), None),
     };
     let agent_req = conductor_agent_protocol::ExecRequest {
         argv,
@@ -274,10 +295,13 @@ mod tests {
         assert_eq!(fresh.session, None);
         assert_eq!(
             fresh.command,
-            command_script(&state_dir("3f2a9c1e-77b0-4b0e-9d43-0a1b2c3d4e5f"), "cd /tmp")
+            Command::Shell(command_script(
+                &state_dir("3f2a9c1e-77b0-4b0e-9d43-0a1b2c3d4e5f"),
+                "cd /tmp"
+            ))
         );
         let plain = ExecRequest::new("true").emulating_session();
-        assert_eq!(plain.command, "true");
+        assert_eq!(plain.command, Command::from("true"));
 
         for bad in ["", "a/b", "x'y"] {
             r.session = Some(bad.into());
@@ -289,5 +313,24 @@ mod tests {
         r.session = Some("t1".into());
         r.stdin = Some(Bytes::from_static(b"x"));
         assert!(r.validate().is_err(), "no stdin in a session");
+        r.stdin = None;
+        r.command = Command::Argv(vec!["ls".into()]);
+        assert!(
+            matches!(r.validate(), Err(ServiceError::Invalid { ref field, .. }) if field == "command"),
+            "no argv in a session"
+        );
+    }
+
+    #[test]
+    fn an_argv_runs_without_a_shell() {
+        let argv = vec!["printf".to_string(), "%s".into(), "a b".into()];
+        assert_eq!(command_argv(Command::Argv(argv.clone())), argv);
+        assert_eq!(command_argv(Command::from("ls")), shell_argv("ls"));
+        let r = ExecRequest::new(Command::Argv(vec!["ls".into(), "x y".into()]));
+        r.validate().unwrap();
+        let bad = ExecRequest::new(Command::Argv(vec!["ls".into(), "a\0b".into()]));
+        assert!(matches!(bad.validate(), Err(ServiceError::Invalid { ref field, .. }) if field == "command[1]"));
+        let empty = ExecRequest::new(Command::Argv(vec![]));
+        assert!(matches!(empty.validate(), Err(ServiceError::Invalid { ref field, .. }) if field == "command"));
     }
 }

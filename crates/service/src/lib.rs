@@ -15,6 +15,8 @@ pub mod exec;
 pub mod files;
 pub mod host;
 pub mod images;
+pub mod instance_lock;
+pub mod liveness;
 pub mod maintenance;
 mod orchestrator;
 pub mod pool;
@@ -33,6 +35,7 @@ use conductor_core::config::DataPaths;
 use conductor_core::engine::Engine;
 use conductor_core::environment::Catalog;
 use conductor_core::Config;
+pub use conductor_engine_podman::ServiceRole;
 use conductor_engine_podman::{PodmanEngine, PodmanOptions};
 use conductor_store::Store;
 
@@ -72,8 +75,15 @@ fn create_dir(path: &Path) -> Result<()> {
 }
 
 impl Conductor {
-    /// Opens the store, writes the seccomp profile and connects to (or starts) Podman.
+    /// As a guest of the instance's service (see [`ServiceRole`]): what CLI commands, the
+    /// MCP server and tests use.
     pub async fn open(config: Config) -> Result<Self> {
+        Self::open_as(config, ServiceRole::Guest).await
+    }
+
+    /// Opens the store, writes the seccomp profile and connects to (or starts) Podman in
+    /// `role`: `conductor serve` is the [`ServiceRole::Owner`].
+    pub async fn open_as(config: Config, role: ServiceRole) -> Result<Self> {
         let paths = config.storage.resolve(&home_dir());
         for dir in [&paths.base, &paths.workspaces, &paths.snapshots, &paths.logs] {
             create_dir(dir)?;
@@ -102,6 +112,7 @@ impl Conductor {
                 .map(PathBuf::from),
             data_dir: paths.base.clone(),
             runtime: config.podman_config.runtime,
+            role,
         })
         .await?;
         let mut conductor = Self::with_parts(config, paths, Arc::new(engine), Arc::new(store), instance, seccomp_path);

@@ -605,6 +605,20 @@ impl Attempt<'_> {
             }
         }
         if !matches!(ending, Ending::Stopped(_)) {
+            // A command's own result counts only from a workspace that is still whole.
+            match self.c.check_container(&lease.record).await {
+                Ok(Some(fault)) => {
+                    let error = format!(
+                        "workspace {} failed during the task: {}",
+                        lease.record.id,
+                        fault.reason()
+                    );
+                    self.log.system(&error);
+                    return Ending::Failed { exit_code: None, error };
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(task = %self.task.id, "checking the workspace's container failed: {e}"),
+            }
             self.run_post_hooks(lease).await;
         }
         ending
@@ -672,7 +686,7 @@ impl Attempt<'_> {
         // The task's shell session: one long-lived shell in the agent, else the state-file
         // wrapper (see `ExecRequest::session`). The environment counts when it starts.
         let req = ExecRequest {
-            command: command.to_string(),
+            command: command.into(),
             env: self.spec.env.clone(),
             internal_env: vec![(TASK_MARKER.to_string(), id.clone())],
             timeout: Some(budget),

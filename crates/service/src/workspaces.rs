@@ -6,6 +6,7 @@
 //! finished by [`Conductor::reconcile`](crate::reconcile).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use conductor_core::config::{next_free_block, parse_cidr, NetworkPolicy};
 use conductor_core::engine::{
@@ -198,7 +199,7 @@ impl Conductor {
             return Err(ServiceError::invalid(
                 "ports",
                 format!(
-                    "publishing ports needs network \"egress\" (this workspace's is \"{}\"): Podman cannot publish ports of containers on internal networks",
+                    "publishing ports needs network \"egress\" (this workspace's is \"{}\"): a workspace in \"isolated\" or \"none\" has no interface but loopback",
                     policy.as_str()
                 ),
             ));
@@ -467,9 +468,19 @@ impl Conductor {
         let container = w.container_id.clone().unwrap_or(w.container_name.clone());
         self.store.touch_workspace(&w.id, now_ms())?;
         let agent_dir = agent_client::socket_dir(&self.paths, &w.id);
-        let (outcome, _) =
-            exec::run_in_workspace(self.engine.as_ref(), &container, Some(&agent_dir), req, output).await?;
-        Ok(outcome)
+        match exec::run_in_workspace(self.engine.as_ref(), &container, Some(&agent_dir), req, output).await {
+            Ok((outcome, _)) => Ok(outcome),
+            Err(e @ ServiceError::Invalid { .. }) => Err(e),
+            // The agent (PID 1) dying breaks the connection: say what happened instead.
+            Err(e) => match self.await_fault(&w, Duration::from_secs(2)).await {
+                Some(fault) => Err(ServiceError::WorkspaceExited(format!(
+                    "workspace '{}' stopped during the command: {}",
+                    w.id,
+                    fault.reason()
+                ))),
+                None => Err(e),
+            },
+        }
     }
 
     /// Runs a command and collects its output (for the HTTP API).
@@ -499,11 +510,21 @@ impl Conductor {
         if info.state != WorkspaceState::Running {
             return Ok((info, None));
         }
-        let container = self
-            .record(&info.id)?
-            .container_id
-            .unwrap_or(info.container_name.clone());
-        let stats = self.engine.container_stats(&container).await?;
+        let record = self.record(&info.id)?;
+        if self.check_container(&record).await?.is_some() {
+            return Ok((self.get_workspace(&info.id)?, None));
+        }
+        let container = record.container_id.unwrap_or(info.container_name.clone());
+        let stats = match self.engine.container_stats(&container).await {
+            Ok(stats) => stats,
+            // It stopped between the check and the reading.
+            Err(e) => {
+                if self.check_container(&self.record(&info.id)?).await?.is_some() {
+                    return Ok((self.get_workspace(&info.id)?, None));
+                }
+                return Err(e.into());
+            }
+        };
         let pid = self.engine.container_inspect(&container).await?.and_then(|c| c.pid);
         let disk = host::disk_usage(&DataVolume::at(std::path::Path::new(&info.volume_dir)).mountpoint());
         let usage = Usage {

@@ -139,6 +139,20 @@ impl Store {
         expect_row(changed, not_found(id))
     }
 
+    /// Marks a `running` workspace whose container `container_id` exited as `stopped` with
+    /// `error`; does nothing (returns false) when the row moved on meanwhile (another state,
+    /// or another container after a restore).
+    pub fn mark_container_exited(&self, id: &str, container_id: &str, error: &str) -> Result<bool> {
+        let changed = self
+            .conn()
+            .prepare_cached(
+                "UPDATE workspaces SET state = 'stopped', error = ?3 \
+                 WHERE id = ?1 AND state = 'running' AND container_id = ?2",
+            )?
+            .execute(params![id, container_id, error])?;
+        Ok(changed == 1)
+    }
+
     /// Records the engine's container id and the network it joined, once created.
     pub fn set_workspace_container(&self, id: &str, container_id: &str, network: Option<&str>) -> Result<()> {
         let changed = self
@@ -274,6 +288,32 @@ mod tests {
         assert_eq!(
             (got.agent_id.as_str(), got.container_name.as_str(), got.last_used_at),
             ("a1", "c-a1", 5)
+        );
+    }
+
+    #[test]
+    fn an_exited_container_stops_only_its_own_running_row() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_workspace(&ws("w1", "a1", "python", 1)).unwrap();
+        store.set_workspace_container("w1", "c1", None).unwrap();
+        assert!(
+            !store.mark_container_exited("w1", "c1", "died").unwrap(),
+            "still creating"
+        );
+        store.set_workspace_state("w1", WorkspaceState::Running, None).unwrap();
+        assert!(
+            !store.mark_container_exited("w1", "c0", "died").unwrap(),
+            "another container"
+        );
+        assert!(store.mark_container_exited("w1", "c1", "died").unwrap());
+        let got = store.get_workspace("w1").unwrap().unwrap();
+        assert_eq!(
+            (got.state, got.error.as_deref()),
+            (WorkspaceState::Stopped, Some("died"))
+        );
+        assert!(
+            !store.mark_container_exited("w1", "c1", "again").unwrap(),
+            "already stopped"
         );
     }
 

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use conductor_service::tasks::TaskMetrics;
@@ -16,22 +16,41 @@ use crate::AppState;
 /// Response of `GET /health`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
+    /// `ok`, or `degraded` when the container engine does not answer.
     #[schema(example = "ok")]
     pub status: String,
     /// conductor's version.
     pub version: String,
+    /// `ok`, or `unavailable` (the service reconnects by itself; see `engine_error`).
+    #[schema(example = "ok")]
+    pub engine: String,
+    /// Why the engine is unavailable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engine_error: Option<String>,
 }
 
-/// Liveness: answers as soon as the service accepts requests (no token needed).
+/// Health: whether the service is up and its container engine answers (no token needed).
 #[utoipa::path(
     get, path = "/health", tag = "system",
-    responses((status = 200, description = "The service is up", body = Health))
+    responses(
+        (status = 200, description = "The service is up and its engine answers", body = Health),
+        (status = 503, description = "The service is up but its engine does not answer", body = Health),
+    )
 )]
-pub async fn health() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let engine = state.conductor.engine.ping().await;
+    let status = if engine.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let health = Health {
+        status: if engine.is_ok() { "ok" } else { "degraded" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-    })
+        engine: if engine.is_ok() { "ok" } else { "unavailable" }.into(),
+        engine_error: engine.err().map(|e| e.to_string()),
+    };
+    (status, Json(health))
 }
 
 /// The OpenAPI document of this API.

@@ -16,7 +16,7 @@ use conductor_core::engine::Progress;
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::{LimitOverrides, WorkspaceLimits};
 use conductor_core::size::{ByteSize, Cpu};
-use conductor_service::exec::{ExecOutcome, ExecRequest};
+use conductor_service::exec::{Command, ExecOutcome, ExecRequest};
 use conductor_service::workspaces::{CreateRequest, ListFilter, Usage, WorkspaceInfo};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -30,9 +30,9 @@ use crate::AppState;
 #[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Network {
-    /// Loopback only.
+    /// Loopback only (the same namespace as `isolated`).
     None,
-    /// Its own internal network: no route out, no other workspace.
+    /// A private network namespace with loopback only: no route out, no other workspace.
     Isolated,
     /// A bridge with a route to the outside (opt-in).
     Egress,
@@ -250,13 +250,27 @@ pub struct DeleteQuery {
     pub keep_volumes: Option<bool>,
 }
 
+/// What `POST /workspaces/{id}/exec` runs (the schema of [`Command`]).
+#[derive(Deserialize, ToSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+pub enum CommandSchema {
+    /// A shell command line (`bash -c` when bash exists, else `sh -c`).
+    #[schema(example = "cd /workspace && ls -la")]
+    Line(String),
+    /// A program and its arguments, executed directly without a shell.
+    #[schema(example = json!(["python3", "-c", "print(1)"]))]
+    Argv(Vec<String>),
+}
+
 /// Body of `POST /workspaces/{id}/exec`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
-    /// A shell command line (`bash -c` when bash exists, else `sh -c`).
-    #[schema(example = "cd /workspace && ls -la")]
-    pub command: String,
+    /// A shell command line (a string: run by `bash -c` when bash exists, else `sh -c`), or
+    /// an argv (an array of strings: executed directly, no shell).
+    #[schema(value_type = CommandSchema, example = "cd /workspace && ls -la")]
+    pub command: Command,
     /// Seconds before the command and its children are killed (default
     /// `task_execution.task_timeout`).
     pub timeout: Option<u64>,
@@ -344,6 +358,9 @@ pub async fn list_workspaces(
         state: q.state,
         all: q.all,
     };
+    if let Err(e) = state.conductor.refresh_states().await {
+        tracing::debug!("listing without refreshing the workspaces' states: {e}");
+    }
     let list = state.conductor.list_workspaces(&filter)?;
     Ok(Json(WorkspaceList {
         workspaces: list.into_iter().map(Into::into).collect(),
@@ -387,7 +404,8 @@ pub async fn delete_workspace(
     Ok(Json(info.into()))
 }
 
-/// Run a shell command in a running workspace and return its output.
+/// Run a command (a shell command line, or an argv without a shell) in a running workspace
+/// and return its output.
 #[utoipa::path(
     post, path = "/workspaces/{id}/exec", tag = "workspaces",
     params(("id" = String, Path, description = "Workspace id or container name")),
