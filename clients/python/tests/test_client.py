@@ -55,6 +55,26 @@ async def test_workspace_lifecycle(service: Any, agent_id: str) -> None:
         assert (e.value.status, e.value.code) == (409, "conflict")
 
 
+async def test_exec_takes_a_line_or_an_argv(service: Any, agent_id: str) -> None:
+    async with AsyncConductorClient(service.url) as c:
+        ws = await c.create_workspace(agent_id, "minimal")
+        line = await c.exec(ws.id, "printf '%s|' $((1+2)) 'a b' | tr a-z A-Z")  # a str: the shell runs it
+        assert (line.exit_code, line.stdout) == (0, "3|A B|"), line
+        argv = await c.exec(ws.id, ["printf", "%s|", "$((1+2))", "a b", "*"])  # a list: no shell
+        assert tuple(argv) == (0, "$((1+2))|a b|*|", "")
+        code, out, _ = await c.exec(ws.id, ("pwd",), cwd="/tmp")
+        assert (code, out) == (0, "/tmp\n")
+        assert (await c.exec(ws.id, ["sh", "-c", "exit 5"]))[0] == 5
+
+        with pytest.raises(ValidationError) as empty:
+            await c.exec(ws.id, [])
+        assert empty.value.field == "command", empty.value
+        with pytest.raises(ValidationError) as not_a_string:
+            await c.exec(ws.id, ["echo", 1])  # type: ignore[list-item]
+        assert not_a_string.value.field == "command[1]", not_a_string.value
+        await c.delete_workspace(ws.id, keep_volumes=False)
+
+
 async def test_api_errors_are_typed(service: Any, agent_id: str) -> None:
     async with AsyncConductorClient(service.url) as c:
         with pytest.raises(NotFoundError) as nf:
@@ -120,8 +140,7 @@ async def test_manager_drives_an_agents_workspace(service: Any, agent_id: str) -
         removed = await manager.cleanup_workspace(agent_id, preserve_volumes=False)
         assert [w.id for w in removed] == [ws.id] and removed[0].state == "removed"
         assert await manager.list_workspaces(agent_id) == []
-        with pytest.raises(NotFoundError):
-            await manager.cleanup_workspace(agent_id)
+        assert await manager.cleanup_workspace(agent_id) == []  # nothing left: no error
 
 
 async def test_task_logs_stream_until_the_end(service: Any) -> None:

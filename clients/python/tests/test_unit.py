@@ -1,10 +1,16 @@
 """Pieces that need no service: address and token resolution, the mapping of error
 responses to exceptions, SSE parsing and reconnection (over httpx's mock transport), the
-models and create_task."""
+models and create_task, and the shapes of the original WorkspaceIsolationManager's API
+(over a fake service)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
+import re
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -18,8 +24,10 @@ from conductor import (
     ConductorError,
     ConflictError,
     EnvironmentUnavailableError,
+    ExecResult,
     LogChunk,
     LogEnd,
+    NoWorkspaceError,
     NotFoundError,
     ResourceExhaustedError,
     ServiceUnavailableError,
@@ -29,6 +37,7 @@ from conductor import (
 )
 from conductor.orchestrator import create_task
 from conductor.settings import DEFAULT_URL, resolve
+from conductor.workspace_isolation import ContainerConfig, WorkspaceContainer, WorkspaceIsolationManager
 
 
 @pytest.fixture(autouse=True)
@@ -197,3 +206,327 @@ def test_create_task_builds_the_request_body() -> None:
         create_task(commands=["ls"])
     with pytest.raises(TypeError):
         create_task(environment="minimal", commands="ls")
+
+
+# -- the original WorkspaceIsolationManager's shapes ---------------------------------------
+
+
+def test_exec_result_is_the_originals_tuple_with_named_fields() -> None:
+    body = {"exit_code": 3, "stdout": "out\n", "stderr": "err\n", "duration_ms": 12, "timed_out": False, "new": 1}
+    r = ExecResult.from_dict(body)
+    code, out, err = r
+    assert (code, out, err) == (3, "out\n", "err\n")
+    assert isinstance(r, tuple) and len(r) == 3 and tuple(r) == (3, "out\n", "err\n")
+    assert (r[0], r[1], r[2], r[-1], r[:2]) == (3, "out\n", "err\n", "err\n", (3, "out\n"))
+    assert r == (3, "out\n", "err\n") and (3, "out\n", "err\n") == r
+    assert hash(r) == hash((3, "out\n", "err\n"))
+    assert (r.exit_code, r.returncode, r.stdout, r.stderr, r.duration_ms, r.timed_out, r.ok) == (
+        3,
+        3,
+        "out\n",
+        "err\n",
+        12,
+        False,
+        False,
+    )
+    assert (r["exit_code"], r["stdout"], r["duration_ms"], r.get("timed_out"), r.get("nope", 7)) == (3, "out\n", 12, False, 7)
+    with pytest.raises(KeyError):
+        r["nope"]
+    with pytest.raises(IndexError):
+        r[3]
+    assert r.to_dict() == {"exit_code": 3, "stdout": "out\n", "stderr": "err\n", "duration_ms": 12, "timed_out": False}
+    # Equal results have equal fields, the ones outside the tuple included.
+    assert r == ExecResult(3, "out\n", "err\n", 12) and r != ExecResult(3, "out\n", "err\n", 13)
+    assert ExecResult(exit_code=0).ok and ExecResult(0).to_dict()["stdout"] == ""
+    with pytest.raises(AttributeError):
+        r.exit_code = 0  # type: ignore[misc]
+    assert pickle.loads(pickle.dumps(r)) == r and copy.deepcopy(r) == r
+    assert repr(r) == "ExecResult(exit_code=3, stdout='out\\n', stderr='err\\n', duration_ms=12, timed_out=False)"
+
+
+def _exec_recorder(bodies: List[Any]) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content)["command"])
+        return httpx.Response(200, json={"exit_code": 0, "stdout": "", "stderr": "", "duration_ms": 1})
+
+    return handler
+
+
+async def test_exec_sends_a_string_as_a_line_and_a_sequence_as_an_argv() -> None:
+    bodies: List[Any] = []
+    c = _mock(_exec_recorder(bodies))
+    await c.exec("ws-1", "echo a && echo b")
+    await c.exec("ws-1", ["sh", "-c", "echo one > /workspace/f"])
+    await c.exec("ws-1", ("ls", Path("/workspace")))
+    with pytest.raises(TypeError):
+        await c.exec("ws-1", b"ls")  # type: ignore[arg-type]
+    assert bodies == ["echo a && echo b", ["sh", "-c", "echo one > /workspace/f"], ["ls", "/workspace"]]
+    await c.aclose()
+
+
+def test_the_sync_client_sends_an_argv_too() -> None:
+    bodies: List[Any] = []
+    with ConductorClient("http://conductor.test", transport=httpx.MockTransport(_exec_recorder(bodies))) as sync:
+        code, out, err = sync.exec("ws-1", ["true"])
+    assert bodies == [["true"]] and (code, out, err) == (0, "", "")
+
+
+def _workspace_json(agent: str, n: int, created_at: int, state: str = "running") -> Dict[str, Any]:
+    return {
+        "workspace_id": f"ws-00000000000{n}",
+        "id": f"ws-00000000000{n}",
+        "agent_id": agent,
+        "environment": "minimal",
+        "image": "localhost/conductor/minimal:abc",
+        "container_name": f"claude-agent-{agent}-0000000{n}",
+        "state": state,
+        "network": None,
+        "limits": {"memory": "2Gi", "cpu": "1.0", "pids": 512, "volume_size": "10Gi"},
+        "created_at": created_at,
+        "last_used_at": created_at,
+        "error": None,
+    }
+
+
+class FakeService:
+    """Just enough of the API for the manager: workspaces and snapshots in memory."""
+
+    def __init__(self) -> None:
+        self.workspaces: Dict[str, Dict[str, Any]] = {}
+        self.snapshots: Dict[str, List[str]] = {}
+        self.deleted: List[str] = []
+        self.commands: List[Any] = []
+        self.now_ms = int(time.time() * 1000)
+
+    def add(self, agent: str, age_hours: float = 0.0) -> Dict[str, Any]:
+        w = _workspace_json(agent, len(self.workspaces) + 1, int(self.now_ms - age_hours * 3_600_000))
+        self.workspaces[w["id"]] = w
+        return w
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        parts = request.url.path.strip("/").split("/")
+        method = request.method
+        if parts == ["workspaces"] and method == "POST":
+            body = json.loads(request.content)
+            return httpx.Response(201, json=self.add(body["agent_id"]))
+        if parts == ["workspaces"]:
+            agent = request.url.params.get("agent_id")
+            live = [w for w in self.workspaces.values() if w["state"] == "running" and agent in (None, w["agent_id"])]
+            return httpx.Response(200, json={"workspaces": live})
+        w = self.workspaces.get(parts[1]) if len(parts) > 1 else None
+        if w is None:
+            return httpx.Response(404, json={"error": {"code": "not_found", "message": "no such workspace"}})
+        if len(parts) == 2 and method == "GET":
+            return httpx.Response(200, json={**w, "usage": {"cpu_percent": 0.5, "memory_bytes": 1024, "pids": 2}})
+        if len(parts) == 2 and method == "DELETE":
+            self.deleted.append(w["id"])
+            w["state"] = "removed"
+            return httpx.Response(200, json=w)
+        if parts[2] == "exec":
+            self.commands.append(json.loads(request.content)["command"])
+            return httpx.Response(200, json={"exit_code": 0, "stdout": "hi\n", "stderr": "", "duration_ms": 4})
+        names = self.snapshots.setdefault(w["id"], [])
+        if parts[2:] == ["snapshots"] and method == "POST":
+            body = json.loads(request.content)
+            if body["name"] in names and not body["overwrite"]:
+                message = f"snapshot '{body['name']}' exists; pass overwrite"
+                return httpx.Response(409, json={"error": {"code": "conflict", "message": message}})
+            if body["name"] not in names:
+                names.append(body["name"])
+            return httpx.Response(201, json={"name": body["name"], "workspace_id": w["id"], "size_bytes": 10})
+        if parts[2:] == ["snapshots"]:
+            return httpx.Response(200, json={"snapshots": [{"name": n, "workspace_id": w["id"]} for n in names]})
+        if len(parts) == 5 and parts[4] == "restore":
+            if parts[3] not in names:
+                return httpx.Response(404, json={"error": {"code": "not_found", "message": "no such snapshot"}})
+            return httpx.Response(200, json=w)
+        return httpx.Response(500, json={"error": {"code": "internal_error", "message": f"unexpected {request.url}"}})
+
+
+def _manager(fake: FakeService, config: Any = None) -> WorkspaceIsolationManager:
+    client = AsyncConductorClient("http://conductor.test", transport=httpx.MockTransport(fake.handler))
+    return WorkspaceIsolationManager(config, client=client)
+
+
+ORIGINAL_CONFIG: Dict[str, Any] = {
+    # The sections and keys the original's configuration has (its own code reads
+    # isolated_workspace, podman_config, dev_environments and storage).
+    "num_agents": 2,
+    "agent_config": {"workspace_isolation": "podman", "startup_delay": 10},
+    "container_config": {"runtime": "podman", "image": "ubuntu:22.04", "security_opts": ["no-new-privileges"]},
+    "isolated_workspace": {
+        "enabled": True,
+        "mode": "sandbox",
+        "agent_containers": {
+            "base_image": "ubuntu:22.04",
+            "environments": [{"name": "python-dev", "image": "python:3.11-slim", "volumes": ["source:/workspace/src"]}],
+            "capabilities": {"add": [], "drop": ["ALL"]},
+            "resources": {"limits": {"memory": "2Gi", "cpu": "1.0"}},
+        },
+    },
+    "podman_config": {
+        "socket_path": "/run/user/1000/podman/podman.sock",
+        "network": {"mode": "bridge", "name": "claude-dev-net", "subnet": "10.89.0.0/24"},
+        "security": {"userns": "keep-id"},
+    },
+    "storage": {"workspace_path": "~/.claude-conductor/workspace", "isolated_workspaces_path": "~/.claude-conductor/isolated"},
+    "network": {"dashboard_port": 8080, "api_port": 8081, "bind_address": "127.0.0.1", "enable_cors": True},
+    "features": {"workspace_snapshots": True},
+    "dev_environments": {"presets": [{"name": "minimal", "base_image": "alpine:latest"}]},
+    "task_execution": {"isolation": {"snapshot_before_task": True, "restore_on_error": True}},
+    "container_lifecycle": {"cleanup_policy": {"max_age_hours": 24}},
+    "security": {"api_key_required": False},
+}
+
+
+def test_manager_takes_the_originals_configuration() -> None:
+    manager = WorkspaceIsolationManager(ORIGINAL_CONFIG)
+    assert manager.client.url == "http://127.0.0.1:8081"
+    assert manager.config is ORIGINAL_CONFIG
+    assert manager.isolated_config["mode"] == "sandbox"
+    assert manager.podman_config["network"]["name"] == "claude-dev-net"
+    assert manager.workspace_base == Path("~/.claude-conductor/isolated").expanduser()
+    assert manager.containers == {}
+    assert not manager.workspace_base.exists() or manager.workspace_base.is_dir()  # nothing is made there
+    bare = WorkspaceIsolationManager({"storage": {}, "isolated_workspace": None})
+    assert bare.workspace_base is None and bare.isolated_config == {}
+
+
+async def test_manager_returns_the_originals_shapes() -> None:
+    fake = FakeService()
+    manager = _manager(fake, ORIGINAL_CONFIG)
+    ws = await manager.create_workspace("agent_001")
+    assert isinstance(ws, WorkspaceContainer) and isinstance(ws, Workspace)
+    assert manager.containers["agent_001"] is ws
+    assert (ws.container_id, ws.config.name, ws.config.agent_id) == (
+        "claude-agent-agent_001-00000001",
+        "claude-agent-agent_001-00000001",
+        "agent_001",
+    )
+    assert (ws.status, ws.workspace_path, ws.environment, ws.id, ws.state) == (
+        "running",
+        "/workspace",
+        "minimal",
+        "ws-000000000001",
+        "running",
+    )
+    assert isinstance(ws.created_at, datetime) and ws.created_at.tzinfo is None
+    assert abs((datetime.now() - ws.created_at).total_seconds()) < 60
+    assert ws.created_at_ms == fake.now_ms and ws.workspace().created_at == fake.now_ms
+    assert (ws.config.memory_limit, ws.config.cpu_limit, ws.config.capabilities_drop) == ("2Gi", "1.0", ["ALL"])
+
+    code, out, err = await manager.execute_in_workspace("agent_001", ["python", "-c", "print('hi')"])
+    assert (code, out, err) == (0, "hi\n", "")
+    result = await manager.execute_in_workspace("agent_001", "echo hi")
+    assert result[0] == 0 and result.exit_code == 0 and result.duration_ms == 4
+    assert fake.commands == [["python", "-c", "print('hi')"], "echo hi"]
+
+    info = manager.get_workspace_info("agent_001")  # synchronous, as the original's
+    assert isinstance(info, dict) and info is not None
+    assert {"container_id", "agent_id", "status", "created_at", "workspace_path", "image"} <= set(info)
+    assert {"memory_limit", "cpu_limit", "stats"} <= set(info)
+    assert (info["container_id"], info["agent_id"], info["status"]) == (ws.container_id, "agent_001", "running")
+    assert datetime.fromisoformat(info["created_at"]) == ws.created_at
+    assert (info["memory_limit"], info["cpu_limit"], info["stats"]["memory_bytes"]) == ("2Gi", "1.0", 1024)
+    assert info.id == ws.id and info.created_at == fake.now_ms  # attributes: the client's Workspace
+    json.dumps(info)
+    assert manager.get_workspace_info("nobody") is None
+
+    listed = await manager.list_workspaces()
+    assert [w["container_id"] for w in listed] == [ws.container_id] and listed[0]["stats"]["pids"] == 2
+    assert [w.id for w in listed] == [ws.id]
+    await manager.close()
+
+
+async def test_snapshot_names_are_generated_as_the_original_did() -> None:
+    fake = FakeService()
+    manager = _manager(fake)
+    await manager.create_workspace("a1", "minimal")
+    first = await manager.create_snapshot("a1")
+    assert isinstance(first, str) and re.fullmatch(r"snapshot-\d{8}_\d{6}", first), first
+    second = await manager.create_snapshot("a1")  # the same second: a suffix, not a conflict
+    third = await manager.create_snapshot("a1", None)
+    assert len({first, second, third}) == 3 and second.startswith(first), (first, second, third)
+    assert (first.name, first.workspace_id, first.size_bytes, first["size_bytes"]) == (first, "ws-000000000001", 10, 10)
+    assert pickle.loads(pickle.dumps(first)) == first and first.to_dict()["name"] == first
+
+    # A given name is returned as given and replaces a snapshot of that name, as before.
+    assert await manager.create_snapshot("a1", "after_setup") == "after_setup"
+    assert await manager.create_snapshot("a1", "after_setup") == "after_setup"
+    with pytest.raises(ConflictError):
+        await manager.create_snapshot("a1", "after_setup", overwrite=False)
+
+    restored = await manager.restore_snapshot("a1", "after_setup")
+    assert isinstance(restored, WorkspaceContainer) and manager.containers["a1"] == restored
+    with pytest.raises(RuntimeError):  # the original raised RuntimeError; ours is NotFoundError too
+        await manager.restore_snapshot("a1", "never-taken")
+    await manager.close()
+
+
+async def test_an_agent_without_a_workspace() -> None:
+    fake = FakeService()
+    manager = _manager(fake)
+    with pytest.raises(ValueError) as e:  # as the original
+        await manager.execute_in_workspace("nobody", ["true"])
+    assert isinstance(e.value, NotFoundError) and isinstance(e.value, NoWorkspaceError)
+    assert e.value.field == "agent_id" and "nobody" in e.value.message
+    with pytest.raises(ValueError):
+        await manager.create_snapshot("nobody")
+    with pytest.raises(ValueError):
+        await manager.restore_snapshot("nobody", "x")
+    assert await manager.cleanup_workspace("nobody") == []  # no error, as the original
+    assert manager.get_workspace_info("nobody") is None
+    await manager.close()
+
+
+async def test_cleanup_workspace_forgets_the_agent() -> None:
+    fake = FakeService()
+    manager = _manager(fake)
+    ws = await manager.create_workspace("a1", "minimal")
+    removed = await manager.cleanup_workspace("a1", preserve_volumes=True)
+    assert [w.id for w in removed] == [ws.id] and "a1" not in manager.containers
+    assert manager.get_workspace_info("a1") is None
+    await manager.close()
+
+
+async def test_cleanup_old_containers_removes_only_this_managers_old_workspaces() -> None:
+    fake = FakeService()
+    manager = _manager(fake)
+    old_mine = await manager.create_workspace("mine-old", "minimal")
+    fake.workspaces[old_mine.id]["created_at"] = fake.now_ms - 30 * 3_600_000
+    manager.containers["mine-old"] = WorkspaceContainer.from_dict(fake.workspaces[old_mine.id])
+    new_mine = await manager.create_workspace("mine-new", "minimal")
+    old_other = fake.add("other", age_hours=48)  # another client's, as old
+    pool = fake.add("warm-pool", age_hours=48)
+
+    removed = await manager.cleanup_old_containers(max_age_hours=24)
+    assert [w.id for w in removed] == [old_mine.id] and fake.deleted == [old_mine.id]
+    assert set(manager.containers) == {"mine-new"}
+
+    assert await manager.cleanup_old_containers() == []  # the default is 24 hours
+
+    removed = await manager.cleanup_old_containers(max_age_hours=24, all_agents=True)
+    assert [w.id for w in removed] == [old_other["id"]]
+    assert fake.workspaces[pool["id"]]["state"] == "running"
+
+    removed = await manager.cleanup_old_containers(max_age_hours=0)  # everything of mine is older than now
+    assert [w.id for w in removed] == [new_mine.id] and manager.containers == {}
+    await manager.close()
+
+
+def test_workspace_container_takes_the_originals_constructor() -> None:
+    config = ContainerConfig(name="claude-agent-a-1", image="alpine:latest", agent_id="a")
+    created = datetime(2025, 1, 2, 3, 4, 5)
+    w = WorkspaceContainer("c0ffee", config, created, "running", "/tmp/agent_a")
+    assert (w.container_id, w.config, w.created_at, w.status, w.workspace_path, w.ports) == (
+        "c0ffee",
+        config,
+        created,
+        "running",
+        "/tmp/agent_a",
+        {},
+    )
+    assert (w.agent_id, w.container_name, w.image, w.state) == ("a", "claude-agent-a-1", "alpine:latest", "running")
+    keywords = WorkspaceContainer(container_id="c0ffee", config=config, created_at=created)
+    assert keywords.status == "created" and hash(keywords) == hash(WorkspaceContainer(container_id="c0ffee"))
+    assert ContainerConfig(name="n", image="i", agent_id="a").memory_limit == "2g"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import (
@@ -32,6 +33,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Sequence,
     TypeVar,
     Union,
 )
@@ -56,7 +58,7 @@ from .models import (
 )
 from .settings import ConfigLike, resolve
 
-__all__ = ["AsyncConductorClient", "ConductorClient", "DEFAULT_TIMEOUT", "TaskLike"]
+__all__ = ["AsyncConductorClient", "ConductorClient", "CommandLike", "DEFAULT_TIMEOUT", "TaskLike"]
 
 #: Connect within 10 s; reads wait as long as the service works on the request.
 DEFAULT_TIMEOUT = httpx.Timeout(None, connect=10.0)
@@ -64,7 +66,32 @@ DEFAULT_TIMEOUT = httpx.Timeout(None, connect=10.0)
 #: A task to submit: a :class:`TaskSpec` or the JSON body as a dict.
 TaskLike = Union[TaskSpec, Mapping[str, Any]]
 
+#: What ``exec`` runs: a shell command line (``"cd src && make"``), or an argv
+#: (``["python3", "-c", "print(1)"]``) executed directly, without a shell.
+CommandLike = Union[str, Sequence[str]]
+
 T = TypeVar("T")
+
+
+def _command_body(command: CommandLike) -> Union[str, List[str]]:
+    """The ``command`` of an exec request: a string as is, any other sequence as a JSON
+    array (path-like elements as their paths; the service checks the rest)."""
+    if isinstance(command, str):
+        return command
+    if isinstance(command, (bytes, bytearray)):
+        raise TypeError("command must be a str (a shell command line) or a sequence of str (an argv), not bytes")
+    return [os.fspath(arg) if isinstance(arg, os.PathLike) else arg for arg in command]
+
+
+def _decode(r: httpx.Response) -> Any:
+    """A response's body: JSON, text, or ``None``; an error status raises its exception."""
+    if r.status_code >= 400:
+        raise error_from_response(r)
+    if r.status_code == 204 or not r.content:
+        return None
+    if r.headers.get("content-type", "").startswith("application/json"):
+        return r.json()
+    return r.text
 
 
 def _seg(value: str) -> str:
@@ -155,14 +182,17 @@ class AsyncConductorClient:
     def __repr__(self) -> str:
         return f"AsyncConductorClient(url={self.url!r})"
 
+    def _headers(self) -> Dict[str, str]:
+        headers = {"User-Agent": f"conductor-python/{__version__}"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        return headers
+
     def _http(self) -> httpx.AsyncClient:
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            headers = {"User-Agent": f"conductor-python/{__version__}"}
-            if self._token:
-                headers["Authorization"] = f"Bearer {self._token}"
             self._client = httpx.AsyncClient(
-                base_url=self.url, headers=headers, timeout=self._timeout, transport=self._transport
+                base_url=self.url, headers=self._headers(), timeout=self._timeout, transport=self._transport
             )
             self._loop = loop
         return self._client
@@ -198,13 +228,19 @@ class AsyncConductorClient:
             r = await self._http().request(method, path, json=json, params=params)
         except httpx.TransportError as e:
             raise self._unreachable(e) from e
-        if r.status_code >= 400:
-            raise error_from_response(r)
-        if r.status_code == 204 or not r.content:
-            return None
-        if r.headers.get("content-type", "").startswith("application/json"):
-            return r.json()
-        return r.text
+        return _decode(r)
+
+    def _request_blocking(self, method: str, path: str, *, params: Optional[Mapping[str, Any]] = None) -> Any:
+        """One request made synchronously (it blocks the calling thread, even inside a
+        running event loop), for the few methods that must be synchronous."""
+        headers = self._headers()
+        transport = self._transport if isinstance(self._transport, httpx.BaseTransport) else None
+        try:
+            with httpx.Client(base_url=self.url, headers=headers, timeout=self._timeout, transport=transport) as http:
+                r = http.request(method, path, params=params)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from e
+        return _decode(r)
 
     # -- system -------------------------------------------------------------------------
 
@@ -266,15 +302,19 @@ class AsyncConductorClient:
     async def exec(
         self,
         workspace_id: str,
-        command: str,
+        command: CommandLike,
         *,
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
     ) -> ExecResult:
-        """``POST /workspaces/{id}/exec``: runs a shell command line and returns its result
-        (whatever its exit code). ``timeout`` is in seconds."""
-        body: Dict[str, Any] = {"command": command}
+        """``POST /workspaces/{id}/exec``: runs a command and returns its result (whatever
+        its exit code), which also unpacks as ``(exit_code, stdout, stderr)``.
+
+        ``command`` is a shell command line (a ``str``, run by the workspace's shell: pipes,
+        ``&&`` and ``cd`` work) or an argv (a list or tuple of ``str``, executed directly with
+        no shell, as ``podman exec`` does). ``timeout`` is in seconds."""
+        body: Dict[str, Any] = {"command": _command_body(command)}
         if timeout is not None:
             body["timeout"] = timeout
         if env:
@@ -494,7 +534,7 @@ class ConductorClient:
     def exec(
         self,
         workspace_id: str,
-        command: str,
+        command: CommandLike,
         *,
         timeout: Optional[int] = None,
         env: Optional[Mapping[str, str]] = None,

@@ -18,6 +18,7 @@ __all__ = [
     "ValidationError",
     "AuthError",
     "NotFoundError",
+    "NoWorkspaceError",
     "ConflictError",
     "ResourceExhaustedError",
     "EnvironmentUnavailableError",
@@ -26,8 +27,11 @@ __all__ = [
 ]
 
 
-class ConductorError(Exception):
+class ConductorError(RuntimeError):
     """An error reported by conductor (or on the way to it).
+
+    It is a :class:`RuntimeError`, as the errors of the original ``WorkspaceIsolationManager``
+    (a failed ``podman`` call) were, so ``except RuntimeError:`` written for it still works.
 
     Attributes:
         code: the server's stable error code, e.g. ``"invalid_request"`` or ``"not_found"``.
@@ -76,6 +80,11 @@ class AuthError(ConductorError):
 
 class NotFoundError(ConductorError):
     """404: no such workspace, task, snapshot or endpoint."""
+
+
+class NoWorkspaceError(NotFoundError, ValueError):
+    """:class:`conductor.workspace_isolation.WorkspaceIsolationManager`: the agent has no
+    workspace. Also a :class:`ValueError`, which the original manager raised for it."""
 
 
 class ConflictError(ConductorError):

@@ -3,14 +3,15 @@
 Each class is a frozen dataclass built with ``from_dict`` from the server's JSON; fields
 the server adds later are ignored, so an older client keeps working against a newer
 service. Objects also support ``obj["field"]`` and ``to_dict()`` for code that treats
-results as dictionaries.
+results as dictionaries. :class:`ExecResult` is the exception to the dataclass rule: it is
+also the tuple ``(exit_code, stdout, stderr)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Dict, List, Mapping, Optional, SupportsIndex, Tuple, Type, TypeVar, Union, cast, overload
 
 __all__ = [
     "Health",
@@ -66,8 +67,12 @@ class _Model:
 
 @dataclass(frozen=True)
 class Health(_Model):
+    #: ``"ok"``, or ``"degraded"`` while the container engine does not answer.
     status: str
     version: str
+    #: ``"ok"`` or ``"unavailable"`` (the service reconnects by itself).
+    engine: str = "ok"
+    engine_error: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,10 @@ class WorkspaceUsage(_Model):
     oom_kills: Optional[int] = None
     disk_used_bytes: Optional[int] = None
     disk_limit_bytes: Optional[int] = None
+    #: How commands reach the workspace: ``"agent"`` or ``"podman"``.
+    exec_path: Optional[str] = None
+    #: Published ports: ``{"container_port": 8000, "host_port": 20001}`` (host side on 127.0.0.1).
+    published_ports: List[Dict[str, int]] = field(default_factory=list, hash=False)
 
 
 @dataclass(frozen=True)
@@ -135,20 +144,127 @@ class Workspace(_Model):
         return cls._from_fields(d)
 
 
-@dataclass(frozen=True)
-class ExecResult(_Model):
-    """The outcome of a command run in a workspace."""
+class ExecResult(Tuple[int, str, str]):
+    """The outcome of a command run in a workspace.
 
-    exit_code: int
-    stdout: str = ""
-    stderr: str = ""
-    duration_ms: int = 0
-    timed_out: bool = False
+    It is the tuple ``(exit_code, stdout, stderr)``, the return value of the original
+    ``WorkspaceIsolationManager.execute_in_workspace``, so it unpacks and indexes like one::
+
+        code, out, err = result          # result[0] == result.exit_code
+
+    and it has named fields too: ``exit_code`` (also ``returncode``), ``stdout``,
+    ``stderr``, ``duration_ms`` and ``timed_out`` (``result["exit_code"]`` and
+    ``to_dict()`` work as on the other models). Only the first three take part in tuple
+    operations (``len(result) == 3``); two results are equal when every field is.
+    """
+
+    #: The fields, in order; the first three are the tuple's items.
+    FIELDS = ("exit_code", "stdout", "stderr", "duration_ms", "timed_out")
+
+    def __new__(
+        cls,
+        exit_code: int,
+        stdout: str = "",
+        stderr: str = "",
+        duration_ms: int = 0,
+        timed_out: bool = False,
+    ) -> "ExecResult":
+        self = super().__new__(cls, (exit_code, stdout, stderr))
+        object.__setattr__(self, "_extra", (duration_ms, timed_out))
+        return self
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExecResult":
+        return cls(**{k: v for k, v in data.items() if k in cls.FIELDS})
+
+    @property
+    def exit_code(self) -> int:
+        return cast(int, tuple.__getitem__(self, 0))
+
+    @property
+    def returncode(self) -> int:
+        """The exit code, under the name ``subprocess`` uses."""
+        return self.exit_code
+
+    @property
+    def stdout(self) -> str:
+        return cast(str, tuple.__getitem__(self, 1))
+
+    @property
+    def stderr(self) -> str:
+        return cast(str, tuple.__getitem__(self, 2))
+
+    @property
+    def duration_ms(self) -> int:
+        return self._extra[0]  # type: ignore[attr-defined,no-any-return]
+
+    @property
+    def timed_out(self) -> bool:
+        return self._extra[1]  # type: ignore[attr-defined,no-any-return]
 
     @property
     def ok(self) -> bool:
         """Whether the command exited with 0."""
         return self.exit_code == 0
+
+    @overload
+    def __getitem__(self, key: SupportsIndex) -> Any: ...
+
+    @overload
+    def __getitem__(self, key: slice) -> Tuple[Any, ...]: ...
+
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+
+    def __getitem__(self, key: Any) -> Any:
+        """``result[0]`` / ``result[:2]`` as the tuple; ``result["stdout"]`` by field name."""
+        if isinstance(key, str):
+            if key in self.FIELDS:
+                return getattr(self, key)
+            raise KeyError(key)
+        return tuple.__getitem__(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except (KeyError, IndexError, TypeError):
+            return default
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def _all(self) -> Tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.FIELDS)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExecResult):
+            return self._all() == other._all()
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    __hash__ = tuple.__hash__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> Any:
+        return (type(self), self._all())
+
+    def __copy__(self) -> "ExecResult":
+        return self
+
+    def __deepcopy__(self, memo: Any) -> "ExecResult":
+        return self
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.FIELDS)
+        return f"ExecResult({fields})"
 
 
 @dataclass(frozen=True)
