@@ -124,12 +124,23 @@ impl Drop for Api {
     }
 }
 
-/// Sends a request and returns the status and the JSON body (`Null` when not JSON).
+/// Sends a request and returns the status and the JSON body (`Null` when not JSON). Every
+/// answer carries an `X-Request-Id`, and an error body quotes the same id.
 async fn send(req: reqwest::RequestBuilder) -> (StatusCode, Value) {
     let r = req.send().await.expect("send request");
     let status = r.status();
+    let id = r
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let text = r.text().await.expect("read body");
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    if body["error"].is_object() {
+        assert!(id.as_deref().is_some_and(|id| id.len() == 16), "no X-Request-Id");
+        assert_eq!(body["error"]["request_id"].as_str(), id.as_deref(), "{body}");
+    }
+    (status, body)
 }
 
 /// Asserts an error response: status, code and field.

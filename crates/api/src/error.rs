@@ -3,7 +3,7 @@
 //! Every failure a client can see — a service error, a rejected request body, a missing
 //! token, a foreign `Host` header — becomes an [`ApiError`], and [`ApiError`]'s
 //! `IntoResponse` is the only place that writes an error response. The body is always
-//! `{"error":{"code":…,"message":…,"field":…}}`. Messages of internal failures (engine,
+//! `{"error":{"code":…,"message":…,"field":…,"request_id":…}}`. Messages of internal failures (engine,
 //! host, database) stay in the service log; the client gets a generic sentence, never a
 //! `Debug` dump or a host path.
 
@@ -43,6 +43,10 @@ pub struct ErrorDetail {
     pub message: String,
     /// The request field at fault, as a path such as `commands[1]` or `env.BAD-NAME`.
     pub field: Option<String>,
+    /// The request's id, also in the `X-Request-Id` header and in the service log's lines
+    /// about the request.
+    #[schema(example = "3f2a9c1e77b04b0e")]
+    pub request_id: Option<String>,
 }
 
 impl ApiError {
@@ -133,6 +137,7 @@ impl IntoResponse for ApiError {
                 code: self.code.to_string(),
                 message: self.message,
                 field: self.field,
+                request_id: crate::request_id(),
             },
         };
         (self.status, Json(body)).into_response()

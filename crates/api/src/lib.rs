@@ -150,16 +150,40 @@ async fn close_after_refused_body(req: Request, next: Next) -> Response {
     response
 }
 
-/// Logs one line per request: method, path, status, duration.
+tokio::task_local! {
+    /// The id of the request being answered (see [`log_request`]).
+    static REQUEST_ID: String;
+}
+
+/// The id of the request being answered, inside a handler or a layer under [`log_request`].
+pub fn request_id() -> Option<String> {
+    REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Gives each request an id, answers it in `X-Request-Id`, runs the request inside a
+/// `request` span holding the id (so every log line about it carries the id, and error
+/// bodies quote it: [`ApiError`]), and logs one line per request: method, path, status,
+/// duration.
 async fn log_request(req: Request, next: Next) -> Response {
+    use tracing::Instrument;
+    let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let span = tracing::info_span!("request", request_id = %id);
     let start = Instant::now();
-    let response = next.run(req).await;
-    tracing::info!(
-        "{method} {path} -> {} in {} ms",
-        response.status().as_u16(),
-        start.elapsed().as_millis()
-    );
+    let mut response = REQUEST_ID
+        .scope(id.clone(), next.run(req))
+        .instrument(span.clone())
+        .await;
+    span.in_scope(|| {
+        tracing::info!(
+            "{method} {path} -> {} in {} ms",
+            response.status().as_u16(),
+            start.elapsed().as_millis()
+        )
+    });
+    if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
     response
 }
 

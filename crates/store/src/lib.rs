@@ -95,6 +95,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub struct Store {
     conn: Mutex<Connection>,
+    /// SQL statements run since the store was opened (see [`Store::statements`]).
+    statements: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Store {
@@ -120,7 +122,24 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", true)?;
         migrate(&mut conn)?;
-        Ok(Store { conn: Mutex::new(conn) })
+        let statements = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = statements.clone();
+        conn.trace_v2(
+            rusqlite::trace::TraceEventCodes::SQLITE_TRACE_STMT,
+            Some(move |_: rusqlite::trace::TraceEvent<'_>| {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        )?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            statements,
+        })
+    }
+
+    /// How many SQL statements this store has run since it was opened: what the benchmark
+    /// reports per command, to keep the store off the hot path.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Locks the connection. A panic while the lock was held cannot have left a transaction
@@ -334,6 +353,15 @@ mod tests {
         assert_eq!(pragma_i64(&store, "foreign_keys"), 1);
         assert_eq!(pragma_i64(&store, "busy_timeout"), 5000);
         assert_eq!(pragma_i64(&store, "user_version"), migrations::MIGRATIONS.len() as i64);
+    }
+
+    #[test]
+    fn statements_are_counted() {
+        let store = Store::open_in_memory().unwrap();
+        let before = store.statements();
+        store.get_workspace("nope").unwrap();
+        store.get_workspace("nope").unwrap();
+        assert_eq!(store.statements() - before, 2);
     }
 
     #[test]
