@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::size::{ByteSize, Cpu};
 use crate::validate;
+use crate::volume::VolumeSpec;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -724,8 +725,7 @@ impl Config {
                 }
             }
             for (j, vol) in env.volumes.iter().enumerate() {
-                crate::environment::VolumeSpec::parse(vol)
-                    .map_err(|m| ConfigError::invalid(format!("{ep}.volumes[{j}]"), m))?;
+                VolumeSpec::parse(vol).map_err(|m| ConfigError::invalid(format!("{ep}.volumes[{j}]"), m))?;
             }
         }
         let retention = &self.isolated_workspace.snapshots;

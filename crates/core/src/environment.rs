@@ -1,7 +1,9 @@
 //! Environments: what image a workspace runs and how that image is made.
 //!
 //! The presets are defined by the Containerfiles in the repository's `environments/`
-//! folder, compiled into the binary so an installed `conductor` needs no source tree.
+//! folder, compiled into the binary so an installed `conductor` needs no source tree; the
+//! user setup they all end with is written once, in
+//! `environments/workspace-user.Containerfile`.
 //! Custom environments come from the configuration. Every buildable environment has a
 //! definition hash (Containerfile text + base image + conductor's image format version);
 //! the image tag carries it, so an unchanged definition is never rebuilt and a changed one
@@ -14,43 +16,67 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, NetworkPolicy};
 use crate::engine::Labels;
 use crate::naming::{LABEL_DEFINITION, LABEL_ENVIRONMENT, LABEL_VERSION};
-use crate::validate;
+use crate::volume::VolumeSpec;
 
 /// Bump when the way images are built changes, to rebuild every environment once.
 const IMAGE_FORMAT: &str = "1";
 
-/// Built-in presets: (name, description, Containerfile).
-pub const PRESETS: [(&str, &str, &str); 6] = [
-    (
-        "minimal",
-        "Minimal: git, curl, ca-certificates, bash",
-        include_str!("../../../environments/minimal/Containerfile"),
-    ),
-    (
-        "python-dev",
-        "Python development: python3, pip, venv, pytest, black, flake8, git",
-        include_str!("../../../environments/python-dev/Containerfile"),
-    ),
-    (
-        "nodejs-dev",
-        "Node.js development: nodejs, npm, jest, eslint, prettier, git",
-        include_str!("../../../environments/nodejs-dev/Containerfile"),
-    ),
-    (
-        "fullstack",
-        "Full stack: python3, nodejs, npm, build-essential, postgresql-client, redis-tools",
-        include_str!("../../../environments/fullstack/Containerfile"),
-    ),
-    (
-        "python-ml",
-        "Data science: python3 with numpy, pandas, scikit-learn, jupyter",
-        include_str!("../../../environments/python-ml/Containerfile"),
-    ),
-    (
-        "security-tools",
-        "Security scanning: bandit, shellcheck, safety, pip-audit, npm audit",
-        include_str!("../../../environments/security-tools/Containerfile"),
-    ),
+/// A built-in environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preset {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// The whole Containerfile: `environments/<name>/Containerfile` followed by the
+    /// workspace user setup every preset shares (`environments/workspace-user.Containerfile`).
+    pub containerfile: &'static str,
+}
+
+/// A preset's Containerfile, compiled in: `environments/<name>/Containerfile`, a blank line,
+/// then the user setup all presets share, written once in
+/// `environments/workspace-user.Containerfile` (user `agent` with uid and gid 1000,
+/// `/workspace`, `USER 1000`), so it always comes last.
+macro_rules! preset_containerfile {
+    ($name:literal) => {
+        concat!(
+            include_str!(concat!("../../../environments/", $name, "/Containerfile")),
+            "\n",
+            include_str!("../../../environments/workspace-user.Containerfile"),
+        )
+    };
+}
+
+/// The built-in presets.
+pub const PRESETS: &[Preset] = &[
+    Preset {
+        name: "minimal",
+        description: "Minimal: git, curl, ca-certificates, bash",
+        containerfile: preset_containerfile!("minimal"),
+    },
+    Preset {
+        name: "python-dev",
+        description: "Python development: python3, pip, venv, pytest, black, flake8, git",
+        containerfile: preset_containerfile!("python-dev"),
+    },
+    Preset {
+        name: "nodejs-dev",
+        description: "Node.js development: nodejs, npm, jest, eslint, prettier, git",
+        containerfile: preset_containerfile!("nodejs-dev"),
+    },
+    Preset {
+        name: "fullstack",
+        description: "Full stack: python3, nodejs, npm, build-essential, postgresql-client, redis-tools",
+        containerfile: preset_containerfile!("fullstack"),
+    },
+    Preset {
+        name: "python-ml",
+        description: "Data science: python3 with numpy, pandas, scikit-learn, jupyter",
+        containerfile: preset_containerfile!("python-ml"),
+    },
+    Preset {
+        name: "security-tools",
+        description: "Security scanning: bandit, shellcheck, safety, pip-audit, npm audit",
+        containerfile: preset_containerfile!("security-tools"),
+    },
 ];
 
 /// Where an environment's image comes from.
@@ -62,30 +88,6 @@ pub enum ImageSource {
     Packages(Vec<String>),
     /// An existing image, used if present locally, else pulled (`image:`).
     Image(String),
-}
-
-/// A named sub-volume of the workspace's data volume: `source:/workspace/src`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VolumeSpec {
-    pub name: String,
-    pub target: String,
-}
-
-impl VolumeSpec {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (name, target) = s.split_once(':').ok_or_else(|| {
-            format!("{s:?} is not a volume (expected name:/absolute/path, e.g. source:/workspace/src)")
-        })?;
-        validate::name(name, 63).map_err(|m| format!("volume name {m}"))?;
-        validate::container_path(target).map_err(|m| format!("volume target {m}"))?;
-        if target == "/" || !target.starts_with("/workspace") && !target.starts_with("/home/") {
-            return Err(format!("volume target {target:?} must be under /workspace or /home"));
-        }
-        Ok(VolumeSpec {
-            name: name.to_string(),
-            target: target.to_string(),
-        })
-    }
 }
 
 /// One environment, resolved from a preset or the configuration.
@@ -182,13 +184,13 @@ impl Catalog {
     /// name replaces the preset).
     pub fn from_config(config: &Config) -> Self {
         let mut envs = BTreeMap::new();
-        for (name, description, containerfile) in PRESETS {
+        for preset in PRESETS {
             envs.insert(
-                name.to_string(),
+                preset.name.to_string(),
                 Environment {
-                    name: name.to_string(),
-                    description: description.to_string(),
-                    source: ImageSource::Containerfile(containerfile.to_string()),
+                    name: preset.name.to_string(),
+                    description: preset.description.to_string(),
+                    source: ImageSource::Containerfile(preset.containerfile.to_string()),
                     volumes: Vec::new(),
                     network: None,
                     builtin: true,
@@ -265,6 +267,11 @@ mod tests {
                 cf.contains("BASE_IMAGE"),
                 "{name} must build FROM the configurable base"
             );
+            assert_eq!(cf.matches("useradd").count(), 1, "{name} sets the user up once");
+            assert!(
+                cf.ends_with("USER 1000\nENV HOME=/home/agent\nCMD [\"bash\"]\n"),
+                "{name} ends as the workspace user"
+            );
             match env.plan("localhost/conductor/base:bookworm") {
                 ImagePlan::Build { tag, labels, .. } => {
                     assert!(tag.starts_with(&format!("localhost/conductor/{name}:")));
@@ -315,13 +322,5 @@ mod tests {
             e.contains("unknown environment \"nope\"") && e.contains("python-dev"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn volume_specs() {
-        assert!(VolumeSpec::parse("src").is_err());
-        assert!(VolumeSpec::parse("src:/etc").unwrap_err().contains("under /workspace"));
-        assert!(VolumeSpec::parse("Src:/workspace/x").is_err());
-        assert!(VolumeSpec::parse("src:/workspace/../etc").is_err());
     }
 }

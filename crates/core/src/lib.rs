@@ -17,5 +17,6 @@ pub mod resources;
 pub mod size;
 pub mod task;
 pub mod validate;
+pub mod volume;
 
 pub use config::Config;

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::environment::{Catalog, VolumeSpec};
+use crate::environment::Catalog;
 use crate::validate;
+use crate::volume::VolumeSpec;
 
 /// The only task type: commands run in an isolated workspace.
 pub const TASK_TYPE: &str = "isolated_execution";

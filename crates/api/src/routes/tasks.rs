@@ -97,12 +97,18 @@ impl TaskSubmission {
     fn from_json(value: Value) -> ApiResult<Self> {
         match value {
             Value::Array(_) => from_value(value).map(TaskSubmission::Many).map_err(|mut e| {
-                e.field = e.field.map(|f| format!("tasks{f}"));
+                e.field = e.field.as_deref().map(batch_field);
                 e
             }),
             other => from_value(other).map(TaskSubmission::One),
         }
     }
+}
+
+/// The name clients see for a field inside an array submission. `path` is relative to the
+/// array, as serde names it: `[2].commands[1]` becomes `tasks[2].commands[1]`.
+fn batch_field(path: &str) -> String {
+    format!("tasks{path}")
 }
 
 /// The outcome of one command.
@@ -317,7 +323,7 @@ pub async fn submit_tasks(
     let mut views = state.conductor.submit_tasks(specs).map_err(|e| match e {
         // The service names fields by position only for two or more tasks.
         ServiceError::Invalid { field, message } if many && !field.starts_with("tasks") => {
-            ServiceError::invalid(format!("tasks[0].{field}"), message)
+            ServiceError::invalid(batch_field(&format!("[0].{field}")), message)
         }
         other => other,
     })?;

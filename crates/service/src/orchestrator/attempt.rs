@@ -1,0 +1,508 @@
+//! One attempt of one task: get a workspace per isolation mode, take the hybrid snapshot,
+//! start the sidecars and place `source`, run the pre-task hooks, the commands and the
+//! post-task hooks in the task's shell session, then release the workspace per mode.
+//! Failures before the first command are reported so the caller can tell a retry from a
+//! failure ([`Attempt::setup_failed`]); a stop request interrupts a running command by
+//! killing the task's processes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use conductor_core::config::Mode;
+use conductor_core::engine::{Progress, ProgressSink};
+use conductor_core::lifecycle::WorkspaceState;
+use conductor_core::naming;
+use conductor_core::task::{service_name, TaskSpec};
+use conductor_store::{CommandResult, TaskRecord, WorkspaceRecord};
+use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+
+use super::output::collect_output;
+use super::source::place_source;
+use super::{end_session, kill_task_processes, stop_requested, Ending, TASK_MARKER};
+use crate::exec::ExecRequest;
+use crate::sidecars::service_hosts;
+use crate::tasks::{StopReason, TaskLog};
+use crate::workspaces::{CreateRequest, ListFilter};
+use crate::{now_ms, Conductor, Result, ServiceError};
+
+/// Time each post-task hook gets, also after the task's own timeout.
+const POST_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a killed command may take to report its end.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// A workspace held by a task for one attempt.
+struct Lease {
+    record: WorkspaceRecord,
+    sandbox: bool,
+    /// Held while a shared workspace runs this task.
+    _turn: Option<OwnedMutexGuard<()>>,
+}
+
+impl Lease {
+    fn container(&self) -> String {
+        self.record
+            .container_id
+            .clone()
+            .unwrap_or(self.record.container_name.clone())
+    }
+}
+
+/// How one command ended.
+enum CommandEnd {
+    Exited(i64),
+    TimedOut,
+    Stopped(StopReason),
+}
+
+/// One attempt of one task.
+pub(super) struct Attempt<'a> {
+    c: &'a Conductor,
+    task: TaskRecord,
+    spec: TaskSpec,
+    stop: watch::Receiver<Option<StopReason>>,
+    log: TaskLog,
+    /// Log bytes written so far (capped at [`MAX_LOG_BYTES`](super::output::MAX_LOG_BYTES)).
+    log_bytes: usize,
+    /// Hybrid mode: what happened with the before-task snapshot.
+    pub(super) snapshot_note: Option<String>,
+    /// A finished sandbox marked `removing`: removed once the outcome is recorded.
+    pub(super) removal: Option<String>,
+}
+
+impl<'a> Attempt<'a> {
+    pub(super) fn new(
+        c: &'a Conductor,
+        task: TaskRecord,
+        spec: TaskSpec,
+        stop: watch::Receiver<Option<StopReason>>,
+        log: TaskLog,
+    ) -> Self {
+        Attempt {
+            c,
+            task,
+            spec,
+            stop,
+            log,
+            log_bytes: 0,
+            snapshot_note: None,
+            removal: None,
+        }
+    }
+
+    fn stopped(&self) -> Option<StopReason> {
+        *self.stop.borrow()
+    }
+
+    /// A failure before the first command: a stop request wins, infrastructure trouble
+    /// (engine, host, image, capacity) may be retried, anything else fails the task.
+    fn setup_failed(&self, e: ServiceError) -> Ending {
+        if let Some(reason) = self.stopped() {
+            return Ending::Stopped(reason);
+        }
+        let retryable =
+            e.is_infrastructure() || matches!(e, ServiceError::Environment { .. } | ServiceError::Exhausted(_));
+        if retryable {
+            Ending::Infrastructure(e)
+        } else {
+            Ending::Failed {
+                exit_code: None,
+                error: e.to_string(),
+            }
+        }
+    }
+
+    pub(super) async fn run(&mut self) -> Ending {
+        let mode = self.c.config.isolated_workspace.mode;
+        self.log.system(&format!(
+            "attempt {}: preparing a {mode} workspace for environment {}",
+            self.task.attempt, self.spec.environment
+        ));
+        let lease = match self.acquire(mode).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Ending::Stopped(self.stopped().unwrap_or(StopReason::Cancel)),
+            Err(e) => return self.setup_failed(e),
+        };
+        let snapshot = match self.snapshot_before(mode, &lease).await {
+            Ok(name) => name,
+            Err(e) => {
+                let ending = self.setup_failed(e);
+                self.release(lease, &ending, None).await;
+                return ending;
+            }
+        };
+        let ending = match self.prepare(&lease).await {
+            Ok(()) => self.run_commands(&lease).await,
+            Err(e) => self.setup_failed(e),
+        };
+        self.release(lease, &ending, snapshot.as_deref()).await;
+        ending
+    }
+
+    /// Hybrid mode with `snapshot_before_task`: snapshots the workspace as
+    /// `before-<task id>` and returns that name.
+    async fn snapshot_before(&mut self, mode: Mode, lease: &Lease) -> Result<Option<String>> {
+        let isolation = &self.c.config.task_execution.isolation;
+        if mode != Mode::Hybrid || !isolation.snapshot_before_task {
+            return Ok(None);
+        }
+        let name = format!("before-{}", self.task.id);
+        self.c.create_snapshot(&lease.record.id, &name, true).await?;
+        self.log.system(&format!("snapshot {name} taken before the task"));
+        self.snapshot_note = Some(format!("snapshot {name} taken before the task"));
+        Ok(Some(name))
+    }
+
+    /// Gets the workspace for this attempt; `None` when stopped while waiting for a shared
+    /// workspace.
+    async fn acquire(&mut self, mode: Mode) -> Result<Option<Lease>> {
+        let c = self.c;
+        let services: Vec<String> = self.spec.services.iter().map(|s| service_name(s)).collect();
+        let (agent, turn, extra_hosts) = match mode {
+            Mode::Sandbox => {
+                let agent = self
+                    .spec
+                    .agent_id
+                    .clone()
+                    .unwrap_or_else(|| format!("task-{}", naming::short_id(&self.task.id)));
+                (agent, None, service_hosts(services.iter().map(String::as_str)))
+            }
+            Mode::Shared | Mode::Hybrid => {
+                let agent = self.spec.agent_id.clone().unwrap_or_else(|| "shared".to_string());
+                let lock = c.tasks.shared_lock(&format!("{agent}/{}", self.spec.environment));
+                let turn = tokio::select! {
+                    turn = lock.lock_owned() => turn,
+                    _ = stop_requested(&mut self.stop) => return Ok(None),
+                };
+                let existing = c.list_workspaces(&ListFilter {
+                    agent_id: Some(agent.clone()),
+                    environment: Some(self.spec.environment.clone()),
+                    ..Default::default()
+                })?;
+                let reuse = existing
+                    .iter()
+                    .find(|w| w.state == WorkspaceState::Running)
+                    .or_else(|| existing.iter().find(|w| w.state == WorkspaceState::Stopped));
+                if let Some(w) = reuse {
+                    if w.state == WorkspaceState::Stopped {
+                        c.start_workspace(&w.id).await?;
+                    }
+                    self.log
+                        .system(&format!("using the shared workspace {} ({})", w.id, w.container_name));
+                    return Ok(Some(Lease {
+                        record: self.workspace_record(&w.id)?,
+                        sandbox: false,
+                        _turn: Some(turn),
+                    }));
+                }
+                // The hosts file is fixed when the workspace is made: also name the sidecars
+                // later tasks are most likely to ask for.
+                let mut names = vec!["postgres", "redis"];
+                names.extend(
+                    services
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|n| !["postgres", "redis"].contains(n)),
+                );
+                (agent, Some(turn), service_hosts(names))
+            }
+        };
+        let sandbox = turn.is_none();
+        let step_log = self.log.clone();
+        let progress: ProgressSink = Arc::new(move |p| {
+            if let Progress::Step { index, total, text } = p {
+                step_log.system(&format!("environment image: STEP {index}/{total}: {text}"));
+            }
+        });
+        let req = CreateRequest {
+            agent_id: agent,
+            environment: self.spec.environment.clone(),
+            ephemeral: sandbox,
+            labels: if sandbox {
+                [(naming::LABEL_TASK.to_string(), self.task.id.clone())].into()
+            } else {
+                BTreeMap::new()
+            },
+            extra_hosts,
+            ..Default::default()
+        };
+        let info = c.create_workspace(req, progress).await?;
+        self.log
+            .system(&format!("workspace {} ({}) is running", info.id, info.container_name));
+        Ok(Some(Lease {
+            record: self.workspace_record(&info.id)?,
+            sandbox,
+            _turn: turn,
+        }))
+    }
+
+    fn workspace_record(&self, id: &str) -> Result<WorkspaceRecord> {
+        self.c
+            .store
+            .get_workspace(id)?
+            .ok_or_else(|| ServiceError::not_found(format!("workspace '{id}'")))
+    }
+
+    /// Records the workspace, starts the sidecars and places the source.
+    async fn prepare(&mut self, lease: &Lease) -> Result<()> {
+        let c = self.c;
+        if !c.store.set_task_workspace(&self.task.id, &lease.record.id)? {
+            return Err(ServiceError::Conflict(format!(
+                "task '{}' is no longer running",
+                self.task.id
+            )));
+        }
+        if !self.spec.services.is_empty() {
+            c.start_services(&lease.record, &self.task.id, &self.spec.services, &self.log)
+                .await?;
+        }
+        if self.stopped().is_none() {
+            place_source(c, &lease.record, self.spec.source.as_deref(), &self.log).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the pre-task hooks and the commands until one fails (under the task's timeout),
+    /// then the post-task hooks (unless stopped).
+    async fn run_commands(&mut self, lease: &Lease) -> Ending {
+        if let Some(reason) = self.stopped() {
+            return Ending::Stopped(reason);
+        }
+        let timeout = Duration::from_secs(self.spec.timeout.unwrap_or(self.c.config.task_execution.task_timeout));
+        let deadline = Instant::now() + timeout;
+        let pre = self.c.config.container_lifecycle.pre_task.clone();
+        let main = self.spec.commands.clone();
+        let mut ending = Ending::Succeeded { exit_code: 0 };
+        'phases: for (phase, commands) in [("pre", &pre), ("main", &main)] {
+            for (i, command) in commands.iter().enumerate() {
+                let budget = deadline.saturating_duration_since(Instant::now());
+                let what = match phase {
+                    "pre" => format!("pre_task hook {i}"),
+                    _ => format!("commands[{i}]"),
+                };
+                let end = match self.run_command(lease, phase, i, command, budget).await {
+                    Ok(end) => end,
+                    Err(e) => {
+                        ending = Ending::Failed {
+                            exit_code: None,
+                            error: format!("{what} could not run: {e}"),
+                        };
+                        break 'phases;
+                    }
+                };
+                ending = match end {
+                    CommandEnd::Exited(0) => continue,
+                    CommandEnd::Exited(code) => Ending::Failed {
+                        exit_code: Some(code),
+                        error: format!("{what} ({command:?}) exited with code {code}"),
+                    },
+                    CommandEnd::TimedOut => Ending::TimedOut {
+                        error: format!("timed out after {} s (during {what})", timeout.as_secs()),
+                    },
+                    CommandEnd::Stopped(reason) => Ending::Stopped(reason),
+                };
+                break 'phases;
+            }
+        }
+        let container = lease.container();
+        if matches!(ending, Ending::TimedOut { .. }) {
+            // Background processes of earlier commands outlive the killed one.
+            if let Err(e) = kill_task_processes(self.c, &lease.record.id, &container, &self.task.id).await {
+                self.log
+                    .system(&format!("could not kill the task's remaining processes: {e}"));
+            }
+        }
+        if !matches!(ending, Ending::Stopped(_)) {
+            // A command's own result counts only from a workspace that is still whole.
+            match self.c.check_container(&lease.record).await {
+                Ok(Some(fault)) => {
+                    let error = format!(
+                        "workspace {} failed during the task: {}",
+                        lease.record.id,
+                        fault.reason()
+                    );
+                    self.log.system(&error);
+                    return Ending::Failed { exit_code: None, error };
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(task = %self.task.id, "checking the workspace's container failed: {e}"),
+            }
+            self.run_post_hooks(lease).await;
+        }
+        ending
+    }
+
+    /// Runs `container_lifecycle.post_task`; a failing hook is recorded but changes nothing.
+    async fn run_post_hooks(&mut self, lease: &Lease) {
+        let post = self.c.config.container_lifecycle.post_task.clone();
+        for (i, command) in post.iter().enumerate() {
+            let end = self.run_command(lease, "post", i, command, POST_HOOK_TIMEOUT).await;
+            let problem = match end {
+                Ok(CommandEnd::Exited(0)) => continue,
+                Ok(CommandEnd::Stopped(_)) => return,
+                Ok(CommandEnd::Exited(code)) => format!("exited with code {code}"),
+                Ok(CommandEnd::TimedOut) => format!("timed out after {} s", POST_HOOK_TIMEOUT.as_secs()),
+                Err(e) => format!("could not run: {e}"),
+            };
+            self.log
+                .system(&format!("post_task hook {i} {problem}; the task's outcome stands"));
+            return;
+        }
+    }
+
+    /// Runs one command as the next step of the task's shell session, streaming its output
+    /// to the log and recording its result. `budget` is what is left of the timeout.
+    async fn run_command(
+        &mut self,
+        lease: &Lease,
+        phase: &str,
+        idx: usize,
+        command: &str,
+        budget: Duration,
+    ) -> Result<CommandEnd> {
+        let c = self.c;
+        let id = self.task.id.clone();
+        if let Some(reason) = self.stopped() {
+            return Ok(CommandEnd::Stopped(reason));
+        }
+        if budget < Duration::from_millis(1) {
+            return Ok(CommandEnd::TimedOut);
+        }
+        if !c.store.mark_command_started(&id)? {
+            // Its outcome was recorded elsewhere (a cancel no worker was there to see).
+            return Ok(CommandEnd::Stopped(StopReason::Cancel));
+        }
+        let mut result = CommandResult {
+            task_id: id.clone(),
+            idx: u32::try_from(idx).unwrap_or(u32::MAX),
+            phase: phase.to_string(),
+            command: command.to_string(),
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            duration_ms: 0,
+            started_at: now_ms(),
+        };
+        c.store.put_command_result(&result)?;
+        let label = if phase == "main" {
+            String::new()
+        } else {
+            format!("[{phase}_task] ")
+        };
+        self.log.system(&format!("{label}$ {command}"));
+
+        // The task's shell session: one long-lived shell in the agent, else the state-file
+        // wrapper (see `ExecRequest::session`). The environment counts when it starts.
+        let req = ExecRequest {
+            command: command.into(),
+            env: self.spec.env.clone(),
+            internal_env: vec![(TASK_MARKER.to_string(), id.clone())],
+            timeout: Some(budget),
+            session: Some(id.clone()),
+            ..Default::default()
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let container = lease.container();
+        let begin = Instant::now();
+        let exec = c.exec(&lease.record.id, req, tx);
+        let collect = collect_output(rx, &self.log, &mut self.log_bytes);
+        let work = async { tokio::join!(exec, collect) };
+        tokio::pin!(work);
+        let mut stop = self.stop.clone();
+        let (finished, stopped) = tokio::select! {
+            done = &mut work => (Some(done), None),
+            reason = stop_requested(&mut stop) => {
+                if let Err(e) = kill_task_processes(c, &lease.record.id, &container, &id).await {
+                    tracing::warn!(task = %id, error = %e, "killing the task's processes failed");
+                }
+                (tokio::time::timeout(KILL_WAIT, &mut work).await.ok(), Some(reason))
+            }
+        };
+        result.duration_ms = u64::try_from(begin.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let end = match (stopped, finished) {
+            (Some(reason), finished) => {
+                if let Some((_, (stdout, stderr))) = finished {
+                    (result.stdout, result.stderr) = (stdout, stderr);
+                }
+                CommandEnd::Stopped(reason)
+            }
+            (None, Some((exec_result, (stdout, stderr)))) => {
+                (result.stdout, result.stderr) = (stdout, stderr);
+                match exec_result {
+                    Ok(o) if o.timed_out => CommandEnd::TimedOut,
+                    Ok(o) => CommandEnd::Exited(o.exit_code),
+                    Err(e) => {
+                        c.store.put_command_result(&result)?;
+                        return Err(e);
+                    }
+                }
+            }
+            // Only a stop abandons a command before it ends.
+            (None, None) => CommandEnd::Stopped(StopReason::Cancel),
+        };
+        result.exit_code = match end {
+            CommandEnd::Exited(code) => Some(code),
+            _ => None,
+        };
+        c.store.put_command_result(&result)?;
+        let how = match end {
+            CommandEnd::Exited(code) => format!("exit code {code}"),
+            CommandEnd::TimedOut => "timed out".to_string(),
+            CommandEnd::Stopped(_) => "stopped".to_string(),
+        };
+        self.log
+            .system(&format!("{label}[{how} after {} ms]", result.duration_ms));
+        Ok(end)
+    }
+
+    /// Releases the workspace per mode: a sandbox is removed (or kept after a failure when
+    /// configured), a shared workspace stays and loses the task's sidecars, processes and
+    /// shell state.
+    async fn release(&mut self, lease: Lease, ending: &Ending, snapshot: Option<&str>) {
+        let c = self.c;
+        let result = if lease.sandbox {
+            let failed = matches!(ending, Ending::Failed { .. } | Ending::TimedOut { .. });
+            if failed && c.config.preserve_failed_workspaces() {
+                self.log.system(&format!(
+                    "workspace {} ({}) kept for debugging",
+                    lease.record.id, lease.record.container_name
+                ));
+                Ok(())
+            } else {
+                // The task's outcome is recorded before the container goes (it costs ~130 ms
+                // of Podman work the caller need not wait for); `removing` makes it survive
+                // a crash in between.
+                match c.begin_removal(&lease.record.id) {
+                    Ok(_) => {
+                        self.removal = Some(lease.record.id.clone());
+                        Ok(())
+                    }
+                    Err(_) => c.remove_workspace(&lease.record.id, Some(false)).await.map(|_| ()),
+                }
+            }
+        } else {
+            let released = match c.remove_task_services(&self.task.id).await {
+                Ok(()) => end_session(c, &lease.record.id, &lease.container(), &self.task.id).await,
+                Err(e) => Err(e),
+            };
+            let failed = matches!(ending, Ending::Failed { .. } | Ending::TimedOut { .. });
+            match snapshot {
+                Some(name) if failed && c.config.task_execution.isolation.restore_on_error => {
+                    let note = match c.restore_snapshot_for_task(&lease.record.id, name, &self.task.id).await {
+                        Ok(_) => format!("snapshot {name} taken before the task; restored after the failure"),
+                        Err(e) => format!("snapshot {name} taken before the task; restoring it failed: {e}"),
+                    };
+                    self.log.system(&note);
+                    self.snapshot_note = Some(note);
+                }
+                _ => {}
+            }
+            released
+        };
+        if let Err(e) = result {
+            tracing::warn!(task = %self.task.id, error = %e, "releasing the workspace failed");
+            self.log
+                .system(&format!("releasing workspace {} failed: {e}", lease.record.id));
+        }
+    }
+}
