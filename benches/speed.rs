@@ -17,7 +17,6 @@
 //! default 200; `BENCH_IDLE`, default 50). Needs root, Podman, the `minimal` environment
 //! and the static agent (`scripts/setup.sh` builds both).
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,16 +171,8 @@ async fn idle_memory(c: &Conductor, ws: &[WorkspaceInfo]) -> (f64, f64, f64) {
 /// A one-command (`true`) task of agent `agent` in the minimal environment.
 fn true_task(agent: &str) -> TaskSpec {
     TaskSpec {
-        task_type: "isolated_execution".into(),
-        description: None,
-        environment: "minimal".into(),
-        commands: vec!["true".into()],
-        services: Vec::new(),
-        priority: None,
-        timeout: None,
         agent_id: Some(agent.into()),
-        env: BTreeMap::new(),
-        source: None,
+        ..TaskSpec::new("minimal", vec!["true".into()])
     }
 }
 

@@ -296,23 +296,43 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
         listing.contains(&format!("file {:>10}  notes/it's a file.txt\n", content.len())),
         "{listing}"
     );
+    // Paths relative to /workspace name the same files (the file API's rule).
     server
         .ok(
             "write_file",
-            json!({"workspace_id": id, "path": "/tmp/empty", "content": ""}),
+            json!({"workspace_id": id, "path": "empty", "content": ""}),
         )
         .await;
     let empty = server
-        .ok("read_file", json!({"workspace_id": id, "path": "/tmp/empty"}))
+        .ok("read_file", json!({"workspace_id": id, "path": "/workspace/empty"}))
         .await;
-    assert_eq!(empty, "(/tmp/empty is empty)");
+    assert_eq!(empty, "(/workspace/empty is empty)");
+    assert_eq!(
+        server
+            .ok(
+                "read_file",
+                json!({"workspace_id": id, "path": "notes/it's a file.txt"})
+            )
+            .await,
+        content
+    );
 
-    // Paths outside /workspace and /tmp, with '..', missing files and directories are
-    // tool errors.
+    // Paths outside /workspace (/tmp included: the file API's rule for every client), with
+    // '..' or through a symlink leading out, missing files and directories are tool errors.
+    server
+        .ok(
+            "run_command",
+            json!({"workspace_id": id, "command": "ln -s /etc /workspace/etc-link"}),
+        )
+        .await;
     for (tool, path, expect) in [
-        ("write_file", "/etc/passwd", "under /workspace and /tmp"),
+        ("write_file", "/etc/passwd", "outside /workspace"),
+        ("write_file", "/tmp/x", "outside /workspace"),
+        ("read_file", "/tmp/bg.log", "outside /workspace"),
+        ("list_files", "/tmp", "outside /workspace"),
+        ("read_file", "etc-link/passwd", "leads outside"),
         ("read_file", "/workspace/../etc/passwd", "'..'"),
-        ("read_file", "notes/x", "absolute"),
+        ("read_file", "notes/x", "no such file"),
         ("read_file", "/workspace/missing.txt", "no such file"),
         ("read_file", "/workspace/notes", "is a directory"),
         ("list_files", "/workspace/notes/it's a file.txt", "not a directory"),
@@ -325,17 +345,17 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
         assert!(e.contains(expect), "{tool} {path}: {e}");
     }
     let e = server
-        .err("read_file", json!({"workspace_id": id, "path": "/tmp/bin"}))
+        .err("read_file", json!({"workspace_id": id, "path": "/workspace/bin"}))
         .await;
     assert!(e.contains("no such file"), "{e}");
     server
         .ok(
             "run_command",
-            json!({"workspace_id": id, "command": "printf '\\377\\376' > /tmp/bin"}),
+            json!({"workspace_id": id, "command": "printf '\\377\\376' > /workspace/bin"}),
         )
         .await;
     let e = server
-        .err("read_file", json!({"workspace_id": id, "path": "/tmp/bin"}))
+        .err("read_file", json!({"workspace_id": id, "path": "/workspace/bin"}))
         .await;
     assert!(e.contains("not UTF-8 text (2 bytes)"), "{e}");
 

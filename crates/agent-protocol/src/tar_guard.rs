@@ -1,4 +1,10 @@
-//! [`TarGuard`]: a reader adapter that bounds the memory a tar parser can be made to spend.
+//! Reading untrusted tars: [`TarGuard`] bounds the memory a tar parser can be made to
+//! spend, [`MemberRules`] decides which members are accepted. Every tar conductor parses
+//! goes through both: the agent's `extract`, the service's Podman fallback (which rewrites
+//! an upload before Podman unpacks it) and `conductor ws cp` (a directory's tar from a
+//! workspace, unpacked on the host).
+//!
+//! # The guard
 //!
 //! The `tar` crate reads the body of every extension entry whole into memory: GNU long
 //! names and long link targets (`L`, `K`) and pax extended headers (`x`; `g` when the
@@ -15,8 +21,34 @@
 //! set), the `size` record of a pax `x` header (which overrides the size of the entry it
 //! describes; at most [`MAX_EXTENSION`] bytes of it are kept to read it), and the extension
 //! blocks that follow a GNU sparse (`S`) header. Zero blocks (the end of the archive, or
-//! padding) are passed through and the blocks after them are read as headers again. No
-//! dependency beyond `std`.
+//! padding) are passed through and the blocks after them are read as headers again.
+//!
+//! # The member rules
+//!
+//! [`MemberRules::check`] judges each member the parser yields, from its raw name, type
+//! byte, link target and mode, and answers the cleaned [`Member`] or why it is refused
+//! (naming the member). One set of rules for every unpacker:
+//!
+//! - the name is relative (no leading `/`), has no `..` component and no NUL byte, is at
+//!   most [`MAX_PATH`](crate::MAX_PATH) bytes with components of at most
+//!   [`MAX_NAME`](crate::MAX_NAME) (the path rules of [`confine`](crate::confine)); `./`
+//!   prefixes and repeated slashes are dropped;
+//! - only regular files, directories and symlinks: hard links, devices, FIFOs, sparse files
+//!   and other types are refused; pax global headers (`g`) are skipped;
+//! - the entry naming the directory unpacked into (`./`) can only be a directory;
+//! - a symlink's target is not empty and at most `MAX_PATH` bytes (any target: making a
+//!   link is harmless, following it is what the unpacker checks);
+//! - the mode keeps the permission bits and the sticky bit, never set-uid or set-gid.
+//!
+//! What depends on the unpacker is said by its constructor: the agent creates every member
+//! through `openat2(RESOLVE_BENEATH)`, so a symlink member is followed when it stays
+//! beneath the root and refused when it leads out ([`MemberRules::extract`]); Podman's
+//! chrooted copy and the host cannot resolve links that way, so there a member below a
+//! symlink member of the same tar, or a directory at a symlink member's name, is refused
+//! ([`MemberRules::extract_unresolved`], [`MemberRules::download`]). Names must be UTF-8
+//! where they become workspace paths (those are strings); a download unpacked on the host
+//! takes any bytes, and only members under the directory downloaded. No dependency beyond
+//! `std`: the caller hands over the header fields its parser read.
 
 use std::io::{self, Read};
 
@@ -252,6 +284,189 @@ fn pax_size(body: &[u8]) -> Option<u64> {
     None
 }
 
+/// A member accepted by [`MemberRules::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The name as the archive gives it (lossy UTF-8), for messages.
+    pub name: String,
+    /// Cleaned and relative: components joined by `/`, without `.`; `""` is the directory
+    /// unpacked into (for a [download](MemberRules::download), the directory downloaded:
+    /// the path is relative to it).
+    pub path: Vec<u8>,
+    pub kind: MemberKind,
+    /// Permission bits and the sticky bit; never set-uid or set-gid (0755 for a directory
+    /// and 0644 otherwise when the header's mode is unreadable).
+    pub mode: u32,
+}
+
+impl Member {
+    /// [`path`](Self::path) as text: exact where the rules require UTF-8 names (every
+    /// unpacker into a workspace), lossy otherwise.
+    pub fn path_str(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.path)
+    }
+}
+
+/// What a member is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberKind {
+    File,
+    Dir,
+    /// A symlink with its target (not empty, at most `MAX_PATH` bytes, as written).
+    Symlink(Vec<u8>),
+}
+
+/// The rules for the members of an untrusted tar; see the [module documentation](self).
+/// One value per archive: it remembers the symlink members seen so far.
+#[derive(Debug, Clone)]
+pub struct MemberRules {
+    /// Names must be UTF-8.
+    utf8: bool,
+    /// The symlink members so far (their cleaned paths), when members may not go through
+    /// them; `None` where the unpacker resolves every member beneath its root.
+    links: Option<Vec<Vec<u8>>>,
+    /// Every member must lie under this directory (a download).
+    top: Option<Vec<u8>>,
+}
+
+impl MemberRules {
+    /// For an unpacker that creates every member beneath its root with
+    /// `openat2(RESOLVE_BENEATH)` (the agent's `extract`): a symlink member, or one already
+    /// there, is followed when it stays beneath the root; the unpacker refuses the rest.
+    pub fn extract() -> MemberRules {
+        MemberRules {
+            utf8: true,
+            links: None,
+            top: None,
+        }
+    }
+
+    /// For an unpacker into a workspace that cannot resolve symlinks beneath its root (the
+    /// service's Podman fallback: Podman unpacks chrooted into the volume): no member below a
+    /// symlink member of the same tar, and no directory at a symlink member's name.
+    pub fn extract_unresolved() -> MemberRules {
+        MemberRules {
+            links: Some(Vec::new()),
+            ..MemberRules::extract()
+        }
+    }
+
+    /// For a directory's tar from a workspace unpacked on the host (`conductor ws cp`):
+    /// every member lies under `top/` (the directory downloaded, which must be a directory
+    /// entry), names may be any bytes, and the symlink rule of
+    /// [`extract_unresolved`](Self::extract_unresolved) applies.
+    pub fn download(top: &str) -> MemberRules {
+        MemberRules {
+            utf8: false,
+            links: Some(Vec::new()),
+            top: Some(top.as_bytes().to_vec()),
+        }
+    }
+
+    /// Judges the next member from its header fields: the raw `name` (with long names and
+    /// pax paths applied), the type byte (`b'0'`, `b'5'`…), the link target and the mode.
+    /// `Ok(None)`: an entry to skip (a pax global header). The error names the member.
+    pub fn check(
+        &mut self,
+        name: &[u8],
+        entry_type: u8,
+        link: Option<&[u8]>,
+        mode: Option<u32>,
+    ) -> Result<Option<Member>, String> {
+        if entry_type == b'g' {
+            return Ok(None);
+        }
+        let shown = String::from_utf8_lossy(name).into_owned();
+        let bad = |why: String| Err(format!("member {shown:?}: {why}"));
+        if self.utf8 && std::str::from_utf8(name).is_err() {
+            return bad("the name is not UTF-8".into());
+        }
+        if name.starts_with(b"/") {
+            return bad("absolute names are not allowed".into());
+        }
+        if let Err(why) = crate::check_whole(name) {
+            return bad(why);
+        }
+        let mut parts = match crate::components(name) {
+            Ok(parts) => parts,
+            Err(why) => return bad(why),
+        };
+        if let Some(top) = &self.top {
+            if parts.first() != Some(&top.as_slice()) {
+                return bad(format!(
+                    "not under {:?}, the directory copied",
+                    String::from_utf8_lossy(top)
+                ));
+            }
+            parts.remove(0);
+        }
+        let path = parts.join(&b'/');
+        let kind = match entry_type {
+            b'0' | b'\0' | b'7' => MemberKind::File,
+            b'5' => MemberKind::Dir,
+            b'2' => match link {
+                Some(t) if !t.is_empty() && t.len() <= crate::MAX_PATH => MemberKind::Symlink(t.to_vec()),
+                _ => return bad("the link target is empty or too long".into()),
+            },
+            b'1' => return bad("hard links are not supported (only files, directories and symlinks)".into()),
+            other => {
+                return bad(format!(
+                    "entries of type {} are not supported (only files, directories and symlinks)",
+                    type_name(other)
+                ))
+            }
+        };
+        if path.is_empty() && kind != MemberKind::Dir {
+            return bad(match &self.top {
+                Some(top) => format!(
+                    "{:?}, the directory copied, must be a directory",
+                    String::from_utf8_lossy(top)
+                ),
+                None => "it names the directory unpacked into, which must be a directory".into(),
+            });
+        }
+        if let Some(links) = &mut self.links {
+            let below = |l: &Vec<u8>| path.strip_prefix(l.as_slice()).is_some_and(|r| r.starts_with(b"/"));
+            if let Some(l) = links
+                .iter()
+                .find(|l| below(l) || (kind == MemberKind::Dir && **l == path))
+            {
+                let mut link = self.top.clone().unwrap_or_default();
+                if !link.is_empty() {
+                    link.push(b'/');
+                }
+                link.extend_from_slice(l);
+                let how = if *l == path { "replaces" } else { "goes through" };
+                return bad(format!("{how} the symlink member {:?}", String::from_utf8_lossy(&link)));
+            }
+            if matches!(kind, MemberKind::Symlink(_)) {
+                links.push(path.clone());
+            }
+        }
+        let default = if kind == MemberKind::Dir { 0o755 } else { 0o644 };
+        Ok(Some(Member {
+            name: shown,
+            path,
+            kind,
+            mode: mode.unwrap_or(default) & 0o1777,
+        }))
+    }
+}
+
+/// The name the `tar` crate gives a type byte (`Fifo`, `Char`…), for messages.
+fn type_name(entry_type: u8) -> String {
+    match entry_type {
+        b'3' => "Char".into(),
+        b'4' => "Block".into(),
+        b'6' => "Fifo".into(),
+        b'K' => "GNULongLink".into(),
+        b'L' => "GNULongName".into(),
+        b'S' => "GNUSparse".into(),
+        b'x' => "XHeader".into(),
+        other => format!("Other({other})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,5 +699,153 @@ mod tests {
         tar2.extend_from_slice(&ext2);
         tar2.extend_from_slice(&[b's'; 1024]);
         assert!(through(&tar2, 512).unwrap() == tar2);
+    }
+
+    /// The path of a regular file member, or why it is refused.
+    fn file_path(rules: &mut MemberRules, name: &[u8]) -> Result<Vec<u8>, String> {
+        rules
+            .check(name, b'0', None, Some(0o644))
+            .map(|m| m.expect("a member").path)
+    }
+
+    #[test]
+    fn member_names_stay_beneath_the_target() {
+        let path = |n: &str| file_path(&mut MemberRules::extract(), n.as_bytes());
+        assert_eq!(path("src/a.py").unwrap(), b"src/a.py");
+        assert_eq!(path("./src/a").unwrap(), b"src/a");
+        assert_eq!(path("a//b/./c").unwrap(), b"a/b/c");
+        let dir = MemberRules::extract().check(b"./", b'5', None, None).unwrap().unwrap();
+        assert_eq!((dir.path.as_slice(), dir.mode), (&b""[..], 0o755));
+        for (bad, why) in [
+            ("/etc/passwd", "absolute"),
+            ("../x", "'..'"),
+            ("a/../../x", "'..'"),
+            ("a/..", "'..'"),
+            ("a\0b", "NUL"),
+            ("", "empty"),
+        ] {
+            let e = path(bad).unwrap_err();
+            assert!(e.contains(&format!("{bad:?}")) && e.contains(why), "{bad:?}: {e}");
+        }
+        assert!(path(&"a/".repeat(crate::MAX_PATH / 2 + 1))
+            .unwrap_err()
+            .contains("4096"));
+        assert!(path(&"n".repeat(crate::MAX_NAME + 1)).unwrap_err().contains("255"));
+        let e = MemberRules::extract().check(b"caf\xe9", b'0', None, None).unwrap_err();
+        assert!(e.contains("not UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn only_files_directories_and_symlinks_are_accepted() {
+        let mut rules = MemberRules::extract();
+        let mut check = |name: &[u8], t: u8, link: Option<&[u8]>, mode: Option<u32>| rules.check(name, t, link, mode);
+        let m = check(b"run.sh", b'0', None, Some(0o104755)).unwrap().unwrap();
+        assert_eq!(
+            (m.kind, m.mode),
+            (MemberKind::File, 0o755),
+            "set-uid and type bits dropped"
+        );
+        assert_eq!(check(b"old", b'\0', None, None).unwrap().unwrap().mode, 0o644);
+        assert_eq!(check(b"c", b'7', None, None).unwrap().unwrap().kind, MemberKind::File);
+        let d = check(b"d/", b'5', None, Some(0o3777)).unwrap().unwrap();
+        assert_eq!(
+            (d.kind, d.mode),
+            (MemberKind::Dir, 0o1777),
+            "sticky kept, set-gid dropped"
+        );
+        let l = check(b"l", b'2', Some(b"/etc"), Some(0o777)).unwrap().unwrap();
+        assert_eq!(l.kind, MemberKind::Symlink(b"/etc".to_vec()));
+        assert_eq!(check(b"pax_global_header", b'g', None, None), Ok(None));
+        for (t, link, why) in [
+            (b'1', Some(&b"/etc/passwd"[..]), "hard links"),
+            (b'3', None, "Char"),
+            (b'4', None, "Block"),
+            (b'6', None, "Fifo"),
+            (b'S', None, "GNUSparse"),
+            (b'V', None, "Other(86)"),
+            (b'2', Some(&b""[..]), "link target"),
+            (b'2', None, "link target"),
+        ] {
+            let e = check(b"x", t, link, None).unwrap_err();
+            assert!(e.starts_with("member \"x\": ") && e.contains(why), "{e}");
+        }
+        let long = vec![b'a'; crate::MAX_PATH + 1];
+        assert!(check(b"x", b'2', Some(&long), None).is_err());
+        // The directory unpacked into can only be a directory.
+        for t in [b'0', b'2'] {
+            let e = check(b"./", t, Some(b"y"), None).unwrap_err();
+            assert!(e.contains("must be a directory"), "{e}");
+        }
+    }
+
+    #[test]
+    fn symlink_members_are_not_gone_through_where_links_are_not_resolved() {
+        /// (name, type, link target) of each member.
+        type Members<'a> = [(&'a [u8], u8, Option<&'a [u8]>)];
+        const MEMBERS: &Members = &[
+            (b"l", b'2', Some(b"/etc")),
+            (b"l", b'2', Some(b".")),
+            (b"lx/a", b'0', None),
+            (b"l/passwd", b'0', None),
+            (b"./l/", b'5', None),
+            (b"l", b'0', None),
+        ];
+        let tar = |rules: &mut MemberRules| -> Vec<Result<(), String>> {
+            MEMBERS
+                .iter()
+                .map(|(n, t, l)| rules.check(n, *t, *l, None).map(|_| ()))
+                .collect()
+        };
+        // The agent resolves every member beneath its root: the rules leave links to it.
+        assert!(tar(&mut MemberRules::extract()).iter().all(|r| r.is_ok()));
+        let got = tar(&mut MemberRules::extract_unresolved());
+        assert_eq!(got[..3], [Ok(()), Ok(()), Ok(())]);
+        assert_eq!(
+            got[3].as_ref().unwrap_err(),
+            "member \"l/passwd\": goes through the symlink member \"l\""
+        );
+        assert_eq!(
+            got[4].as_ref().unwrap_err(),
+            "member \"./l/\": replaces the symlink member \"l\""
+        );
+        assert_eq!(got[5], Ok(()), "a file may replace a link");
+    }
+
+    #[test]
+    fn downloads_stay_under_the_directory_copied() {
+        let mut rules = MemberRules::download("proj");
+        for (name, t, rel) in [
+            (&b"proj/"[..], b'5', &b""[..]),
+            (b"proj", b'5', b""),
+            (b"./proj/a.txt", b'0', b"a.txt"),
+            (b"proj/sub/deep/x", b'0', b"sub/deep/x"),
+            (b"proj//a", b'7', b"a"),
+            (b"proj/caf\xe9", b'0', b"caf\xe9"),
+        ] {
+            let m = rules.check(name, t, None, None).unwrap().unwrap();
+            assert_eq!(m.path, rel, "{name:?}");
+        }
+        rules.check(b"proj/link", b'2', Some(b"."), None).unwrap();
+        for (name, t, why) in [
+            (&b"../x"[..], b'0', "'..'"),
+            (b"proj/../../x", b'0', "'..'"),
+            (b"proj/a/../../other/x", b'0', "'..'"),
+            (b"/etc/cron.d/x", b'0', "absolute"),
+            (b"/proj/x", b'0', "absolute"),
+            (b"other/x", b'0', "not under \"proj\""),
+            (b"projx/a", b'0', "not under"),
+            (b"./", b'5', "not under"),
+            (b"proj", b'2', "\"proj\", the directory copied, must be a directory"),
+            (b"proj", b'0', "must be a directory"),
+            (b"proj/h", b'1', "hard links"),
+            (b"proj/p", b'6', "Fifo"),
+            (b"proj/link/x", b'0', "goes through the symlink member \"proj/link\""),
+        ] {
+            let e = rules.check(name, t, Some(b"t"), None).unwrap_err();
+            assert!(
+                e.contains(&format!("{:?}", String::from_utf8_lossy(name))) && e.contains(why),
+                "{name:?}: {e}"
+            );
+        }
     }
 }

@@ -8,17 +8,17 @@
 //!   `RESOLVE_NO_SYMLINKS` from the top directory, and symlinks are stored as links.
 //!   Entries are named relative to the parent of the path (`src/`, `src/a.py`), as
 //!   `docker cp` does. Sockets, FIFOs and devices are left out.
-//! - **extract** checks every member name with the protocol's rules
-//!   ([`archive_member`]: relative, no `..`, no NUL, length limits) and creates it through
-//!   the same `openat2(RESOLVE_BENEATH)` helpers as every other file operation, so a
-//!   symlink (from the archive or already in the workspace) that leads outside the root is
-//!   never written through. The tar is read through [`TarGuard`], so a long-name or pax
-//!   extension entry over 64 KiB is refused before the parser buffers it. Files,
-//!   directories and symlinks are supported; hard links, devices and FIFOs are refused
-//!   with an error naming the member. Set-uid and set-gid
-//!   bits are dropped; the owner is the agent's uid (the workspace user). An existing file
-//!   or symlink of a member's name is replaced (unlinked first, never written through); an
-//!   existing directory stays and takes the member's mode.
+//! - **extract** judges every member by the protocol's member rules
+//!   ([`MemberRules::extract`]: relative UTF-8 names, no `..`, no NUL, length limits; files,
+//!   directories and symlinks only, hard links, devices and FIFOs refused with an error
+//!   naming the member; no set-uid or set-gid bits) and creates it through the same
+//!   `openat2(RESOLVE_BENEATH)` helpers as every other file operation, so a symlink (from
+//!   the archive or already in the workspace) that leads outside the root is never written
+//!   through. The tar is read through [`TarGuard`], so a long-name or pax extension entry
+//!   over 64 KiB is refused before the parser buffers it. The owner is the agent's uid (the
+//!   workspace user). An existing file or symlink of a member's name is replaced (unlinked
+//!   first, never written through); an existing directory stays and takes the member's
+//!   mode.
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};
@@ -26,7 +26,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use conductor_agent_protocol::{archive_member, ErrorCode, Request, Response, TarGuard, CHUNK, MAX_PATH};
+use conductor_agent_protocol::{ErrorCode, MemberKind, MemberRules, Request, Response, TarGuard, CHUNK, MAX_PATH};
 use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{openat2, readlinkat, AtFlags, OFlag, OpenHow, ResolveFlag};
@@ -355,11 +355,6 @@ fn invalid(message: String) -> OpError {
     (ErrorCode::InvalidArchive, message)
 }
 
-/// A member's mode: permission bits and the sticky bit; never set-uid or set-gid.
-fn safe_mode(mode: u32) -> u32 {
-    mode & 0o1777
-}
-
 fn set_mtime(fd: &OwnedFd, mtime: Option<u64>) {
     if let Some(t) = mtime.and_then(|t| i64::try_from(t).ok()) {
         // Best effort, as tar does: a file whose time cannot be set is still extracted.
@@ -387,25 +382,28 @@ fn unpack(input: &mut FrameReader, rootfd: &OwnedFd, base: &str) -> Result<u64, 
     // The guard keeps the parser from buffering a huge long-name or pax entry.
     let mut archive = tar::Archive::new(TarGuard::new(input));
     let malformed = |e: io::Error| invalid(format!("the tar stream is malformed: {e}"));
+    let mut rules = MemberRules::extract();
     let mut written = 0u64;
     // Directory modes and times are set at the end: a read-only directory must not stop
     // its own members from being written.
     let mut dirs: Vec<(String, u32, Option<u64>, String)> = Vec::new();
     for entry in archive.entries().map_err(malformed)? {
         let mut entry = entry.map_err(malformed)?;
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8(raw).map_err(|e| {
-            invalid(format!(
-                "member {:?}: the name is not UTF-8",
-                String::from_utf8_lossy(e.as_bytes())
-            ))
-        })?;
-        let kind = entry.header().entry_type();
-        if kind == EntryType::XGlobalHeader {
-            continue;
-        }
-        let member = archive_member(&name).map_err(invalid)?;
-        let rel = match (base, member.as_str()) {
+        let header = entry.header();
+        let (kind, mode, mtime) = (header.entry_type(), header.mode().ok(), header.mtime().ok());
+        let checked = rules
+            .check(
+                &entry.path_bytes(),
+                kind.as_byte(),
+                entry.link_name_bytes().as_deref(),
+                mode,
+            )
+            .map_err(invalid)?;
+        let Some(member) = checked else { continue };
+        // UTF-8: these rules require it.
+        let path = member.path_str().into_owned();
+        let name = &member.name;
+        let rel = match (base, path.as_str()) {
             ("", m) => m.to_string(),
             (b, "") => b.to_string(),
             (b, m) => format!("{b}/{m}"),
@@ -416,15 +414,9 @@ fn unpack(input: &mut FrameReader, rootfd: &OwnedFd, base: &str) -> Result<u64, 
             )));
         }
         let shown = format!("member {name:?}");
-        let mode = safe_mode(entry.header().mode().unwrap_or(0o644));
-        let mtime = entry.header().mtime().ok();
-        match kind {
-            EntryType::Regular | EntryType::Continuous => {
-                if member.is_empty() {
-                    return Err(invalid(format!(
-                        "member {name:?}: a file cannot replace the target directory"
-                    )));
-                }
+        let mode = member.mode;
+        match member.kind {
+            MemberKind::File => {
                 let parent = parent_dir(rootfd, &rel, true, &shown)?;
                 let file_name = split(&rel).1;
                 clear_name(&parent, file_name, &shown)?;
@@ -450,38 +442,18 @@ fn unpack(input: &mut FrameReader, rootfd: &OwnedFd, base: &str) -> Result<u64, 
                 fchmod(&fd, Mode::from_bits_truncate(mode & 0o777)).map_err(|e| errno_error(e, &shown))?;
                 set_mtime(&fd, mtime);
             }
-            EntryType::Directory => {
+            MemberKind::Dir => {
                 make_dir(rootfd, &rel, 0o755, true, &shown)?;
                 // The target itself keeps its own mode.
-                if !member.is_empty() {
+                if !path.is_empty() {
                     dirs.push((rel, mode, mtime, shown));
                 }
             }
-            EntryType::Symlink => {
-                if member.is_empty() {
-                    return Err(invalid(format!(
-                        "member {name:?}: a symlink cannot replace the target directory"
-                    )));
-                }
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| t.into_owned())
-                    .filter(|t| !t.is_empty() && t.len() <= MAX_PATH)
-                    .ok_or_else(|| invalid(format!("member {name:?}: the link target is empty or too long")))?;
+            MemberKind::Symlink(target) => {
                 let parent = parent_dir(rootfd, &rel, true, &shown)?;
                 let link_name = split(&rel).1;
                 clear_name(&parent, link_name, &shown)?;
                 symlinkat(os(&target), &parent, link_name).map_err(|e| errno_error(e, &shown))?;
-            }
-            EntryType::Link => {
-                return Err(invalid(format!(
-                    "member {name:?}: hard links are not supported (only files, directories and symlinks)"
-                )))
-            }
-            other => {
-                return Err(invalid(format!(
-                "member {name:?}: entries of type {other:?} are not supported (only files, directories and symlinks)"
-            )))
             }
         }
     }
@@ -496,14 +468,6 @@ fn unpack(input: &mut FrameReader, rootfd: &OwnedFd, base: &str) -> Result<u64, 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn set_id_bits_are_dropped() {
-        assert_eq!(safe_mode(0o4755), 0o755);
-        assert_eq!(safe_mode(0o2775), 0o775);
-        assert_eq!(safe_mode(0o1777), 0o1777);
-        assert_eq!(safe_mode(0o100644), 0o644);
-    }
 
     #[test]
     fn short_files_are_padded_to_their_announced_size() {

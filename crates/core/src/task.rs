@@ -95,6 +95,22 @@ impl FieldError {
 }
 
 impl TaskSpec {
+    /// An `isolated_execution` task of `commands` in `environment`, every other field unset.
+    pub fn new(environment: impl Into<String>, commands: Vec<String>) -> Self {
+        TaskSpec {
+            task_type: TASK_TYPE.into(),
+            description: None,
+            environment: environment.into(),
+            commands,
+            services: Vec::new(),
+            priority: None,
+            timeout: None,
+            agent_id: None,
+            env: BTreeMap::new(),
+            source: None,
+        }
+    }
+
     /// Checks every field; `catalog` knows the environments. Does no I/O, so whether
     /// `source` exists is checked by the service.
     pub fn validate(&self, catalog: &Catalog) -> Result<(), FieldError> {
@@ -466,6 +482,17 @@ impl DurationHistogram {
     }
 }
 
+/// The name clients see for field `field` of task `index` in an array submission:
+/// `tasks[2].commands[1]`. `field` may be a path relative to the element (`commands[1]`) or
+/// to the array as serde names it (`[2].commands[1]`, then `index` is ignored).
+pub fn batch_field(index: usize, field: &str) -> String {
+    if field.starts_with('[') {
+        format!("tasks{field}")
+    } else {
+        format!("tasks[{index}].{field}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -677,5 +704,11 @@ mod tests {
         assert_eq!(at(1.0), 3);
         assert_eq!(at(300.0), 3);
         assert_eq!(h.buckets.len(), DURATION_BUCKETS_SECS.len());
+    }
+
+    #[test]
+    fn batch_fields_are_named_from_the_array() {
+        assert_eq!(batch_field(2, "commands[1]"), "tasks[2].commands[1]");
+        assert_eq!(batch_field(0, "[3].environment"), "tasks[3].environment");
     }
 }

@@ -1,18 +1,22 @@
-//! File tools on top of exec: path checks, the shell scripts that read, write and list
-//! files inside a workspace, and the parsing of what they print.
+//! The file tools' work, over the service's file API ([`Conductor::put_file`],
+//! [`Conductor::get_file`], [`Conductor::list_files`], [`Conductor::stat_file`]): the calls
+//! the HTTP `/workspaces/{id}/files` routes and `conductor ws cp` make, so the path rules
+//! and the choice of the way in (the workspace's agent, else Podman) are the same for every
+//! client.
 //!
-//! Files are reached through the workspace's own shell, as the workspace user, so they
-//! obey the container's permissions and need no host access to the volume. The path goes
-//! to the script in an environment variable, never into the command text, so no quoting
-//! can break out of it; file content travels on stdin (write) and stdout (read) as raw
-//! bytes. Paths are limited to `/workspace` and `/tmp`: the places an agent works in.
+//! A path is relative to `/workspace` or absolute under it; `..`, NUL bytes and a path
+//! through a symlink that leads out of `/workspace` are refused. Nothing else of the
+//! container is reachable by these tools, `/tmp` included: `run_command` reaches the rest.
+//! Files are read and written as the workspace user (uid 1000). This module adds what a
+//! model needs on top: limits on what one call returns, a listing several levels deep, and
+//! errors that say what to do.
 
-use conductor_core::validate;
+use std::collections::VecDeque;
 
-/// Directories the file tools may touch (with everything under them).
-pub const ROOTS: [&str; 2] = ["/workspace", "/tmp"];
-/// The environment variable the scripts read the path from.
-pub const PATH_VAR: &str = "MCP_PATH";
+use conductor_core::validate::{self, WORKSPACE_ROOT};
+use conductor_service::files::{DownloadKind, FileKind};
+use conductor_service::{streams, Conductor, ServiceError};
+
 /// Most bytes `read_file` returns.
 pub const READ_LIMIT: usize = 256 * 1024;
 /// Most bytes `write_file` accepts.
@@ -22,115 +26,131 @@ pub const LIST_LIMIT: usize = 1000;
 /// Deepest `list_files` descends.
 pub const MAX_DEPTH: u32 = 10;
 
-/// Exit codes the scripts use for their own checks.
-pub const EXIT_MISSING: i64 = 3;
-pub const EXIT_WRONG_KIND: i64 = 4;
+/// What the file tools reach, for errors about paths.
+const PATH_RULE: &str = "the file tools reach /workspace only: give a path relative to it or \
+                         absolute under it (run_command reaches the rest of the workspace, /tmp included)";
 
-/// Checks a path given to a file tool: absolute, under `/workspace` or `/tmp`, no NUL,
-/// no `..` component.
-pub fn check_path(path: &str) -> Result<(), String> {
-    validate::container_path(path).map_err(|m| format!("invalid path: {m}"))?;
-    let inside = ROOTS
-        .iter()
-        .any(|root| path == *root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/')));
-    if !inside {
-        return Err(format!(
-            "invalid path {path:?}: file tools work under /workspace and /tmp only (absolute paths, e.g. /workspace/src/main.py)"
-        ));
+/// A path given to a file tool, absolute and cleaned (`/workspace/src/a.py`), by the rules
+/// of the file API ([`validate::workspace_path`]).
+pub fn absolute(path: &str) -> Result<String, String> {
+    let rel = validate::workspace_path(path).map_err(|m| format!("invalid path: {m}; {PATH_RULE}"))?;
+    Ok(join(WORKSPACE_ROOT, &rel))
+}
+
+fn join(dir: &str, name: &str) -> String {
+    match (dir, name) {
+        (d, "") => d.to_string(),
+        ("", n) => n.to_string(),
+        (d, n) => format!("{}/{n}", d.trim_end_matches('/')),
     }
-    Ok(())
 }
 
-/// Prints the file's size on the first line, then at most [`READ_LIMIT`] bytes of it.
-pub fn read_script() -> String {
-    format!(
-        r#"P="${PATH_VAR}"
-if [ ! -e "$P" ]; then echo "no such file: $P" >&2; exit {EXIT_MISSING}; fi
-if [ -d "$P" ]; then echo "$P is a directory; use list_files" >&2; exit {EXIT_WRONG_KIND}; fi
-size=$(wc -c < "$P") || exit 1
-echo $size
-head -c {READ_LIMIT} -- "$P""#
-    )
+/// A failure of the file API on `path` as a tool error; the rest goes to `other`.
+pub fn file_failure(e: ServiceError, path: &str, other: impl FnOnce(ServiceError) -> String) -> String {
+    match e {
+        ServiceError::NotFound { .. } => format!("no such file or directory: {path}"),
+        ServiceError::Invalid { field, message } if field == "path" => {
+            format!("invalid path: {message}; {PATH_RULE}")
+        }
+        e => other(e),
+    }
 }
 
-/// Splits the output of [`read_script`] into the file's size and its (first) bytes.
-pub fn parse_read(out: &[u8]) -> Result<(u64, &[u8]), String> {
-    let nl = out
-        .iter()
-        .position(|b| *b == b'\n')
-        .ok_or("the workspace did not report the file size")?;
-    let size = std::str::from_utf8(&out[..nl])
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .ok_or("the workspace reported an unreadable file size")?;
-    Ok((size, &out[nl + 1..]))
+/// Why reading a file failed: the file API's error, or what it is instead of a file.
+pub enum ReadError {
+    Service(ServiceError),
+    IsADirectory,
+    Stream(std::io::Error),
 }
 
-/// Writes stdin to the file, creating missing parent directories.
-pub fn write_script() -> String {
-    format!(
-        r#"P="${PATH_VAR}"
-if [ -d "$P" ]; then echo "$P is a directory" >&2; exit {EXIT_WRONG_KIND}; fi
-mkdir -p -- "$(dirname -- "$P")" && cat > "$P""#
-    )
+/// The first [`READ_LIMIT`] bytes of the file `path` (absolute) and its size.
+pub async fn read_prefix(c: &Conductor, id: &str, path: &str) -> Result<(u64, Vec<u8>), ReadError> {
+    let download = c.get_file(id, path).await.map_err(ReadError::Service)?;
+    if download.kind != DownloadKind::File {
+        // Dropping the stream ends the archive the workspace began.
+        return Err(ReadError::IsADirectory);
+    }
+    let size = download.size.unwrap_or(0);
+    let bytes = streams::read_prefix(download.stream, READ_LIMIT)
+        .await
+        .map_err(ReadError::Stream)?;
+    Ok((size, bytes))
 }
 
-/// Prints up to [`LIST_LIMIT`] + 1 entries under the directory, `depth` levels deep, as
-/// NUL-separated (type, size, relative path, link target) records.
-pub fn list_script(depth: u32) -> String {
-    let fields = 4 * (LIST_LIMIT + 1);
-    format!(
-        r#"P="${PATH_VAR}"
-if [ ! -e "$P" ]; then echo "no such directory: $P" >&2; exit {EXIT_MISSING}; fi
-if [ ! -d "$P" ]; then echo "$P is not a directory; use read_file" >&2; exit {EXIT_WRONG_KIND}; fi
-find "$P" -mindepth 1 -maxdepth {depth} -printf '%y\0%s\0%P\0%l\0' | head -z -n {fields}"#
-    )
-}
-
-/// One entry found by [`list_script`].
+/// One entry of a listing, its path relative to the directory listed.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub kind: char,
+    pub kind: FileKind,
     pub size: u64,
     pub path: String,
     pub target: String,
 }
 
-/// Parses the records of [`list_script`], sorted by path.
-pub fn parse_list(out: &[u8]) -> Vec<Entry> {
-    let fields: Vec<String> = out
-        .split(|b| *b == 0)
-        .map(|f| String::from_utf8_lossy(f).into_owned())
-        .collect();
-    let mut entries: Vec<Entry> = fields
-        .chunks_exact(4)
-        .map(|f| Entry {
-            kind: f[0].chars().next().unwrap_or('?'),
-            size: f[1].parse().unwrap_or(0),
-            path: f[2].clone(),
-            target: f[3].clone(),
-        })
-        .collect();
+/// A directory's entries, `depth` levels deep, shallower levels first and at most
+/// [`LIST_LIMIT`] of them (sorted by path); whether there are more; and the
+/// subdirectories that could not be listed, with why.
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    pub more: bool,
+    pub unreadable: Vec<(String, ServiceError)>,
+}
+
+/// Lists the directory `dir` (absolute, known to be a directory) `depth` levels deep, one
+/// call of the file API per directory, breadth first (symlinks are not followed).
+pub async fn list_tree(c: &Conductor, id: &str, dir: &str, depth: u32) -> Result<Listing, ServiceError> {
+    let mut entries = Vec::new();
+    let mut unreadable = Vec::new();
+    // (path relative to `dir`, level of its entries)
+    let mut pending: VecDeque<(String, u32)> = VecDeque::from([(String::new(), 1)]);
+    while let Some((rel, level)) = pending.pop_front() {
+        if entries.len() > LIST_LIMIT {
+            break;
+        }
+        let listed = match c.list_files(id, &join(dir, &rel)).await {
+            Ok(listed) => listed,
+            Err(e) if rel.is_empty() => return Err(e),
+            Err(e) => {
+                unreadable.push((rel, e));
+                continue;
+            }
+        };
+        for e in listed {
+            let path = join(&rel, &e.name);
+            if e.kind == FileKind::Dir && level < depth {
+                pending.push_back((path.clone(), level + 1));
+            }
+            entries.push(Entry {
+                kind: e.kind,
+                size: e.size,
+                path,
+                target: e.link_target.unwrap_or_default(),
+            });
+        }
+    }
+    let more = entries.len() > LIST_LIMIT;
+    entries.truncate(LIST_LIMIT);
     entries.sort_by(|a, b| a.path.cmp(&b.path));
-    entries
+    Ok(Listing {
+        entries,
+        more,
+        unreadable,
+    })
 }
 
 /// The listing as a model reads it: one entry per line, directories with a trailing `/`.
-pub fn render_list(dir: &str, depth: u32, mut entries: Vec<Entry>) -> String {
-    let more = entries.len() > LIST_LIMIT;
-    entries.truncate(LIST_LIMIT);
+pub fn render_list(dir: &str, depth: u32, entries: &[Entry], more: bool) -> String {
     let mut out = format!(
         "{dir} (depth {depth}): {} entr{}{}\n",
         entries.len(),
         if entries.len() == 1 { "y" } else { "ies" },
         if more { " shown, more exist" } else { "" }
     );
-    for e in &entries {
+    for e in entries {
         let line = match e.kind {
-            'd' => format!("dir  {:>10}  {}/", "", e.path),
-            'f' => format!("file {:>10}  {}", e.size, e.path),
-            'l' => format!("link {:>10}  {} -> {}", "", e.path, e.target),
-            other => format!("{other:<4} {:>10}  {}", "", e.path),
+            FileKind::Dir => format!("dir  {:>10}  {}/", "", e.path),
+            FileKind::File => format!("file {:>10}  {}", e.size, e.path),
+            FileKind::Symlink => format!("link {:>10}  {} -> {}", "", e.path, e.target),
+            FileKind::Other => format!("other{:>10}  {}", "", e.path),
         };
         out.push_str(&line);
         out.push('\n');
@@ -148,66 +168,64 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_must_be_absolute_and_under_the_roots() {
-        for ok in [
-            "/workspace",
-            "/workspace/src/a.py",
-            "/tmp",
-            "/tmp/x/y",
-            "/workspace/./a",
+    fn paths_follow_the_rules_of_the_file_api() {
+        for (ok, abs) in [
+            ("/workspace", "/workspace"),
+            ("/workspace/src/a.py", "/workspace/src/a.py"),
+            ("src/a.py", "/workspace/src/a.py"),
+            (".", "/workspace"),
+            ("/workspace/./a//b/", "/workspace/a/b"),
         ] {
-            check_path(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(absolute(ok).unwrap_or_else(|e| panic!("{ok}: {e}")), abs);
         }
         for (bad, why) in [
-            ("workspace/a", "absolute"),
-            ("/etc/passwd", "under /workspace and /tmp"),
-            ("/workspaces/a", "under /workspace and /tmp"),
-            ("/tmpfoo", "under /workspace and /tmp"),
+            ("/tmp/x", "outside /workspace"),
+            ("/etc/passwd", "outside /workspace"),
+            ("/workspaces/a", "outside /workspace"),
             ("/workspace/../etc/passwd", "'..'"),
-            ("/tmp/a\0b", "NUL"),
-            ("", "absolute"),
+            ("a\0b", "NUL"),
+            ("", "empty"),
         ] {
-            let e = check_path(bad).expect_err(bad);
-            assert!(e.contains(why), "{bad:?}: {e}");
+            let e = absolute(bad).expect_err(bad);
+            assert!(e.contains(why) && e.contains("run_command"), "{bad:?}: {e}");
+        }
+    }
+
+    fn entry(kind: FileKind, size: u64, path: &str, target: &str) -> Entry {
+        Entry {
+            kind,
+            size,
+            path: path.into(),
+            target: target.into(),
         }
     }
 
     #[test]
-    fn read_output_splits_into_size_and_bytes() {
-        assert_eq!(parse_read(b"5\nhello").unwrap(), (5, &b"hello"[..]));
-        assert_eq!(parse_read(b"  0\n").unwrap(), (0, &b""[..]));
-        assert_eq!(parse_read(b"3\na\nb").unwrap(), (3, &b"a\nb"[..]));
-        assert!(parse_read(b"").unwrap_err().contains("size"));
-        assert!(parse_read(b"x\n").unwrap_err().contains("size"));
-    }
-
-    #[test]
-    fn listings_are_sorted_and_typed() {
-        let raw = b"f\x0012\x00src/b.py\x00\x00d\x004096\x00src\x00\x00l\x007\x00lib\x00/usr/lib\x00";
-        let entries = parse_list(raw);
+    fn listings_are_typed() {
+        let entries = [
+            entry(FileKind::Symlink, 7, "lib", "/usr/lib"),
+            entry(FileKind::Dir, 4096, "src", ""),
+            entry(FileKind::File, 12, "src/b.py", ""),
+            entry(FileKind::Other, 0, "sock", ""),
+        ];
         assert_eq!(
-            entries.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
-            ["lib", "src", "src/b.py"]
-        );
-        let text = render_list("/workspace", 2, entries);
-        assert_eq!(
-            text,
-            "/workspace (depth 2): 3 entries\n\
+            render_list("/workspace", 2, &entries, false),
+            "/workspace (depth 2): 4 entries\n\
              link             lib -> /usr/lib\n\
              dir              src/\n\
-             file         12  src/b.py\n"
+             file         12  src/b.py\n\
+             other            sock\n"
         );
     }
 
     #[test]
     fn long_listings_are_cut_with_a_note() {
-        let mut raw = Vec::new();
-        for i in 0..=LIST_LIMIT {
-            raw.extend_from_slice(format!("f\x001\x00f{i:05}\x00\x00").as_bytes());
-        }
-        let text = render_list("/tmp", 1, parse_list(&raw));
+        let entries: Vec<Entry> = (0..LIST_LIMIT)
+            .map(|i| entry(FileKind::File, 1, &format!("f{i:05}"), ""))
+            .collect();
+        let text = render_list("/workspace/x", 1, &entries, true);
         assert!(
-            text.starts_with("/tmp (depth 1): 1000 entries shown, more exist\n"),
+            text.starts_with("/workspace/x (depth 1): 1000 entries shown, more exist\n"),
             "{text}"
         );
         assert!(text.ends_with("use a smaller depth]\n"));

@@ -9,7 +9,6 @@
 //! client that cancels a call or hangs up does not leave a workspace half created or half
 //! restored.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +17,9 @@ use conductor_core::config::NetworkPolicy;
 use conductor_core::engine::{OutputChunk, Progress};
 use conductor_core::naming;
 use conductor_service::exec::{Command, ExecOutcome, ExecRequest, WORKSPACE_USER};
+use conductor_service::files::{FileKind, PutOptions};
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
-use conductor_service::{Conductor, ServiceError};
+use conductor_service::{streams, Conductor, ServiceError};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
@@ -28,7 +28,7 @@ use rmcp::{tool, tool_handler, tool_router, ServerHandler};
 use serde::Deserialize;
 use tokio::sync::{mpsc, RwLock};
 
-use crate::files::{self, EXIT_MISSING, EXIT_WRONG_KIND};
+use crate::files::{self, file_failure, ReadError};
 use crate::output::{Tail, KEEP_BYTES};
 
 /// What a tool returns: text for the model, or the text of a tool error.
@@ -38,7 +38,7 @@ type ToolResult = Result<String, String>;
 pub const DEFAULT_AGENT: &str = "mcp-agent";
 /// Timeout of `run_command` when the model gives none.
 const DEFAULT_TIMEOUT_SECS: u64 = 120;
-/// Timeout of the file tools' own commands.
+/// Timeout of a file tool's work.
 const FILE_TIMEOUT: Duration = Duration::from_secs(120);
 
 const INSTRUCTIONS: &str = "\
@@ -137,8 +137,9 @@ pub struct RunCommandArgs {
 pub struct WriteFileArgs {
     /// Workspace id from create_workspace or list_workspaces.
     pub workspace_id: String,
-    /// Absolute path under /workspace or /tmp, e.g. "/workspace/src/app.py". Missing parent
-    /// directories are created; an existing file is replaced.
+    /// Path in /workspace: relative to it or absolute under it, e.g. "src/app.py" or
+    /// "/workspace/src/app.py" (/tmp and other places are not reachable: use run_command).
+    /// Missing parent directories are created; an existing file is replaced.
     pub path: String,
     /// The complete new content of the file (UTF-8 text, at most 10 MiB).
     pub content: String,
@@ -149,7 +150,8 @@ pub struct WriteFileArgs {
 pub struct ReadFileArgs {
     /// Workspace id from create_workspace or list_workspaces.
     pub workspace_id: String,
-    /// Absolute path of a text file under /workspace or /tmp.
+    /// Path of a text file in /workspace: relative to it or absolute under it, e.g.
+    /// "src/app.py" (/tmp and other places are not reachable: use run_command).
     pub path: String,
 }
 
@@ -158,7 +160,8 @@ pub struct ReadFileArgs {
 pub struct ListFilesArgs {
     /// Workspace id from create_workspace or list_workspaces.
     pub workspace_id: String,
-    /// Absolute directory under /workspace or /tmp (default /workspace).
+    /// Directory in /workspace: relative to it or absolute under it (default /workspace
+    /// itself; /tmp and other places are not reachable: use run_command).
     #[serde(default)]
     pub path: Option<String>,
     /// How many levels to descend, 1 to 10 (default 1: the directory's own entries).
@@ -260,28 +263,11 @@ async fn exec_collect(c: &Conductor, id: &str, req: ExecRequest, limit: usize) -
     })
 }
 
-/// A file tool's script with the path in [`files::PATH_VAR`].
-fn file_request(script: String, path: &str) -> ExecRequest {
-    ExecRequest {
-        command: script.into(),
-        env: BTreeMap::from([(files::PATH_VAR.to_string(), path.to_string())]),
-        timeout: Some(FILE_TIMEOUT),
-        ..Default::default()
-    }
-}
-
-/// The error of a file script that failed: its own message, else the exit code.
-fn script_failure(c: Collected, what: &str) -> String {
-    let code = c.outcome.exit_code;
-    if c.outcome.timed_out {
-        return format!("{what} timed out after {} s", FILE_TIMEOUT.as_secs());
-    }
-    let message = c.stderr.finish().text.trim().to_string();
-    match (code, message.is_empty()) {
-        (EXIT_MISSING | EXIT_WRONG_KIND, false) => message,
-        (_, false) => format!("{what} failed: {message}"),
-        (_, true) => format!("{what} failed with exit code {code}"),
-    }
+/// Runs a file tool's work with [`FILE_TIMEOUT`].
+async fn timed<T>(what: &str, work: impl Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::time::timeout(FILE_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("{what} timed out after {} s", FILE_TIMEOUT.as_secs())))
 }
 
 fn check_id(id: &str) -> Result<(), String> {
@@ -317,19 +303,25 @@ impl WorkspaceTools {
         T: Send + 'static,
         F: Future<Output = conductor_service::Result<T>> + Send + 'static,
     {
+        self.detached_raw(fut).await?.map_err(failure)
+    }
+
+    /// [`detached`](Self::detached), leaving the service's error to the caller.
+    async fn detached_raw<T, F>(&self, fut: F) -> Result<conductor_service::Result<T>, String>
+    where
+        T: Send + 'static,
+        F: Future<Output = conductor_service::Result<T>> + Send + 'static,
+    {
         let guard = self.inflight.clone().read_owned().await;
         let task = tokio::spawn(async move {
             let result = fut.await;
             drop(guard);
             result
         });
-        match task.await {
-            Ok(r) => r.map_err(failure),
-            Err(e) => {
-                tracing::error!("tool task failed: {e}");
-                Err("conductor failed: the operation stopped unexpectedly".into())
-            }
-        }
+        task.await.map_err(|e| {
+            tracing::error!("tool task failed: {e}");
+            "conductor failed: the operation stopped unexpectedly".to_string()
+        })
     }
 
     /// The workspace an id (or container name) names.
@@ -493,11 +485,12 @@ impl WorkspaceTools {
     /// Write a file.
     #[tool(
         description = "Write a text file in a workspace (replacing it if it exists, creating missing parent \
-                       directories). The path must be absolute and under /workspace or /tmp.",
+                       directories), as the workspace user. The path is in /workspace: relative to it or \
+                       absolute under it; /tmp and other places are not reachable (use run_command).",
         annotations(destructive_hint = true, idempotent_hint = true, open_world_hint = false)
     )]
     async fn write_file(&self, Parameters(args): Parameters<WriteFileArgs>) -> ToolResult {
-        files::check_path(&args.path)?;
+        let path = files::absolute(&args.path)?;
         if args.content.len() > files::WRITE_LIMIT {
             return Err(format!(
                 "content is {} bytes; write_file takes at most {} bytes per call",
@@ -505,34 +498,50 @@ impl WorkspaceTools {
                 files::WRITE_LIMIT
             ));
         }
-        let len = args.content.len();
-        let mut req = file_request(files::write_script(), &args.path);
-        req.stdin = Some(bytes::Bytes::from(args.content));
-        let r = self.exec(&args.workspace_id, req, 8 * 1024).await?;
-        if r.outcome.exit_code != 0 {
-            return Err(script_failure(r, &format!("writing {}", args.path)));
-        }
-        Ok(format!("Wrote {len} bytes to {}.", args.path))
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let opts = PutOptions {
+            mode: None,
+            size: Some(args.content.len() as u64),
+        };
+        let (id, target, content) = (w.id.clone(), path.clone(), args.content);
+        let what = format!("writing {path}");
+        let work = async move {
+            let body = streams::from_bytes(content);
+            // On its own task, as every state-changing call: a cancelled call does not stop
+            // the upload half-way (which would leave the previous file, if any, anyway).
+            let written = self
+                .detached_raw(async move { c.put_file(&id, &target, body, opts).await })
+                .await?
+                .map_err(|e| file_failure(e, &path, failure))?;
+            Ok(format!("Wrote {} bytes to {}.", written.size, written.path))
+        };
+        timed(&what, work).await
     }
 
     /// Read a file.
     #[tool(
         description = "Read a UTF-8 text file from a workspace and return its content (the first 256 KiB; a \
-                       note says when the file is longer). The path must be absolute and under /workspace \
-                       or /tmp. For binary files use run_command (e.g. base64 or xxd).",
+                       note says when the file is longer). The path is in /workspace: relative to it or \
+                       absolute under it; /tmp and other places are not reachable (use run_command). For \
+                       binary files use run_command (e.g. base64 or xxd).",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn read_file(&self, Parameters(args): Parameters<ReadFileArgs>) -> ToolResult {
-        files::check_path(&args.path)?;
-        let req = file_request(files::read_script(), &args.path);
-        let r = self.exec(&args.workspace_id, req, files::READ_LIMIT + 64).await?;
-        if r.outcome.exit_code != 0 {
-            return Err(script_failure(r, &format!("reading {}", args.path)));
-        }
-        let (raw, _) = r.stdout.into_bytes();
-        let (size, content) = files::parse_read(&raw)?;
+        let path = files::absolute(&args.path)?;
+        let w = self.workspace(&args.workspace_id)?;
+        let (size, content) = timed(&format!("reading {path}"), async {
+            files::read_prefix(&self.conductor, &w.id, &path)
+                .await
+                .map_err(|e| match e {
+                    ReadError::Service(e) => file_failure(e, &path, failure),
+                    ReadError::IsADirectory => format!("{path} is a directory; use list_files"),
+                    ReadError::Stream(e) => format!("reading {path} failed: {e}"),
+                })
+        })
+        .await?;
         let truncated = (content.len() as u64) < size;
-        let text = match std::str::from_utf8(content) {
+        let text = match std::str::from_utf8(&content) {
             Ok(t) => t,
             // The cut at the limit may split the last character.
             Err(e) if truncated && e.error_len().is_none() => {
@@ -540,23 +549,21 @@ impl WorkspaceTools {
             }
             Err(_) => {
                 return Err(format!(
-                    "{} is not UTF-8 text ({size} bytes); inspect binary files with run_command, e.g. \
-                     `xxd {} | head` or `base64 {}`",
-                    args.path, args.path, args.path
+                    "{path} is not UTF-8 text ({size} bytes); inspect binary files with run_command, e.g. \
+                     `xxd {path} | head` or `base64 {path}`"
                 ))
             }
         };
         if size == 0 {
-            return Ok(format!("({} is empty)", args.path));
+            return Ok(format!("({path} is empty)"));
         }
         let mut out = text.to_string();
         if truncated {
             out.push_str(&format!(
                 "\n[truncated: the file has {size} bytes and only the first {} are shown; read the rest \
-                 with run_command, e.g. `tail -c +{} {} | head -c {}`]",
+                 with run_command, e.g. `tail -c +{} {path} | head -c {}`]",
                 text.len(),
                 text.len() + 1,
-                args.path,
                 files::READ_LIMIT
             ));
         }
@@ -567,26 +574,35 @@ impl WorkspaceTools {
     #[tool(
         description = "List a directory of a workspace: one entry per line with its type (file, dir, link), \
                        size in bytes and path relative to the directory. depth > 1 descends into \
-                       subdirectories. The path must be absolute and under /workspace or /tmp.",
+                       subdirectories. The path is in /workspace: relative to it or absolute under it \
+                       (default /workspace); /tmp and other places are not reachable (use run_command).",
         annotations(read_only_hint = true, open_world_hint = false)
     )]
     async fn list_files(&self, Parameters(args): Parameters<ListFilesArgs>) -> ToolResult {
-        let path = args.path.unwrap_or_else(|| "/workspace".to_string());
-        files::check_path(&path)?;
+        let path = files::absolute(args.path.as_deref().unwrap_or("/workspace"))?;
         let depth = args.depth.unwrap_or(1);
         if !(1..=files::MAX_DEPTH).contains(&depth) {
             return Err(format!("invalid depth: must be between 1 and {}", files::MAX_DEPTH));
         }
-        let req = file_request(files::list_script(depth), &path);
-        let r = self.exec(&args.workspace_id, req, 16 * 1024 * 1024).await?;
-        if matches!(r.outcome.exit_code, EXIT_MISSING | EXIT_WRONG_KIND) {
-            return Err(script_failure(r, &format!("listing {path}")));
-        }
-        let notes = r.stderr.finish();
-        let (raw, _) = r.stdout.into_bytes();
-        let mut out = files::render_list(&path, depth, files::parse_list(&raw));
-        if !notes.text.trim().is_empty() {
-            out.push_str(&notes.render("some entries could not be read"));
+        let w = self.workspace(&args.workspace_id)?;
+        let c = &self.conductor;
+        let work = async {
+            let on_path = |e| file_failure(e, &path, failure);
+            let st = c.stat_file(&w.id, &path).await.map_err(on_path)?;
+            if st.kind != FileKind::Dir {
+                return Err(format!("{path} is not a directory; use read_file"));
+            }
+            files::list_tree(c, &w.id, &path, depth).await.map_err(on_path)
+        };
+        let listing = timed(&format!("listing {path}"), work).await?;
+        let mut out = files::render_list(&path, depth, &listing.entries, listing.more);
+        if !listing.unreadable.is_empty() {
+            let notes: String = listing
+                .unreadable
+                .into_iter()
+                .map(|(dir, e)| format!("{dir}/: {e}\n"))
+                .collect();
+            out.push_str(&format!("some directories could not be listed:\n{notes}"));
         }
         Ok(out)
     }

@@ -7,7 +7,6 @@
 //! (children, grandchildren, even ones that called `setsid`), not just the client.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -149,12 +148,8 @@ pub async fn run_quiet(engine: &dyn Engine, container: &str, script: String) -> 
     Ok(())
 }
 
-/// Runs a maintenance script like [`run_quiet`], through the workspace's agent (in
-/// `agent_dir`) when it answers: milliseconds instead of a Podman exec.
-pub async fn run_quiet_in(engine: &dyn Engine, container: &str, agent_dir: &Path, script: String) -> Result<()> {
-    let Ok(conn) = AgentConn::connect(agent_dir).await else {
-        return run_quiet(engine, container, script).await;
-    };
+/// Runs a maintenance script through a connected agent, discarding its output.
+pub(crate) async fn run_quiet_through(conn: AgentConn, script: String) -> Result<()> {
     let req = conductor_agent_protocol::ExecRequest {
         argv: Some(vec!["/bin/sh".into(), "-c".into(), script]),
         ..Default::default()
@@ -174,6 +169,16 @@ pub async fn run(
     output: mpsc::Sender<OutputChunk>,
 ) -> Result<ExecOutcome> {
     req.validate()?;
+    run_validated(engine, container, req, output).await
+}
+
+/// [`run`] of a request already validated.
+pub(crate) async fn run_validated(
+    engine: &dyn Engine,
+    container: &str,
+    req: ExecRequest,
+    output: mpsc::Sender<OutputChunk>,
+) -> Result<ExecOutcome> {
     let req = req.emulating_session();
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let mut env: Vec<(String, String)> = req.env.into_iter().collect();
@@ -220,36 +225,19 @@ pub enum ExecPath {
     Podman,
 }
 
-/// Runs `req` in a workspace: through its agent when the agent in `agent_dir` answers,
-/// else through Podman exec. Same shell, environment, marker and outcome either way.
-pub async fn run_in_workspace(
-    engine: &dyn Engine,
-    container: &str,
-    agent_dir: Option<&Path>,
-    req: ExecRequest,
-    output: mpsc::Sender<OutputChunk>,
-) -> Result<(ExecOutcome, ExecPath)> {
-    if let Some(dir) = agent_dir {
-        req.validate()?;
-        match AgentConn::connect(dir).await {
-            Ok(conn) => {
-                let req = if conn.has_sessions() {
-                    req
-                } else {
-                    req.emulating_session()
-                };
-                return Ok((run_agent(conn, req, output).await?, ExecPath::Agent));
-            }
-            Err(e) => tracing::debug!(container, "exec through podman: {e}"),
-        }
-    }
-    Ok((run(engine, container, req, output).await?, ExecPath::Podman))
-}
-
 /// Runs `req` through a connected agent; the agent enforces the timeout and kills the
 /// process group and the marked processes. With a session, the command line goes to the
 /// session's shell (the agent starts it with the first command's environment and marker).
-async fn run_agent(conn: AgentConn, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
+pub(crate) async fn run_agent(
+    conn: AgentConn,
+    req: ExecRequest,
+    output: mpsc::Sender<OutputChunk>,
+) -> Result<ExecOutcome> {
+    let req = if conn.has_sessions() {
+        req
+    } else {
+        req.emulating_session()
+    };
     let start = Instant::now();
     let marker = uuid::Uuid::new_v4().simple().to_string();
     let mut env: Vec<(String, String)> = req.env.into_iter().collect();

@@ -8,11 +8,13 @@
 
 pub mod agent_client;
 pub mod bootstrap;
+pub mod channel;
 pub mod config_file;
 pub mod doctor;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod handle;
 pub mod host;
 pub mod images;
 pub mod instance_lock;
@@ -23,6 +25,7 @@ pub mod pool;
 pub mod reconcile;
 pub mod sidecars;
 pub mod snapshots;
+pub mod streams;
 pub mod tasks;
 pub mod volumes;
 pub mod warm_pool;

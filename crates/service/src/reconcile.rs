@@ -139,7 +139,7 @@ impl Conductor {
             .iter()
             .filter(|w| matches!(w.state, WorkspaceState::Running | WorkspaceState::Stopped))
         {
-            let cid = w.container_id.as_deref().unwrap_or(&w.container_name);
+            let cid = w.container();
             match self.engine.container_inspect(cid).await? {
                 None => {
                     self.release_resources(w, Some(true)).await?;

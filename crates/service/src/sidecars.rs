@@ -143,7 +143,7 @@ impl Conductor {
         images: &[String],
         log: &TaskLog,
     ) -> Result<()> {
-        let workspace = ws.container_id.clone().unwrap_or(ws.container_name.clone());
+        let workspace = ws.container().to_string();
         let limits = WorkspaceLimits::resolve(&self.config, &LimitOverrides::default())
             .map_err(|e| ServiceError::invalid(format!("limits.{}", e.field), e.message))?;
         let step_log = log.clone();

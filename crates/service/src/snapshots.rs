@@ -64,7 +64,6 @@ use std::time::{Duration, Instant};
 
 use conductor_core::engine::{ContainerSpec, ContainerStatus};
 use conductor_core::lifecycle::{SnapshotState, WorkspaceState};
-use conductor_core::resources::WorkspaceLimits;
 use conductor_core::task::rfc3339;
 use conductor_core::{naming, validate};
 use conductor_store::{SnapshotRecord, WorkspaceFilter, WorkspaceRecord};
@@ -176,10 +175,6 @@ async fn fsfreeze(mode: &str, mnt: &Path) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-fn container_of(w: &WorkspaceRecord) -> &str {
-    w.container_id.as_deref().unwrap_or(&w.container_name)
 }
 
 impl Conductor {
@@ -365,7 +360,7 @@ impl Conductor {
     /// Pauses, copies the volume, commits, resumes; then makes the copy final and returns
     /// the snapshot's size.
     async fn capture(&self, w: &WorkspaceRecord, vol: &DataVolume, s: &SnapshotRecord) -> Result<u64> {
-        let container = container_of(w);
+        let container = w.container();
         let (Some(image), Some(data)) = (&s.rootfs_image, &s.data_ref) else {
             return Err(ServiceError::host(
                 "capture a snapshot",
@@ -583,8 +578,7 @@ impl Conductor {
         volumes::unmount(&vol).await?;
         std::fs::rename(&staged, vol.image())
             .map_err(|e| ServiceError::host(format!("rename {}", staged.display()), e))?;
-        let limits: WorkspaceLimits = serde_json::from_str(&w.limits_json)
-            .map_err(|e| ServiceError::host(format!("decode limits of workspace {}", w.id), e))?;
+        let limits = &w.limits;
         let sub_volumes: Vec<String> = self
             .catalog
             .get(&w.environment)
@@ -727,7 +721,7 @@ impl Conductor {
             // Fails with EINVAL when it was not frozen: nothing to do then.
             let _ = fsfreeze("-u", &mnt).await;
         }
-        let container = container_of(&w);
+        let container = w.container();
         if let Some(c) = self.engine.container_inspect(container).await? {
             if c.status == ContainerStatus::Paused {
                 self.engine.container_unpause(container).await?;

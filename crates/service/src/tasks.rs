@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use conductor_core::lifecycle::{TaskState, WorkspaceState};
-use conductor_core::task::{rfc3339, DurationHistogram, TaskSpec};
+use conductor_core::task::{batch_field, rfc3339, DurationHistogram, TaskSpec};
 use conductor_store::{CommandResult, NewTask, Store, TaskFilter, TaskRecord, WorkspaceFilter};
 use futures_util::Stream;
 use serde::Serialize;
@@ -362,11 +362,10 @@ impl Conductor {
             ));
         }
         let batch = specs.len() > 1;
-        let prefix = |i: usize| if batch { format!("tasks[{i}].") } else { String::new() };
         for (i, spec) in specs.iter().enumerate() {
             let named = |e: ServiceError| match e {
-                ServiceError::Invalid { field, message } => {
-                    ServiceError::invalid(format!("{}{field}", prefix(i)), message)
+                ServiceError::Invalid { field, message } if batch => {
+                    ServiceError::invalid(batch_field(i, &field), message)
                 }
                 other => other,
             };

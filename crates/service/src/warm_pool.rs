@@ -94,7 +94,7 @@ impl Conductor {
         if agent_client::binary(&self.config).is_some() {
             return false;
         }
-        let container = w.container_id.as_deref().unwrap_or(&w.container_name);
+        let container = w.container();
         matches!(
             self.engine.container_inspect(container).await,
             Ok(Some(c)) if c.status == ContainerStatus::Running
@@ -175,7 +175,7 @@ impl Conductor {
             {
                 continue; // claimed by someone else meanwhile
             }
-            let container = m.container_id.as_deref().unwrap_or(&m.container_name);
+            let container = m.container();
             if let Err(e) = self.engine.container_rename(container, &name).await {
                 // The workspace works under its old name; only `podman ps` shows it.
                 tracing::warn!(workspace = %m.id, "renaming the claimed warm-pool container failed: {e}");

@@ -6,7 +6,6 @@
 //! finished by [`Conductor::reconcile`](crate::reconcile).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use conductor_core::config::{next_free_block, parse_cidr, NetworkPolicy};
 use conductor_core::engine::{
@@ -101,12 +100,9 @@ const LIVE_STATES: [WorkspaceState; 4] = [
     WorkspaceState::Removing,
 ];
 
-impl TryFrom<WorkspaceRecord> for WorkspaceInfo {
-    type Error = ServiceError;
-    fn try_from(r: WorkspaceRecord) -> Result<Self> {
-        let limits = serde_json::from_str(&r.limits_json)
-            .map_err(|e| ServiceError::host(format!("decode limits of workspace {}", r.id), e))?;
-        Ok(WorkspaceInfo {
+impl From<WorkspaceRecord> for WorkspaceInfo {
+    fn from(r: WorkspaceRecord) -> Self {
+        WorkspaceInfo {
             id: r.id,
             agent_id: r.agent_id,
             environment: r.environment,
@@ -114,12 +110,12 @@ impl TryFrom<WorkspaceRecord> for WorkspaceInfo {
             container_name: r.container_name,
             state: r.state,
             network: r.network,
-            limits,
+            limits: r.limits,
             volume_dir: r.volume_dir,
             created_at: r.created_at,
             last_used_at: r.last_used_at,
             error: r.error,
-        })
+        }
     }
 }
 
@@ -140,14 +136,7 @@ impl Conductor {
 
     /// Looks up a workspace by id, or by container name.
     pub fn get_workspace(&self, id: &str) -> Result<WorkspaceInfo> {
-        if let Some(r) = self.store.get_workspace(id)? {
-            return r.try_into();
-        }
-        let all = self.store.list_workspaces(&WorkspaceFilter::default())?;
-        match all.into_iter().rev().find(|r| r.container_name == id) {
-            Some(r) => r.try_into(),
-            None => Err(ServiceError::not_found(format!("workspace '{id}'"))),
-        }
+        Ok(self.handle(id)?.record.into())
     }
 
     pub fn list_workspaces(&self, f: &ListFilter) -> Result<Vec<WorkspaceInfo>> {
@@ -161,11 +150,12 @@ impl Conductor {
             environment: f.environment.clone(),
             states,
         };
-        self.store
+        Ok(self
+            .store
             .list_workspaces(&filter)?
             .into_iter()
-            .map(TryInto::try_into)
-            .collect()
+            .map(Into::into)
+            .collect())
     }
 
     /// Creates and starts a workspace; builds its environment's image first if needed.
@@ -241,7 +231,7 @@ impl Conductor {
             container_id: None,
             network: None,
             state: WorkspaceState::Creating,
-            limits_json: serde_json::to_string(&limits).map_err(|e| ServiceError::host("encode limits", e))?,
+            limits: limits.clone(),
             volume_dir: volume_dir.display().to_string(),
             created_at: now,
             last_used_at: now,
@@ -454,33 +444,10 @@ impl Conductor {
         }
     }
 
-    /// Runs a shell command in a running workspace, streaming its output.
-    pub async fn exec(&self, id: &str, mut req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
-        let w = self.record(id)?;
-        // The container's own value is its creator's (a warm-pool workspace keeps the pool's).
-        req.internal_env.push(("CONDUCTOR_AGENT_ID".into(), w.agent_id.clone()));
-        if !w.state.can_exec() {
-            return Err(ServiceError::Conflict(format!(
-                "workspace '{}' is {}; it must be running to exec",
-                w.id, w.state
-            )));
-        }
-        let container = w.container_id.clone().unwrap_or(w.container_name.clone());
-        self.store.touch_workspace(&w.id, now_ms())?;
-        let agent_dir = agent_client::socket_dir(&self.paths, &w.id);
-        match exec::run_in_workspace(self.engine.as_ref(), &container, Some(&agent_dir), req, output).await {
-            Ok((outcome, _)) => Ok(outcome),
-            Err(e @ ServiceError::Invalid { .. }) => Err(e),
-            // The agent (PID 1) dying breaks the connection: say what happened instead.
-            Err(e) => match self.await_fault(&w, Duration::from_secs(2)).await {
-                Some(fault) => Err(ServiceError::WorkspaceExited(format!(
-                    "workspace '{}' stopped during the command: {}",
-                    w.id,
-                    fault.reason()
-                ))),
-                None => Err(e),
-            },
-        }
+    /// Runs a command in a running workspace, streaming its output.
+    pub async fn exec(&self, id: &str, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
+        let h = self.running(id, "exec")?;
+        self.exec_in(&h, req, output).await
     }
 
     /// Runs a command and collects its output (for the HTTP API).
@@ -514,7 +481,7 @@ impl Conductor {
         if self.check_container(&record).await?.is_some() {
             return Ok((self.get_workspace(&info.id)?, None));
         }
-        let container = record.container_id.unwrap_or(info.container_name.clone());
+        let container = record.container().to_string();
         let stats = match self.engine.container_stats(&container).await {
             Ok(stats) => stats,
             // It stopped between the check and the reading.
@@ -559,7 +526,7 @@ impl Conductor {
                 w.id, w.state
             )));
         }
-        let container = w.container_id.clone().unwrap_or(w.container_name.clone());
+        let container = w.container().to_string();
         self.engine.container_stop(&container, 5).await?;
         self.store.set_workspace_state(&w.id, WorkspaceState::Stopped, None)?;
         self.get_workspace(&w.id)
@@ -578,8 +545,7 @@ impl Conductor {
             .get(&w.environment)
             .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
             .unwrap_or_default();
-        let limits: WorkspaceLimits =
-            serde_json::from_str(&w.limits_json).map_err(|e| ServiceError::host("decode limits", e))?;
+        let limits = &w.limits;
         // The volume may have been unmounted (host reboot).
         volumes::prepare(
             std::path::Path::new(&w.volume_dir),
@@ -588,7 +554,7 @@ impl Conductor {
             &env,
         )
         .await?;
-        let container = w.container_id.clone().unwrap_or(w.container_name.clone());
+        let container = w.container().to_string();
         self.engine.container_start(&container).await?;
         self.await_agent(&w.id).await;
         self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;
@@ -655,9 +621,7 @@ impl Conductor {
         {
             self.engine.container_remove(&c.id).await?;
         }
-        self.engine
-            .container_remove(w.container_id.as_deref().unwrap_or(&w.container_name))
-            .await?;
+        self.engine.container_remove(w.container()).await?;
         agent_client::remove_dir(&self.paths, &w.id);
         if let Some(n) = &w.network {
             self.engine.network_remove(n).await?;

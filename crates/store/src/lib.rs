@@ -202,6 +202,12 @@ impl<'a> Decoder<'a> {
         })
     }
 
+    /// Decodes a JSON column into its type.
+    fn json<T: serde::de::DeserializeOwned>(&self, column: &str) -> Result<T> {
+        let raw: String = self.get(column)?;
+        serde_json::from_str(&raw).map_err(|e| self.corrupt(column, e.to_string()))
+    }
+
     /// Parses a column through `FromStr` (the lifecycle enums).
     fn parse<T: FromStr<Err = String>>(&self, column: &str) -> Result<T> {
         let raw: String = self.get(column)?;

@@ -6,6 +6,7 @@
 //! from these rows what was half done.
 
 use conductor_core::lifecycle::WorkspaceState;
+use conductor_core::resources::WorkspaceLimits;
 use rusqlite::{params, Row};
 
 use crate::{expect_row, query_all, query_opt, Decoder, Result, Store, Where};
@@ -32,8 +33,8 @@ pub struct WorkspaceRecord {
     pub network: Option<String>,
     /// Lifecycle state.
     pub state: WorkspaceState,
-    /// Resource limits, as the service serialised them.
-    pub limits_json: String,
+    /// Resource limits (a JSON column).
+    pub limits: WorkspaceLimits,
     /// Host directory holding the workspace's volumes.
     pub volume_dir: String,
     /// Creation time, unix milliseconds.
@@ -66,13 +67,20 @@ fn decode(row: &Row<'_>) -> Result<WorkspaceRecord> {
         container_id: d.get("container_id")?,
         network: d.get("network")?,
         state: d.parse("state")?,
-        limits_json: d.get("limits_json")?,
+        limits: d.json("limits_json")?,
         volume_dir: d.get("volume_dir")?,
         created_at: d.get("created_at")?,
         last_used_at: d.get("last_used_at")?,
         error: d.get("error")?,
         id,
     })
+}
+
+impl WorkspaceRecord {
+    /// What names its container to the engine: the engine's id once known, else the name.
+    pub fn container(&self) -> &str {
+        self.container_id.as_deref().unwrap_or(&self.container_name)
+    }
 }
 
 fn not_found(id: &str) -> impl FnOnce() -> String + '_ {
@@ -97,7 +105,10 @@ impl Store {
                 ws.container_id,
                 ws.network,
                 ws.state.as_str(),
-                ws.limits_json,
+                serde_json::to_string(&ws.limits).map_err(|e| crate::StoreError::Corrupt {
+                    what: format!("limits of workspace '{}'", ws.id),
+                    detail: e.to_string(),
+                })?,
                 ws.volume_dir,
                 ws.created_at,
                 ws.last_used_at,
@@ -180,6 +191,18 @@ impl Store {
         expect_row(changed, not_found(id))
     }
 
+    /// Records a use of the workspace at `now_ms` and returns its row, in one statement
+    /// (what exec and the file API do before each operation); `None` when there is no such
+    /// workspace.
+    pub fn use_workspace(&self, id: &str, now_ms: i64) -> Result<Option<WorkspaceRecord>> {
+        query_opt(
+            &self.conn(),
+            &format!("UPDATE workspaces SET last_used_at = ?2 WHERE id = ?1 RETURNING {COLUMNS}"),
+            params![id, now_ms],
+            decode,
+        )
+    }
+
     /// Hands a running workspace of `from_agent` to `to_agent` under a new container name
     /// (a warm-pool claim). Returns false, changing nothing, when the row is not a running
     /// workspace of `from_agent` any more: another process claimed it first.
@@ -217,6 +240,11 @@ mod tests {
     use crate::test_util::file_store;
     use crate::StoreError;
 
+    fn sample_limits() -> WorkspaceLimits {
+        serde_json::from_str(r#"{"memory":"2Gi","cpu":"1","pids":512,"nofile":1024,"nproc":1024,"volume_size":"10Gi"}"#)
+            .unwrap()
+    }
+
     fn ws(id: &str, agent: &str, env: &str, created_at: i64) -> WorkspaceRecord {
         WorkspaceRecord {
             id: id.to_owned(),
@@ -227,7 +255,7 @@ mod tests {
             container_id: None,
             network: None,
             state: WorkspaceState::Creating,
-            limits_json: r#"{"memory":"2g"}"#.to_owned(),
+            limits: sample_limits(),
             volume_dir: format!("/data/isolated/agent_{agent}/{id}"),
             created_at,
             last_used_at: created_at,
@@ -247,6 +275,9 @@ mod tests {
             .set_workspace_container("w1", "c0ffee", Some("conductor-a1"))
             .unwrap();
         store.set_workspace_state("w1", WorkspaceState::Running, None).unwrap();
+        store.touch_workspace("w1", 250).unwrap();
+        assert_eq!(store.use_workspace("w1", 260).unwrap().unwrap().last_used_at, 260);
+        assert_eq!(store.use_workspace("nope", 260).unwrap(), None);
         store.touch_workspace("w1", 250).unwrap();
         store
             .set_workspace_image("w1", "localhost/conductor-snapshots/w1:base-1")

@@ -14,7 +14,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use conductor_core::lifecycle::TaskState;
-use conductor_core::task::TaskSpec;
+use conductor_core::task::{batch_field, TaskSpec};
 use conductor_service::tasks::{CommandView, LogEvent, TaskListFilter, TaskView};
 use conductor_service::ServiceError;
 use futures_util::future::try_join_all;
@@ -97,18 +97,12 @@ impl TaskSubmission {
     fn from_json(value: Value) -> ApiResult<Self> {
         match value {
             Value::Array(_) => from_value(value).map(TaskSubmission::Many).map_err(|mut e| {
-                e.field = e.field.as_deref().map(batch_field);
+                e.field = e.field.as_deref().map(|f| batch_field(0, f));
                 e
             }),
             other => from_value(other).map(TaskSubmission::One),
         }
     }
-}
-
-/// The name clients see for a field inside an array submission. `path` is relative to the
-/// array, as serde names it: `[2].commands[1]` becomes `tasks[2].commands[1]`.
-fn batch_field(path: &str) -> String {
-    format!("tasks{path}")
 }
 
 /// The outcome of one command.
@@ -323,7 +317,7 @@ pub async fn submit_tasks(
     let mut views = state.conductor.submit_tasks(specs).map_err(|e| match e {
         // The service names fields by position only for two or more tasks.
         ServiceError::Invalid { field, message } if many && !field.starts_with("tasks") => {
-            ServiceError::invalid(batch_field(&format!("[0].{field}")), message)
+            ServiceError::invalid(batch_field(0, &field), message)
         }
         other => other,
     })?;

@@ -14,13 +14,14 @@ use conductor_core::engine::{Progress, ProgressSink};
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::naming;
 use conductor_core::task::{service_name, TaskSpec};
-use conductor_store::{CommandResult, TaskRecord, WorkspaceRecord};
+use conductor_store::{CommandResult, TaskRecord};
 use tokio::sync::{mpsc, watch, OwnedMutexGuard};
 
 use super::output::collect_output;
 use super::source::place_source;
 use super::{end_session, kill_task_processes, stop_requested, Ending, TASK_MARKER};
 use crate::exec::ExecRequest;
+use crate::handle::WorkspaceHandle;
 use crate::sidecars::service_hosts;
 use crate::tasks::{StopReason, TaskLog};
 use crate::workspaces::{CreateRequest, ListFilter};
@@ -31,21 +32,13 @@ const POST_HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a killed command may take to report its end.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
-/// A workspace held by a task for one attempt.
+/// A workspace held by a task for one attempt: its handle, read once for all the task's
+/// commands.
 struct Lease {
-    record: WorkspaceRecord,
+    ws: WorkspaceHandle,
     sandbox: bool,
     /// Held while a shared workspace runs this task.
     _turn: Option<OwnedMutexGuard<()>>,
-}
-
-impl Lease {
-    fn container(&self) -> String {
-        self.record
-            .container_id
-            .clone()
-            .unwrap_or(self.record.container_name.clone())
-    }
 }
 
 /// How one command ended.
@@ -147,7 +140,7 @@ impl<'a> Attempt<'a> {
             return Ok(None);
         }
         let name = format!("before-{}", self.task.id);
-        self.c.create_snapshot(&lease.record.id, &name, true).await?;
+        self.c.create_snapshot(&lease.ws.record.id, &name, true).await?;
         self.log.system(&format!("snapshot {name} taken before the task"));
         self.snapshot_note = Some(format!("snapshot {name} taken before the task"));
         Ok(Some(name))
@@ -190,7 +183,7 @@ impl<'a> Attempt<'a> {
                     self.log
                         .system(&format!("using the shared workspace {} ({})", w.id, w.container_name));
                     return Ok(Some(Lease {
-                        record: self.workspace_record(&w.id)?,
+                        ws: c.handle(&w.id)?,
                         sandbox: false,
                         _turn: Some(turn),
                     }));
@@ -230,34 +223,29 @@ impl<'a> Attempt<'a> {
         self.log
             .system(&format!("workspace {} ({}) is running", info.id, info.container_name));
         Ok(Some(Lease {
-            record: self.workspace_record(&info.id)?,
+            ws: c.handle(&info.id)?,
             sandbox,
             _turn: turn,
         }))
     }
 
-    fn workspace_record(&self, id: &str) -> Result<WorkspaceRecord> {
-        self.c
-            .store
-            .get_workspace(id)?
-            .ok_or_else(|| ServiceError::not_found(format!("workspace '{id}'")))
-    }
-
     /// Records the workspace, starts the sidecars and places the source.
     async fn prepare(&mut self, lease: &Lease) -> Result<()> {
         let c = self.c;
-        if !c.store.set_task_workspace(&self.task.id, &lease.record.id)? {
+        if !c.store.set_task_workspace(&self.task.id, lease.ws.id())? {
             return Err(ServiceError::Conflict(format!(
                 "task '{}' is no longer running",
                 self.task.id
             )));
         }
+        // Once per task, not per command: the workspace is busy (never cleaned up) meanwhile.
+        c.store.touch_workspace(lease.ws.id(), now_ms())?;
         if !self.spec.services.is_empty() {
-            c.start_services(&lease.record, &self.task.id, &self.spec.services, &self.log)
+            c.start_services(&lease.ws.record, &self.task.id, &self.spec.services, &self.log)
                 .await?;
         }
         if self.stopped().is_none() {
-            place_source(c, &lease.record, self.spec.source.as_deref(), &self.log).await?;
+            place_source(c, &lease.ws.record, self.spec.source.as_deref(), &self.log).await?;
         }
         Ok(())
     }
@@ -304,21 +292,20 @@ impl<'a> Attempt<'a> {
                 break 'phases;
             }
         }
-        let container = lease.container();
         if matches!(ending, Ending::TimedOut { .. }) {
             // Background processes of earlier commands outlive the killed one.
-            if let Err(e) = kill_task_processes(self.c, &lease.record.id, &container, &self.task.id).await {
+            if let Err(e) = kill_task_processes(&lease.ws.channel, &self.task.id).await {
                 self.log
                     .system(&format!("could not kill the task's remaining processes: {e}"));
             }
         }
         if !matches!(ending, Ending::Stopped(_)) {
             // A command's own result counts only from a workspace that is still whole.
-            match self.c.check_container(&lease.record).await {
+            match self.c.check_container(&lease.ws.record).await {
                 Ok(Some(fault)) => {
                     let error = format!(
                         "workspace {} failed during the task: {}",
-                        lease.record.id,
+                        lease.ws.record.id,
                         fault.reason()
                     );
                     self.log.system(&error);
@@ -402,9 +389,8 @@ impl<'a> Attempt<'a> {
             ..Default::default()
         };
         let (tx, rx) = mpsc::channel(64);
-        let container = lease.container();
         let begin = Instant::now();
-        let exec = c.exec(&lease.record.id, req, tx);
+        let exec = c.exec_in(&lease.ws, req, tx);
         let collect = collect_output(rx, &self.log, &mut self.log_bytes);
         let work = async { tokio::join!(exec, collect) };
         tokio::pin!(work);
@@ -412,7 +398,7 @@ impl<'a> Attempt<'a> {
         let (finished, stopped) = tokio::select! {
             done = &mut work => (Some(done), None),
             reason = stop_requested(&mut stop) => {
-                if let Err(e) = kill_task_processes(c, &lease.record.id, &container, &id).await {
+                if let Err(e) = kill_task_processes(&lease.ws.channel, &id).await {
                     tracing::warn!(task = %id, error = %e, "killing the task's processes failed");
                 }
                 (tokio::time::timeout(KILL_WAIT, &mut work).await.ok(), Some(reason))
@@ -465,30 +451,33 @@ impl<'a> Attempt<'a> {
             if failed && c.config.preserve_failed_workspaces() {
                 self.log.system(&format!(
                     "workspace {} ({}) kept for debugging",
-                    lease.record.id, lease.record.container_name
+                    lease.ws.record.id, lease.ws.record.container_name
                 ));
                 Ok(())
             } else {
                 // The task's outcome is recorded before the container goes (it costs ~130 ms
                 // of Podman work the caller need not wait for); `removing` makes it survive
                 // a crash in between.
-                match c.begin_removal(&lease.record.id) {
+                match c.begin_removal(&lease.ws.record.id) {
                     Ok(_) => {
-                        self.removal = Some(lease.record.id.clone());
+                        self.removal = Some(lease.ws.record.id.clone());
                         Ok(())
                     }
-                    Err(_) => c.remove_workspace(&lease.record.id, Some(false)).await.map(|_| ()),
+                    Err(_) => c.remove_workspace(&lease.ws.record.id, Some(false)).await.map(|_| ()),
                 }
             }
         } else {
             let released = match c.remove_task_services(&self.task.id).await {
-                Ok(()) => end_session(c, &lease.record.id, &lease.container(), &self.task.id).await,
+                Ok(()) => end_session(&lease.ws.channel, &self.task.id).await,
                 Err(e) => Err(e),
             };
             let failed = matches!(ending, Ending::Failed { .. } | Ending::TimedOut { .. });
             match snapshot {
                 Some(name) if failed && c.config.task_execution.isolation.restore_on_error => {
-                    let note = match c.restore_snapshot_for_task(&lease.record.id, name, &self.task.id).await {
+                    let note = match c
+                        .restore_snapshot_for_task(&lease.ws.record.id, name, &self.task.id)
+                        .await
+                    {
                         Ok(_) => format!("snapshot {name} taken before the task; restored after the failure"),
                         Err(e) => format!("snapshot {name} taken before the task; restoring it failed: {e}"),
                     };
@@ -502,7 +491,7 @@ impl<'a> Attempt<'a> {
         if let Err(e) = result {
             tracing::warn!(task = %self.task.id, error = %e, "releasing the workspace failed");
             self.log
-                .system(&format!("releasing workspace {} failed: {e}", lease.record.id));
+                .system(&format!("releasing workspace {} failed: {e}", lease.ws.record.id));
         }
     }
 }

@@ -24,7 +24,6 @@ mod attempt;
 mod output;
 mod source;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +35,8 @@ use conductor_store::TaskRecord;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::agent_client;
-use crate::exec::{kill_script, run_quiet_in, TIMEOUT_EXIT_CODE};
+use crate::channel::Channel;
+use crate::exec::{kill_script, TIMEOUT_EXIT_CODE};
 use crate::tasks::{ResultDoc, StopReason, TaskLog};
 use crate::{now_ms, Conductor, Result, ServiceError};
 
@@ -190,8 +189,7 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
             if c.config.isolated_workspace.mode == Mode::Sandbox && c.born_in_warm_pool(&w) && w.state.can_remove() {
                 c.remove_workspace(ws, Some(false)).await?;
             } else if w.state == WorkspaceState::Running {
-                let container = w.container_id.clone().unwrap_or(w.container_name.clone());
-                end_session(c, &w.id, &container, &t.id).await?;
+                end_session(&c.handle_of(w).channel, &t.id).await?;
             }
         }
     }
@@ -200,33 +198,18 @@ async fn clean_up_orphan(c: &Conductor, t: &TaskRecord) -> Result<()> {
 
 /// Kills the task's processes in `container`: the whole tree of every command of the task,
 /// background ones included, and its shell session in the agent.
-async fn kill_task_processes(c: &Conductor, workspace_id: &str, container: &str, task_id: &str) -> Result<()> {
-    let agent = agent_client::socket_dir(&c.paths, workspace_id);
-    end_agent_session(&agent, task_id).await;
-    run_quiet_in(c.engine.as_ref(), container, &agent, kill_script(TASK_MARKER, task_id)).await
+async fn kill_task_processes(channel: &Channel, task_id: &str) -> Result<()> {
+    channel
+        .run_quiet(kill_script(TASK_MARKER, task_id), Some(task_id))
+        .await
 }
 
-/// Kills the task's processes in `container` and removes its shell state (the agent's
+/// Kills the task's processes in the workspace and removes its shell state (the agent's
 /// session, the state directory of the fallback): what a shared workspace keeps of a task
 /// is its files.
-async fn end_session(c: &Conductor, workspace_id: &str, container: &str, task_id: &str) -> Result<()> {
+async fn end_session(channel: &Channel, task_id: &str) -> Result<()> {
     let script = format!("{}; rm -rf '{}'", kill_script(TASK_MARKER, task_id), state_dir(task_id));
-    let agent = agent_client::socket_dir(&c.paths, workspace_id);
-    end_agent_session(&agent, task_id).await;
-    run_quiet_in(c.engine.as_ref(), container, &agent, script).await
-}
-
-/// Ends the task's shell session in the workspace's agent, if the agent answers and keeps
-/// sessions (the marker kill that follows catches whatever this misses).
-async fn end_agent_session(agent_dir: &Path, task_id: &str) {
-    let Ok(mut conn) = agent_client::AgentConn::connect(agent_dir).await else {
-        return;
-    };
-    if conn.has_sessions() {
-        if let Err(error) = conn.end_session(task_id).await {
-            tracing::warn!(task = %task_id, %error, "ending the task's shell session failed");
-        }
-    }
+    channel.run_quiet(script, Some(task_id)).await
 }
 
 /// How one attempt of a task ended.
