@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs conductor's HTTP service in the background in isolated-workspace mode.
-#   start (default)  install what is missing, build the binary and every environment image,
-#                    start `conductor serve`, wait until /health answers, show how to use it
+#   start (default)  install what is missing, build the binary (release) and every environment
+#                    and sidecar image, start `conductor serve`, wait until /health answers,
+#                    show how to use it
 #   stop             SIGTERM, wait for running tasks (shutdown_grace_period + 10 s), then SIGKILL
 #   status           running or not, pid, health
 # The configuration is the one `conductor` finds ($CONDUCTOR_CONFIG, ~/.claude-conductor/config/…,
@@ -41,14 +42,17 @@ start() {
       return 0
     fi
   fi
-  scripts/setup.sh
+  local began=$SECONDS
+  scripts/setup.sh --no-images
+  echo "== setup took $((SECONDS - began))s"
   load_paths
-  echo "== environment images (quick when built)"
-  "$BIN" env build --all
-  # Sidecar images for `services` (postgres, redis), built locally: no registry needed.
-  if "$BIN" env build --help | grep -q -- '--services'; then
-    "$BIN" env build --services
-  fi
+  # Every environment image and the sidecar images (postgres, redis; built locally, no
+  # registry needed) in one batch: the base first, then several at once (--jobs, see
+  # docs/configuration.md). Quick when they exist.
+  echo "== environment and service images"
+  local images=$SECONDS
+  "$BIN" env build --all --services
+  echo "== images took $((SECONDS - images))s"
   mkdir -p "$(dirname "$LOG_FILE")" "$(dirname "$PID_FILE")"
   echo "== starting conductor serve (log: $LOG_FILE)"
   nohup "$BIN" serve >>"$LOG_FILE" 2>&1 </dev/null &
@@ -75,6 +79,7 @@ start() {
   fi
   cat <<EOF
 conductor is running (pid $pid) on $API_URL — $(healthy)
+(started in $((SECONDS - began))s)
 
 Run a task:
   curl -X POST $API_URL/tasks$auth \\

@@ -6,7 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 
-scripts/setup.sh --deps-only
+# Missing packages (Podman, debootstrap…) are installed while fmt and clippy run; as root
+# only, where apt-get cannot stop to ask for a password.
+deps_log=$(mktemp)
+trap 'rm -f "$deps_log"' EXIT
+if [ "$(id -u)" -eq 0 ]; then
+  scripts/setup.sh --deps-only >"$deps_log" 2>&1 &
+  deps=$!
+else
+  scripts/setup.sh --deps-only
+  deps=""
+fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
@@ -14,10 +24,22 @@ echo "== cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 echo "== images used by the tests"
+# The tests run the dev profile (target/debug/conductor): the same build makes the images.
 cargo build --locked --bin conductor
-# The in-workspace agent (PID 1 of every workspace): static, so it runs in any image.
+# The in-workspace agent (PID 1 of every workspace): static, so it runs in any image. The
+# same command as scripts/setup.sh, so start-isolated.sh and this script share its build.
 RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p conductor-agent
+if [ -n "$deps" ]; then
+  if ! wait "$deps"; then
+    cat "$deps_log" >&2
+    echo "test: installing the dependencies failed" >&2
+    exit 1
+  fi
+  cat "$deps_log"
+fi
+images=$(date +%s)
 ./target/debug/conductor env build --all --services
+echo "== images ready in $(( $(date +%s) - images ))s"
 
 echo "== cargo test"
 cargo test --locked --workspace -- --test-threads="${TEST_THREADS:-2}"

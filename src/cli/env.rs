@@ -5,9 +5,11 @@ use std::time::Instant;
 
 use clap::Subcommand;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
-use conductor_service::ServiceError;
+use conductor_service::images::{host_build_jobs, BuildScheduler, Built};
+use conductor_service::{Conductor, ServiceError};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
-use super::progress::Spinner;
+use super::progress::Board;
 use super::{open, Cli};
 
 #[derive(Debug, Subcommand)]
@@ -17,7 +19,8 @@ pub enum EnvCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Build environment images (the base image first when missing).
+    /// Build environment images: the base image first when missing, then up to --jobs
+    /// images at once.
     Build {
         /// Environments to build.
         names: Vec<String>,
@@ -31,6 +34,10 @@ pub enum EnvCommand {
         /// registry answers, built from services/ otherwise.
         #[arg(long)]
         services: bool,
+        /// Builds at once (default: one per 2 GiB of available memory, at most 2 per CPU
+        /// and 4).
+        #[arg(long, short, env = "CONDUCTOR_BUILD_JOBS", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: Option<u16>,
     },
 }
 
@@ -68,6 +75,7 @@ pub async fn run(cli: &Cli, cmd: &EnvCommand) -> Result<ExitCode, ServiceError> 
             all,
             force,
             services,
+            jobs,
         } => {
             let names: Vec<String> = if *all {
                 c.catalog.names().map(str::to_string).collect()
@@ -84,48 +92,85 @@ pub async fn run(cli: &Cli, cmd: &EnvCommand) -> Result<ExitCode, ServiceError> 
                     .require(n)
                     .map_err(|m| ServiceError::invalid("environment", m))?;
             }
-            let mut failed = 0;
-            for name in &names {
-                let spinner = Spinner::new(name);
-                let start = Instant::now();
-                match c.ensure_environment(name, spinner.sink(cli.verbose), *force).await {
-                    Ok(img) => {
-                        let what = if img.made_now { "built" } else { "up to date" };
-                        spinner.finish(format!(
-                            "{what}: {} ({} MB) in {:.1}s",
-                            img.reference,
-                            img.info.size_bytes / 1_000_000,
-                            start.elapsed().as_secs_f64()
-                        ));
-                    }
-                    Err(e) => {
-                        spinner.finish(format!("FAILED after {:.1}s", start.elapsed().as_secs_f64()));
-                        eprintln!("error: {e}");
-                        failed += 1;
-                    }
-                }
-            }
-            if *services {
-                let spinner = Spinner::new("services");
-                let start = Instant::now();
-                match c.build_service_images(spinner.sink(cli.verbose)).await {
-                    Ok(images) => spinner.finish(format!(
-                        "ready: {} in {:.1}s",
-                        images.join(", "),
-                        start.elapsed().as_secs_f64()
-                    )),
-                    Err(e) => {
-                        spinner.finish(format!("FAILED after {:.1}s", start.elapsed().as_secs_f64()));
-                        eprintln!("error: {e}");
-                        failed += 1;
-                    }
-                }
-            }
-            Ok(if failed == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let jobs = jobs.map_or_else(host_build_jobs, usize::from);
+            build_batch(&c, &names, *services, *force, jobs, cli.verbose).await
         }
     }
+}
+
+/// Builds a batch: the base image first, then up to `jobs` images at once, each as soon as
+/// the images it builds `FROM` exist; an overall line shows how far it is.
+async fn build_batch(
+    c: &Conductor,
+    names: &[String],
+    services: bool,
+    force: bool,
+    jobs: usize,
+    verbose: bool,
+) -> Result<ExitCode, ServiceError> {
+    let targets = c.build_targets(names, services)?;
+    let total = targets.len();
+    let width = targets.iter().map(|(t, _)| t.to_string().len()).max().unwrap_or(0);
+    let board = Board::new(total, width);
+    if total > 1 {
+        board.println(format!(
+            "building {total} images, up to {jobs} at a time (--jobs to change)"
+        ));
+    }
+    let mut scheduler = BuildScheduler::new(targets, jobs);
+    let mut running = FuturesUnordered::new();
+    loop {
+        for target in scheduler.start_ready() {
+            let spinner = board.spinner(&target.to_string());
+            running.push(async move {
+                let start = Instant::now();
+                let result = c.build_target(&target, spinner.sink(verbose), force).await;
+                (target, spinner, start.elapsed(), result)
+            });
+        }
+        let building: Vec<String> = scheduler.running().iter().map(ToString::to_string).collect();
+        if !building.is_empty() {
+            board.update(scheduler.progress(), &building);
+        }
+        let Some((target, spinner, took, result)) = running.next().await else {
+            break;
+        };
+        let secs = took.as_secs_f64();
+        let ok = match result {
+            Ok(Built::Image(img)) => {
+                let what = if img.made_now { "built" } else { "up to date" };
+                spinner.finish(format!(
+                    "{what}: {} ({} MB) in {secs:.1}s",
+                    img.reference,
+                    img.info.size_bytes / 1_000_000
+                ));
+                true
+            }
+            Ok(Built::Services(images)) => {
+                spinner.finish(format!("ready: {} in {secs:.1}s", images.join(", ")));
+                true
+            }
+            Err(e) => {
+                spinner.finish(format!("FAILED after {secs:.1}s"));
+                board.println(format!("error: {target}: {e}"));
+                false
+            }
+        };
+        for skipped in scheduler.finished(&target, ok) {
+            board.println(format!("{skipped}: not built, {target} failed"));
+        }
+    }
+    for stuck in scheduler.take_stuck() {
+        board.println(format!(
+            "{stuck}: not built, its image and another build FROM each other"
+        ));
+    }
+    let progress = scheduler.progress();
+    board.finish(progress);
+    let failed = progress.failed;
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
