@@ -21,10 +21,10 @@ pub mod instance_lock;
 pub mod liveness;
 pub mod maintenance;
 mod orchestrator;
-pub mod pool;
 pub mod reconcile;
 pub mod sidecars;
 pub mod snapshots;
+pub mod storage_pool;
 pub mod streams;
 pub mod tasks;
 pub mod volumes;
@@ -63,7 +63,7 @@ pub struct Conductor {
     /// In-memory state of the task orchestrator (wake-ups, live logs, cancellation).
     pub(crate) tasks: tasks::TaskRuntime,
     /// The storage pool mounted on the workspaces path, held busy while this lives.
-    _pool: Option<pool::Pool>,
+    _pool: Option<storage_pool::Pool>,
 }
 
 /// The user's home directory (for `~` in paths).
@@ -94,7 +94,7 @@ impl Conductor {
         if let Some(parent) = paths.database.parent() {
             create_dir(parent)?;
         }
-        let pool = pool::Pool::open(&paths).await;
+        let pool = storage_pool::Pool::open(&paths).await;
         let store = Store::open(&paths.database)?;
         let instance = store.instance_id()?;
         let seccomp_path = match &config.podman_config.security.seccomp_profile {

@@ -11,7 +11,7 @@
 //!   layer over the workspace's image, so it grows with what changed outside the volumes;
 //! - a copy of the data volume image (`/workspace` and the named sub-volumes, see
 //!   [`crate::volumes`]) at `<workspaces>/.snapshots/<workspace-id>/<snapshot-id>.img`. On
-//!   the storage pool ([`crate::pool`]) it is a reflink clone: ~50 ms and no space at first,
+//!   the storage pool ([`crate::storage_pool`]) it is a reflink clone: ~50 ms and no space at first,
 //!   then only the blocks either side rewrites are stored twice. Without the pool it is a
 //!   full copy of the allocated blocks (time and space grow with the data).
 //!
@@ -71,7 +71,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tokio::process::Command;
 
-use crate::pool::{self, CopyMethod};
+use crate::storage_pool::{self, CopyMethod};
 use crate::volumes::{self, DataVolume};
 use crate::workspaces::WorkspaceInfo;
 use crate::{host, now_ms, Conductor, Result, ServiceError};
@@ -560,7 +560,7 @@ impl Conductor {
         let vol = DataVolume::at(Path::new(&w.volume_dir));
         let staged = vol.dir.join("data.img.restore");
         remove_file(&staged)?;
-        pool::copy_file(Path::new(data), &staged).await?;
+        storage_pool::copy_file(Path::new(data), &staged).await?;
 
         // Sidecars join the container's network namespace: they go first.
         let dependants = self
@@ -740,7 +740,7 @@ async fn copy_frozen(vol: &DataVolume, dst: &Path) -> Result<CopyMethod> {
         fsfreeze("-f", &mnt).await?;
     }
     remove_file(dst)?;
-    let copied = pool::copy_file(&vol.image(), dst).await;
+    let copied = storage_pool::copy_file(&vol.image(), dst).await;
     if mounted {
         let thawed = fsfreeze("-u", &mnt).await;
         if copied.is_ok() {
