@@ -7,6 +7,7 @@
 //! so a crash at any point leaves something the reconciler can finish or undo.
 
 pub mod agent_client;
+pub mod backend;
 pub mod bootstrap;
 pub mod channel;
 pub mod config_file;
@@ -39,7 +40,6 @@ use conductor_core::engine::Engine;
 use conductor_core::environment::Catalog;
 use conductor_core::Config;
 pub use conductor_engine_podman::ServiceRole;
-use conductor_engine_podman::{PodmanEngine, PodmanOptions};
 use conductor_store::Store;
 
 pub use error::{Result, ServiceError};
@@ -106,19 +106,8 @@ impl Conductor {
                 p
             }
         };
-        let engine = PodmanEngine::connect(PodmanOptions {
-            socket_path: config
-                .podman_config
-                .socket_path
-                .as_deref()
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
-            data_dir: paths.base.clone(),
-            runtime: config.podman_config.runtime,
-            role,
-        })
-        .await?;
-        let mut conductor = Self::with_parts(config, paths, Arc::new(engine), Arc::new(store), instance, seccomp_path);
+        let engine = backend::connect_engine(&config, &paths, role).await?;
+        let mut conductor = Self::with_parts(config, paths, engine, Arc::new(store), instance, seccomp_path);
         conductor._pool = pool;
         Ok(conductor)
     }

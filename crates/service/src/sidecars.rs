@@ -16,6 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::handle::WorkspaceHandle;
 use conductor_core::engine::{
     BuildSpec, ContainerSpec, ContainerStatus, ExecSpec, Labels, NetworkAttachment, Progress, ProgressSink,
     ResourceLimits, SecurityOptions,
@@ -24,7 +25,6 @@ use conductor_core::naming;
 use conductor_core::resources::{LimitOverrides, WorkspaceLimits};
 use conductor_core::task::{service_defaults, KnownService, ServiceDefaults};
 use conductor_core::validate;
-use conductor_store::WorkspaceRecord;
 use tokio::sync::mpsc;
 
 use crate::exec::WORKSPACE_USER;
@@ -138,12 +138,13 @@ impl Conductor {
     /// until each accepts connections. Errors name the service.
     pub(crate) async fn start_services(
         &self,
-        ws: &WorkspaceRecord,
+        handle: &WorkspaceHandle,
         task_id: &str,
         images: &[String],
         log: &TaskLog,
     ) -> Result<()> {
-        let workspace = ws.container().to_string();
+        let ws = &handle.record;
+        let workspace = handle.container().to_string();
         let limits = WorkspaceLimits::resolve(&self.config, &LimitOverrides::default())
             .map_err(|e| ServiceError::invalid(format!("limits.{}", e.field), e.message))?;
         let step_log = log.clone();

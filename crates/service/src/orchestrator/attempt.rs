@@ -241,7 +241,7 @@ impl<'a> Attempt<'a> {
         // Once per task, not per command: the workspace is busy (never cleaned up) meanwhile.
         c.store.touch_workspace(lease.ws.id(), now_ms())?;
         if !self.spec.services.is_empty() {
-            c.start_services(&lease.ws.record, &self.task.id, &self.spec.services, &self.log)
+            c.start_services(&lease.ws, &self.task.id, &self.spec.services, &self.log)
                 .await?;
         }
         if self.stopped().is_none() {
