@@ -90,19 +90,7 @@ impl<'a> Attempt<'a> {
     /// A failure before the first command: a stop request wins, infrastructure trouble
     /// (engine, host, image, capacity) may be retried, anything else fails the task.
     fn setup_failed(&self, e: ServiceError) -> Ending {
-        if let Some(reason) = self.stopped() {
-            return Ending::Stopped(reason);
-        }
-        let retryable =
-            e.is_infrastructure() || matches!(e, ServiceError::Environment { .. } | ServiceError::Exhausted(_));
-        if retryable {
-            Ending::Infrastructure(e)
-        } else {
-            Ending::Failed {
-                exit_code: None,
-                error: e.to_string(),
-            }
-        }
+        setup_ending(self.stopped(), e)
     }
 
     pub(super) async fn run(&mut self) -> Ending {
@@ -278,17 +266,10 @@ impl<'a> Attempt<'a> {
                         break 'phases;
                     }
                 };
-                ending = match end {
-                    CommandEnd::Exited(0) => continue,
-                    CommandEnd::Exited(code) => Ending::Failed {
-                        exit_code: Some(code),
-                        error: format!("{what} ({command:?}) exited with code {code}"),
-                    },
-                    CommandEnd::TimedOut => Ending::TimedOut {
-                        error: format!("timed out after {} s (during {what})", timeout.as_secs()),
-                    },
-                    CommandEnd::Stopped(reason) => Ending::Stopped(reason),
-                };
+                match command_ending(&what, command, end, timeout) {
+                    None => continue,
+                    Some(e) => ending = e,
+                }
                 break 'phases;
             }
         }
@@ -493,5 +474,103 @@ impl<'a> Attempt<'a> {
             self.log
                 .system(&format!("releasing workspace {} failed: {e}", lease.ws.record.id));
         }
+    }
+}
+
+/// How an attempt ends when getting ready failed: a stop request wins, infrastructure
+/// trouble (engine, host, image, capacity) may be retried, anything else fails the task.
+fn setup_ending(stopped: Option<StopReason>, e: ServiceError) -> Ending {
+    if let Some(reason) = stopped {
+        return Ending::Stopped(reason);
+    }
+    let retryable = e.is_infrastructure() || matches!(e, ServiceError::Environment { .. } | ServiceError::Exhausted(_));
+    if retryable {
+        Ending::Infrastructure(e)
+    } else {
+        Ending::Failed {
+            exit_code: None,
+            error: e.to_string(),
+        }
+    }
+}
+
+/// How the task ends after command `what` ended so; `None`: go on with the next command.
+fn command_ending(what: &str, command: &str, end: CommandEnd, timeout: Duration) -> Option<Ending> {
+    match end {
+        CommandEnd::Exited(0) => None,
+        CommandEnd::Exited(code) => Some(Ending::Failed {
+            exit_code: Some(code),
+            error: format!("{what} ({command:?}) exited with code {code}"),
+        }),
+        CommandEnd::TimedOut => Some(Ending::TimedOut {
+            error: format!("timed out after {} s (during {what})", timeout.as_secs()),
+        }),
+        CommandEnd::Stopped(reason) => Some(Ending::Stopped(reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conductor_core::engine::EngineError;
+
+    use super::*;
+
+    #[test]
+    fn a_setup_failure_is_retried_only_for_infrastructure_and_a_stop_wins() {
+        let engine = || ServiceError::Engine(EngineError::Unavailable("socket gone".into()));
+        assert!(matches!(setup_ending(None, engine()), Ending::Infrastructure(_)));
+        assert!(matches!(
+            setup_ending(None, ServiceError::Exhausted("max_containers".into())),
+            Ending::Infrastructure(_)
+        ));
+        assert!(matches!(
+            setup_ending(
+                None,
+                ServiceError::Environment {
+                    name: "e".into(),
+                    message: "build".into()
+                }
+            ),
+            Ending::Infrastructure(_)
+        ));
+        match setup_ending(None, ServiceError::invalid("source", "not a directory")) {
+            Ending::Failed { exit_code: None, error } => assert_eq!(error, "source: not a directory"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            setup_ending(None, ServiceError::WorkspaceExited("died".into())),
+            Ending::Failed { .. }
+        ));
+        assert!(matches!(
+            setup_ending(Some(StopReason::Cancel), engine()),
+            Ending::Stopped(StopReason::Cancel)
+        ));
+        assert!(matches!(
+            setup_ending(Some(StopReason::Shutdown), ServiceError::invalid("x", "y")),
+            Ending::Stopped(StopReason::Shutdown)
+        ));
+    }
+
+    #[test]
+    fn a_command_end_decides_whether_the_task_goes_on() {
+        let t = Duration::from_secs(30);
+        assert!(command_ending("commands[0]", "true", CommandEnd::Exited(0), t).is_none());
+        match command_ending("commands[1]", "false", CommandEnd::Exited(1), t) {
+            Some(Ending::Failed {
+                exit_code: Some(1),
+                error,
+            }) => {
+                assert_eq!(error, "commands[1] (\"false\") exited with code 1")
+            }
+            other => panic!("{other:?}"),
+        }
+        match command_ending("pre_task hook 0", "sleep 99", CommandEnd::TimedOut, t) {
+            Some(Ending::TimedOut { error }) => assert_eq!(error, "timed out after 30 s (during pre_task hook 0)"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            command_ending("commands[0]", "x", CommandEnd::Stopped(StopReason::Cancel), t),
+            Some(Ending::Stopped(StopReason::Cancel))
+        ));
     }
 }
