@@ -830,15 +830,7 @@ async fn task_logs_follow_cancel_and_list() {
     let slow = t["task_id"].as_str().unwrap().to_string();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let logs = api
-            .http
-            .get(api.url(&format!("/tasks/{slow}/logs")))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let logs = common::task_log(&api.http, &api.url(""), &slow).await;
         if logs.contains("started\n") {
             break;
         }

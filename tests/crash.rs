@@ -59,14 +59,7 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
     // Wait until the first task runs its first command, then kill -9 the service.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let logs = http
-            .get(format!("{base}/tasks/{}/logs", ids[0]))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let logs = common::task_log(&http, &base, &ids[0]).await;
         if logs.contains("running-marker") {
             break;
         }
@@ -116,14 +109,7 @@ async fn kill_9_loses_nothing_and_runs_nothing_twice() {
     );
     for (i, v) in views.iter().enumerate().skip(1) {
         assert_eq!(v["status"], "succeeded", "{v}");
-        let logs = http
-            .get(format!("{base}/tasks/{}/logs", ids[i]))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let logs = common::task_log(&http, &base, &ids[i]).await;
         let marker = format!("queued-marker-{i}");
         assert_eq!(
             logs.lines().filter(|l| *l == marker).count(),

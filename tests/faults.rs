@@ -161,15 +161,7 @@ async fn task_container(inst: &Instance, task: &str) -> String {
         if let Some(ws) = t["workspace_id"].as_str() {
             let (_, w) = inst.get(&format!("/workspaces/{ws}")).await;
             // Running and its first command started (the log shows it).
-            let logs = inst
-                .http
-                .get(format!("{}/tasks/{task}/logs", inst.base()))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let logs = common::task_log(&inst.http, &inst.base(), task).await;
             if w["state"] == "running" && logs.contains("started") {
                 return w["container_name"].as_str().unwrap().to_string();
             }

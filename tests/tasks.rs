@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -117,18 +116,7 @@ impl Drop for TaskEnv {
 }
 
 fn spec(environment: &str, commands: &[&str]) -> TaskSpec {
-    TaskSpec {
-        task_type: "isolated_execution".into(),
-        description: None,
-        environment: environment.into(),
-        commands: commands.iter().map(|c| c.to_string()).collect(),
-        services: Vec::new(),
-        priority: None,
-        timeout: None,
-        agent_id: None,
-        env: BTreeMap::new(),
-        source: None,
-    }
+    TaskSpec::new(environment, commands.iter().map(|c| c.to_string()).collect())
 }
 
 async fn sh(c: &Conductor, workspace: &str, cmd: &str) -> String {

@@ -180,6 +180,17 @@ impl Drop for Served {
     }
 }
 
+/// The stored log of task `id` of the API at `base` (`http://127.0.0.1:PORT`), as text.
+pub async fn task_log(http: &reqwest::Client, base: &str, id: &str) -> String {
+    http.get(format!("{base}/tasks/{id}/logs"))
+        .send()
+        .await
+        .expect("GET /tasks/{id}/logs")
+        .text()
+        .await
+        .expect("read the log")
+}
+
 /// Runs the conductor binary with configuration `config`; (success, stdout, stderr).
 pub fn cli(config: &std::path::Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, Vec<u8>, String) {
     use std::io::Write;
