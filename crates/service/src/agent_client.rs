@@ -328,9 +328,13 @@ pub struct AgentExit {
     pub cancelled: bool,
 }
 
+/// A byte stream to an agent: a Unix socket here, a port-forward on another backend.
+pub trait AgentStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> AgentStream for T {}
+
 /// One connection to a workspace's agent, past `hello`.
 pub struct AgentConn {
-    stream: UnixStream,
+    stream: Box<dyn AgentStream>,
     wbuf: Vec<u8>,
     /// What the agent said it supports beyond protocol version 1's first requests.
     features: Vec<String>,
@@ -384,6 +388,12 @@ impl AgentConn {
                 peer.uid()
             )));
         }
+        let conn = Self::hello(Box::new(stream)).await?;
+        Ok((conn, peer.pid()))
+    }
+
+    /// Says hello over a stream a transport opened to an agent (with a timeout).
+    pub async fn hello(stream: Box<dyn AgentStream>) -> Result<AgentConn, AgentError> {
         let mut conn = AgentConn {
             stream,
             wbuf: Vec::with_capacity(CHUNK + 256),
@@ -403,7 +413,7 @@ impl AgentConn {
             }
         };
         match tokio::time::timeout(HELLO_TIMEOUT, hello).await {
-            Ok(Ok(())) => Ok((conn, peer.pid())),
+            Ok(Ok(())) => Ok(conn),
             Ok(Err(e)) => Err(AgentError::Unavailable(e.to_string())),
             Err(_) => Err(AgentError::Unavailable("no answer to hello".into())),
         }
@@ -435,7 +445,7 @@ impl AgentConn {
     ) -> Result<AgentExit, AgentError> {
         let limit = req.timeout_ms.map(|ms| Duration::from_millis(ms) + EXIT_GRACE);
         self.send(&Request::Exec(req), &[]).await?;
-        let (mut rd, mut wr) = self.stream.into_split();
+        let (mut rd, mut wr) = tokio::io::split(self.stream);
         let feed = async move {
             let Some(input) = stdin else {
                 return Ok::<_, AgentError>(wr);
@@ -653,7 +663,7 @@ impl AgentConn {
     ) -> Result<u64, AgentError> {
         use futures_util::StreamExt;
         self.send(&req, &[]).await?;
-        let (mut rd, mut wr) = self.stream.split();
+        let (mut rd, mut wr) = tokio::io::split(&mut self.stream);
         /// Why sending stopped.
         enum Stop {
             Body(String),

@@ -8,13 +8,13 @@
 //! decide "agent or Podman" again; the file service asks [`Channel::agent`] for a
 //! connection and takes its own Podman fallback when there is none.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use conductor_core::engine::{Engine, OutputChunk};
 use tokio::sync::mpsc;
 
 use crate::agent_client::AgentConn;
+use crate::backend::AgentTransport;
 use crate::exec::{self, ExecOutcome, ExecPath, ExecRequest};
 use crate::Result;
 
@@ -22,26 +22,32 @@ use crate::Result;
 #[derive(Clone)]
 pub struct Channel {
     engine: Arc<dyn Engine>,
+    agents: Arc<dyn AgentTransport>,
     container: String,
-    /// The host directory of the workspace's agent socket.
-    agent_dir: PathBuf,
+    workspace_id: String,
 }
 
 impl std::fmt::Debug for Channel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Channel")
             .field("container", &self.container)
-            .field("agent_dir", &self.agent_dir)
+            .field("workspace", &self.workspace_id)
             .finish()
     }
 }
 
 impl Channel {
-    pub fn new(engine: Arc<dyn Engine>, container: impl Into<String>, agent_dir: PathBuf) -> Self {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        agents: Arc<dyn AgentTransport>,
+        container: impl Into<String>,
+        workspace_id: impl Into<String>,
+    ) -> Self {
         Channel {
             engine,
+            agents,
             container: container.into(),
-            agent_dir,
+            workspace_id: workspace_id.into(),
         }
     }
 
@@ -50,17 +56,13 @@ impl Channel {
         &self.container
     }
 
-    pub fn agent_dir(&self) -> &Path {
-        &self.agent_dir
-    }
-
     pub fn engine(&self) -> &dyn Engine {
         self.engine.as_ref()
     }
 
     /// A connection to the workspace's agent, when it answers; `None` means "use the engine".
     pub async fn agent(&self) -> Option<AgentConn> {
-        match AgentConn::connect(&self.agent_dir).await {
+        match self.agents.connect(&self.workspace_id).await {
             Ok(conn) => Some(conn),
             Err(e) => {
                 tracing::debug!(container = %self.container, "the agent does not answer ({e}); using podman");

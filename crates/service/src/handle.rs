@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::channel::Channel;
 use crate::exec::{ExecOutcome, ExecRequest};
-use crate::{agent_client, Conductor, Result, ServiceError};
+use crate::{Conductor, Result, ServiceError};
 
 /// A workspace ready for work: its row (as read when the handle was made), its limits and
 /// its channel.
@@ -53,11 +53,7 @@ impl Conductor {
 
     /// The handle of a row already read.
     pub fn handle_of(&self, record: WorkspaceRecord) -> WorkspaceHandle {
-        let channel = Channel::new(
-            self.engine.clone(),
-            record.container(),
-            agent_client::socket_dir(&self.paths, &record.id),
-        );
+        let channel = Channel::new(self.engine.clone(), self.agents.clone(), record.container(), &record.id);
         WorkspaceHandle {
             limits: record.limits.clone(),
             channel,

@@ -54,6 +54,12 @@ pub struct Conductor {
     pub paths: DataPaths,
     pub catalog: Catalog,
     pub engine: Arc<dyn Engine>,
+    /// The workspaces' data volumes (backend seam, `backend::VolumeStore`).
+    pub volumes: Arc<dyn backend::VolumeStore>,
+    /// How the service reaches a workspace's agent (backend seam).
+    pub agents: Arc<dyn backend::AgentTransport>,
+    /// How a task's `source` gets into its workspace (backend seam).
+    pub sources: Arc<dyn backend::SourceUpload>,
     pub store: Arc<Store>,
     /// Identifies this conductor's objects in the engine (label `io.conductor.instance`).
     pub instance: String,
@@ -106,17 +112,31 @@ impl Conductor {
                 p
             }
         };
-        let engine = backend::connect_engine(&config, &paths, role).await?;
-        let mut conductor = Self::with_parts(config, paths, engine, Arc::new(store), instance, seccomp_path);
+        let backend = backend::connect(&config, &paths, role).await?;
+        let mut conductor = Self::with_backend(config, paths, backend, Arc::new(store), instance, seccomp_path);
         conductor._pool = pool;
         Ok(conductor)
     }
 
-    /// Assembles a conductor from parts (tests use their own data directories).
+    /// Assembles a conductor from parts, with the host implementations of the backend
+    /// seams (tests use their own data directories).
     pub fn with_parts(
         config: Config,
         paths: DataPaths,
         engine: Arc<dyn Engine>,
+        store: Arc<Store>,
+        instance: String,
+        seccomp_path: PathBuf,
+    ) -> Self {
+        let backend = backend::Backend::host(engine, &paths);
+        Self::with_backend(config, paths, backend, store, instance, seccomp_path)
+    }
+
+    /// Assembles a conductor over a backend's parts.
+    pub fn with_backend(
+        config: Config,
+        paths: DataPaths,
+        backend: backend::Backend,
         store: Arc<Store>,
         instance: String,
         seccomp_path: PathBuf,
@@ -126,7 +146,10 @@ impl Conductor {
             config,
             paths,
             catalog,
-            engine,
+            engine: backend.engine,
+            volumes: backend.volumes,
+            agents: backend.agents,
+            sources: backend.sources,
             store,
             instance,
             seccomp_path,

@@ -19,8 +19,7 @@ use serde::Serialize;
 
 use std::path::Path;
 
-use crate::volumes::{self, DataVolume};
-use crate::{agent_client, host, now_ms, Conductor, Result};
+use crate::{now_ms, Conductor, Result};
 
 /// What a reconcile pass did.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -104,34 +103,24 @@ impl Conductor {
 
         // A crash between making a workspace's agent directory and recording its container
         // leaves the directory behind.
-        if let Ok(dirs) = std::fs::read_dir(self.paths.base.join("agents")) {
-            for entry in dirs.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".server.tmp") {
-                    let _ = std::fs::remove_file(entry.path());
-                    continue;
-                }
-                // `<id>/` (the socket) and `<id>.server` (which process the agent is).
-                let id = name.strip_suffix(".server").unwrap_or(&name).to_string();
-                if !live(&id) && !report.agent_dirs_removed.contains(&id) {
-                    agent_client::remove_dir(&self.paths, &id);
-                    report.agent_dirs_removed.push(id);
-                }
+        for id in self.agents.known() {
+            if !live(&id) && !report.agent_dirs_removed.contains(&id) {
+                self.agents.remove(&id);
+                report.agent_dirs_removed.push(id);
             }
         }
 
         let in_use: Vec<std::path::PathBuf> = rows
             .iter()
             .filter(|w| w.state.holds_container())
-            .map(|w| DataVolume::at(Path::new(&w.volume_dir)).mountpoint())
+            .map(|w| Path::new(&w.volume_dir).to_path_buf())
             .map(|p| p.canonicalize().unwrap_or(p))
             .collect();
-        for mnt in host::mounts_under(&self.paths.workspaces) {
-            if mnt.file_name().is_some_and(|n| n == "mnt") && !in_use.contains(&mnt) {
-                if let Some(dir) = mnt.parent() {
-                    volumes::unmount(&DataVolume::at(dir)).await?;
-                    report.volumes_unmounted.push(dir.display().to_string());
-                }
+        for dir in self.volumes.attached_under(&self.paths.workspaces) {
+            let canonical = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+            if !in_use.contains(&canonical) {
+                self.volumes.detach(&self.volumes.open(&dir)).await?;
+                report.volumes_unmounted.push(dir.display().to_string());
             }
         }
 
@@ -188,5 +177,119 @@ impl Conductor {
             }
         }
         Ok(report)
+    }
+}
+
+/// Reconcile's decisions on the in-memory backend; `tests/workspaces.rs` proves them
+/// against real Podman after a real crash.
+#[cfg(test)]
+mod tests {
+    use conductor_core::engine::{ContainerStatus, NetworkSpec};
+    use conductor_core::lifecycle::WorkspaceState;
+    use conductor_core::naming;
+
+    use crate::backend::memory::{env, MemoryEngine};
+    use crate::workspaces::CreateRequest;
+
+    fn create(agent: &str) -> CreateRequest {
+        CreateRequest {
+            agent_id: agent.into(),
+            environment: "minimal".into(),
+            ..Default::default()
+        }
+    }
+
+    fn quiet() -> conductor_core::engine::ProgressSink {
+        std::sync::Arc::new(|_| {})
+    }
+
+    #[tokio::test]
+    async fn orphans_go_dependants_first_and_live_workspaces_stay() {
+        let e = env("", MemoryEngine::default());
+        let live = e.c.create_workspace(create("a1"), quiet()).await.unwrap();
+        let spec = e.engine.containers()[0].spec.clone();
+        // A crash left a workspace with no row, its sidecar, and its network.
+        let mut orphan = spec.clone();
+        orphan.name = "claude-agent-a2-orphan".into();
+        orphan.labels.insert(naming::LABEL_WORKSPACE.into(), "ws-gone".into());
+        let mut sidecar = orphan.clone();
+        sidecar.name = "claude-agent-a2-orphan-postgres".into();
+        sidecar.labels.insert(naming::LABEL_ROLE.into(), "service".into());
+        e.engine.add_container(orphan, ContainerStatus::Running);
+        e.engine.add_container(sidecar, ContainerStatus::Running);
+        // Not this instance's: never touched.
+        let mut foreign = spec.clone();
+        foreign.name = "someone-else".into();
+        foreign
+            .labels
+            .insert(naming::LABEL_INSTANCE.into(), "another-instance".into());
+        e.engine.add_container(foreign, ContainerStatus::Running);
+        e.engine
+            .network_create_for_test(NetworkSpec {
+                name: "claude-dev-net-ws-gone".into(),
+                internal: false,
+                dns: true,
+                subnet: None,
+                mtu: None,
+                driver: "bridge".into(),
+                labels: naming::workspace_labels(&e.c.instance, "ws-gone", "a2", "minimal"),
+            })
+            .await;
+
+        let report = e.c.reconcile().await.unwrap();
+        assert_eq!(
+            report.orphans_removed,
+            vec!["claude-agent-a2-orphan-postgres", "claude-agent-a2-orphan"],
+            "the sidecar goes before the workspace whose namespace it joins"
+        );
+        assert_eq!(report.networks_removed, vec!["claude-dev-net-ws-gone"]);
+        let names: Vec<String> = e.engine.containers().into_iter().map(|c| c.spec.name).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"someone-else".to_string()));
+        assert_eq!(
+            e.c.store.get_workspace(&live.id).unwrap().unwrap().state,
+            WorkspaceState::Running
+        );
+    }
+
+    #[tokio::test]
+    async fn a_vanished_container_is_lost_and_a_stopped_one_is_stopped() {
+        let e = env("", MemoryEngine::default());
+        let gone = e.c.create_workspace(create("a1"), quiet()).await.unwrap();
+        let halted = e.c.create_workspace(create("a2"), quiet()).await.unwrap();
+        let row = |id: &str| e.c.store.get_workspace(id).unwrap().unwrap();
+        e.engine.forget_container(row(&gone.id).container());
+        e.engine
+            .set_status(row(&halted.id).container(), ContainerStatus::Exited);
+
+        let report = e.c.reconcile().await.unwrap();
+        assert_eq!(report.lost, vec![gone.id.clone()]);
+        assert_eq!(report.stopped, vec![halted.id.clone()]);
+        assert_eq!(row(&gone.id).state, WorkspaceState::Lost);
+        assert_eq!(row(&halted.id).state, WorkspaceState::Stopped);
+        // A second pass finds nothing more to do.
+        let again = e.c.reconcile().await.unwrap();
+        assert!(again.lost.is_empty() && again.stopped.is_empty() && again.orphans_removed.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_create_ends_failed_and_an_interrupted_removal_ends_removed() {
+        let e = env("", MemoryEngine::default());
+        let creating = e.c.create_workspace(create("a1"), quiet()).await.unwrap();
+        let removing = e.c.create_workspace(create("a2"), quiet()).await.unwrap();
+        e.c.store
+            .set_workspace_state(&creating.id, WorkspaceState::Creating, None)
+            .unwrap();
+        e.c.store
+            .set_workspace_state(&removing.id, WorkspaceState::Removing, None)
+            .unwrap();
+
+        let report = e.c.reconcile().await.unwrap();
+        assert_eq!(report.finished.len(), 2, "{report:?}");
+        let row = |id: &str| e.c.store.get_workspace(id).unwrap().unwrap();
+        assert_eq!(row(&creating.id).state, WorkspaceState::Failed);
+        assert!(row(&creating.id).error.unwrap_or_default().contains("interrupted"));
+        assert_eq!(row(&removing.id).state, WorkspaceState::Removed);
+        assert!(e.engine.containers().is_empty(), "both containers are removed");
     }
 }

@@ -69,12 +69,10 @@ use conductor_core::{naming, validate};
 use conductor_store::{SnapshotRecord, WorkspaceFilter, WorkspaceRecord};
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
-use tokio::process::Command;
 
-use crate::storage_pool::{self, CopyMethod};
-use crate::volumes::{self, DataVolume};
+use crate::volumes::{remove_file, DataVolume};
 use crate::workspaces::WorkspaceInfo;
-use crate::{host, now_ms, Conductor, Result, ServiceError};
+use crate::{now_ms, Conductor, Result, ServiceError};
 
 /// Repository of the images holding snapshots' root file systems.
 pub const SNAPSHOT_REPOSITORY: &str = "localhost/conductor-snapshots";
@@ -136,15 +134,6 @@ fn partial(path: &Path) -> PathBuf {
     p.into()
 }
 
-fn remove_file(path: &Path) -> Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(ServiceError::host(format!("remove {}", path.display()), e))
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Writes `bytes` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = partial(path);
@@ -159,22 +148,6 @@ fn sync_file(path: &Path) -> Result<()> {
     sync(path)
         .and_then(|()| path.parent().map_or(Ok(()), sync))
         .map_err(|e| ServiceError::host(format!("sync {}", path.display()), e))
-}
-
-async fn fsfreeze(mode: &str, mnt: &Path) -> Result<()> {
-    let out = Command::new("fsfreeze")
-        .arg(mode)
-        .arg(mnt)
-        .output()
-        .await
-        .map_err(|e| ServiceError::host("run fsfreeze", e))?;
-    if !out.status.success() {
-        return Err(ServiceError::host(
-            format!("fsfreeze {mode} {}", mnt.display()),
-            String::from_utf8_lossy(&out.stderr).trim(),
-        ));
-    }
-    Ok(())
 }
 
 impl Conductor {
@@ -255,11 +228,8 @@ impl Conductor {
 
     /// A workspace id or container name, or an agent id naming its single live workspace.
     fn snapshot_target(&self, workspace: &str) -> Result<WorkspaceRecord> {
-        match self.get_workspace(workspace) {
-            Ok(info) => self
-                .store
-                .get_workspace(&info.id)?
-                .ok_or_else(|| ServiceError::not_found(format!("workspace '{workspace}'"))),
+        match self.handle(workspace) {
+            Ok(handle) => Ok(handle.record),
             Err(ServiceError::NotFound { .. }) => {
                 let live = self.store.list_workspaces(&WorkspaceFilter {
                     agent_id: Some(workspace.to_string()),
@@ -303,7 +273,7 @@ impl Conductor {
                 w.id, w.state
             )));
         }
-        let vol = DataVolume::at(Path::new(&w.volume_dir));
+        let vol = self.volumes.open(Path::new(&w.volume_dir));
         if !vol.limited {
             return Err(ServiceError::Conflict(format!(
                 "workspace '{}' has no volume image (conductor makes one only when it runs as root), so it cannot be snapshotted",
@@ -374,7 +344,7 @@ impl Conductor {
             self.engine.container_pause(container).await?;
         }
         let captured = async {
-            let method = copy_frozen(vol, &partial(&data)).await?;
+            let method = self.volumes.capture(vol, &partial(&data)).await?;
             let mut labels = naming::workspace_labels(&self.instance, &w.id, &w.agent_id, &w.environment);
             labels.insert(LABEL_SNAPSHOT.to_string(), s.name.clone());
             self.engine.image_commit(container, image, labels).await?;
@@ -557,10 +527,8 @@ impl Conductor {
         };
         let mut spec = self.load_container_spec(&w.id)?;
         spec.image = image.clone();
-        let vol = DataVolume::at(Path::new(&w.volume_dir));
-        let staged = vol.dir.join("data.img.restore");
-        remove_file(&staged)?;
-        storage_pool::copy_file(Path::new(data), &staged).await?;
+        let vol = self.volumes.open(Path::new(&w.volume_dir));
+        self.volumes.stage(&vol, Path::new(data)).await?;
 
         // Sidecars join the container's network namespace: they go first.
         let dependants = self
@@ -575,22 +543,22 @@ impl Conductor {
         }
         // By name: also removes a container an interrupted restore made.
         self.engine.container_remove(&w.container_name).await?;
-        volumes::unmount(&vol).await?;
-        std::fs::rename(&staged, vol.image())
-            .map_err(|e| ServiceError::host(format!("rename {}", staged.display()), e))?;
+        self.volumes.detach(&vol).await?;
+        self.volumes.replace(&vol).await?;
         let limits = &w.limits;
         let sub_volumes: Vec<String> = self
             .catalog
             .get(&w.environment)
             .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
             .unwrap_or_default();
-        volumes::prepare(
-            &vol.dir,
-            limits.volume_size.bytes(),
-            self.config.storage.volume_inodes(),
-            &sub_volumes,
-        )
-        .await?;
+        self.volumes
+            .prepare(
+                &vol.dir,
+                limits.volume_size.bytes(),
+                self.config.storage.volume_inodes(),
+                &sub_volumes,
+            )
+            .await?;
         let cid = self.engine.container_create(&spec).await?;
         self.engine.container_start(&cid).await?;
         self.await_agent(&w.id).await;
@@ -716,11 +684,7 @@ impl Conductor {
         let Some(w) = self.store.get_workspace(workspace_id)? else {
             return Ok(());
         };
-        let mnt = DataVolume::at(Path::new(&w.volume_dir)).mountpoint();
-        if host::is_mounted(&mnt) {
-            // Fails with EINVAL when it was not frozen: nothing to do then.
-            let _ = fsfreeze("-u", &mnt).await;
-        }
+        self.volumes.thaw(&self.volumes.open(Path::new(&w.volume_dir))).await;
         let container = w.container();
         if let Some(c) = self.engine.container_inspect(container).await? {
             if c.status == ContainerStatus::Paused {
@@ -729,23 +693,4 @@ impl Conductor {
         }
         Ok(())
     }
-}
-
-/// Copies the volume image to `dst` with its file system frozen (when mounted), so the
-/// copy is flushed and its journal clean.
-async fn copy_frozen(vol: &DataVolume, dst: &Path) -> Result<CopyMethod> {
-    let mnt = vol.mountpoint();
-    let mounted = host::is_mounted(&mnt);
-    if mounted {
-        fsfreeze("-f", &mnt).await?;
-    }
-    remove_file(dst)?;
-    let copied = storage_pool::copy_file(&vol.image(), dst).await;
-    if mounted {
-        let thawed = fsfreeze("-u", &mnt).await;
-        if copied.is_ok() {
-            thawed?;
-        }
-    }
-    copied
 }

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use tokio::process::Command;
 
 use crate::host;
+use crate::storage_pool::{self, CopyMethod};
 use crate::{Result, ServiceError};
 
 /// Owner of everything a workspace writes: the workspace user.
@@ -155,4 +156,62 @@ pub async fn destroy(vol: &DataVolume) -> Result<()> {
             .map_err(|e| ServiceError::host(format!("remove {}", vol.dir.display()), e))?;
     }
     Ok(())
+}
+
+pub(crate) fn remove_file(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(ServiceError::host(format!("remove {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn fsfreeze(mode: &str, mnt: &Path) -> Result<()> {
+    let out = Command::new("fsfreeze")
+        .arg(mode)
+        .arg(mnt)
+        .output()
+        .await
+        .map_err(|e| ServiceError::host("run fsfreeze", e))?;
+    if !out.status.success() {
+        return Err(ServiceError::host(
+            format!("fsfreeze {mode} {}", mnt.display()),
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    Ok(())
+}
+
+/// Copies the volume image to `dst` with its file system frozen (when mounted), so the
+/// copy is flushed and its journal clean.
+pub async fn copy_frozen(vol: &DataVolume, dst: &Path) -> Result<CopyMethod> {
+    let mnt = vol.mountpoint();
+    let mounted = host::is_mounted(&mnt);
+    if mounted {
+        fsfreeze("-f", &mnt).await?;
+    }
+    remove_file(dst)?;
+    let copied = storage_pool::copy_file(&vol.image(), dst).await;
+    if mounted {
+        let thawed = fsfreeze("-u", &mnt).await;
+        if copied.is_ok() {
+            thawed?;
+        }
+    }
+    copied
+}
+
+/// Thaws the volume's file system if an interrupted [`copy_frozen`] left it frozen.
+pub async fn thaw(vol: &DataVolume) {
+    let mnt = vol.mountpoint();
+    if host::is_mounted(&mnt) {
+        // Fails with EINVAL when it was not frozen: nothing to do then.
+        let _ = fsfreeze("-u", &mnt).await;
+    }
+}
+
+/// Where a restore stages a snapshot's copy before it replaces the image.
+pub fn staged_image(vol: &DataVolume) -> PathBuf {
+    vol.dir.join("data.img.restore")
 }

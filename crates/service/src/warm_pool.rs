@@ -88,7 +88,7 @@ impl Conductor {
     /// Whether a pool workspace is alive: its agent answers, or (without an agent) its
     /// container runs.
     async fn pool_member_alive(&self, w: &WorkspaceRecord) -> bool {
-        if agent_client::answers(&agent_client::socket_dir(&self.paths, &w.id)).await {
+        if self.agents.connect(&w.id).await.is_ok() {
             return true;
         }
         if agent_client::binary(&self.config).is_some() {

@@ -20,9 +20,8 @@ use conductor_store::{WorkspaceFilter, WorkspaceRecord};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::agent_client;
 use crate::exec::{self, ExecOutcome, ExecPath, ExecRequest};
-use crate::volumes::{self, DataVolume};
+use crate::volumes::DataVolume;
 use crate::{host, now_ms, Conductor, Result, ServiceError};
 
 /// Everything a caller may choose about a new workspace.
@@ -247,7 +246,7 @@ impl Conductor {
             Ok(()) => self.get_workspace(&id),
             Err(e) => {
                 self.undo(&made).await;
-                agent_client::remove_dir(&self.paths, &id);
+                self.agents.remove(&id);
                 self.store
                     .set_workspace_state(&id, WorkspaceState::Failed, Some(&e.to_string()))?;
                 Err(e)
@@ -267,13 +266,15 @@ impl Conductor {
         made: &mut Made,
     ) -> Result<()> {
         let sub_names: Vec<String> = env.volumes.iter().map(|v| v.name.clone()).collect();
-        let vol = volumes::prepare(
-            std::path::Path::new(&record.volume_dir),
-            limits.volume_size.bytes(),
-            self.config.storage.volume_inodes(),
-            &sub_names,
-        )
-        .await?;
+        let vol = self
+            .volumes
+            .prepare(
+                std::path::Path::new(&record.volume_dir),
+                limits.volume_size.bytes(),
+                self.config.storage.volume_inodes(),
+                &sub_names,
+            )
+            .await?;
         made.volume = Some((vol.clone(), persistent));
 
         let mut labels = naming::workspace_labels(&self.instance, &record.id, &record.agent_id, &env.name);
@@ -358,7 +359,7 @@ impl Conductor {
             },
         };
         // With the agent binary, the agent is PID 1 instead of the shell loop.
-        let agent = agent_client::container_setup(&self.config, &self.paths, &record.id)?;
+        let agent = self.agents.container_setup(&self.config, &record.id)?;
         if let Some((agent_mounts, entrypoint)) = agent.clone() {
             spec.mounts.extend(agent_mounts);
             spec.entrypoint = Some(entrypoint);
@@ -366,7 +367,7 @@ impl Conductor {
         let cid = self.engine.container_create(&spec).await?;
         made.container = Some(cid.clone());
         self.engine.container_start(&cid).await?;
-        if agent.is_some() && !agent_client::wait_ready(&agent_client::socket_dir(&self.paths, &record.id)).await {
+        if agent.is_some() && !self.agents.wait_ready(&record.id).await {
             tracing::warn!(workspace = %record.id, "the workspace agent does not answer; exec uses podman");
         }
         self.save_container_spec(&record.id, &spec)?;
@@ -387,9 +388,9 @@ impl Conductor {
         }
         if let Some((vol, persistent)) = &made.volume {
             let _ = if *persistent {
-                volumes::unmount(vol).await
+                self.volumes.detach(vol).await
             } else {
-                volumes::destroy(vol).await
+                self.volumes.destroy(vol).await
             };
         }
     }
@@ -493,7 +494,9 @@ impl Conductor {
             }
         };
         let pid = self.engine.container_inspect(&container).await?.and_then(|c| c.pid);
-        let disk = host::disk_usage(&DataVolume::at(std::path::Path::new(&info.volume_dir)).mountpoint());
+        let disk = self
+            .volumes
+            .usage(&self.volumes.open(std::path::Path::new(&info.volume_dir)));
         let usage = Usage {
             cpu_percent: stats.cpu_percent,
             memory_bytes: stats.memory_bytes,
@@ -503,13 +506,11 @@ impl Conductor {
             oom_kills: pid.and_then(host::oom_kills),
             disk_used_bytes: disk.map(|d| d.0),
             disk_limit_bytes: disk.map(|d| d.1),
-            exec_path: Some(
-                if agent_client::answers(&agent_client::socket_dir(&self.paths, &info.id)).await {
-                    ExecPath::Agent
-                } else {
-                    ExecPath::Podman
-                },
-            ),
+            exec_path: Some(if self.agents.connect(&info.id).await.is_ok() {
+                ExecPath::Agent
+            } else {
+                ExecPath::Podman
+            }),
             published_ports: self
                 .load_container_spec(&info.id)
                 .map(|s| s.published_ports)
@@ -547,13 +548,14 @@ impl Conductor {
             .unwrap_or_default();
         let limits = &w.limits;
         // The volume may have been unmounted (host reboot).
-        volumes::prepare(
-            std::path::Path::new(&w.volume_dir),
-            limits.volume_size.bytes(),
-            self.config.storage.volume_inodes(),
-            &env,
-        )
-        .await?;
+        self.volumes
+            .prepare(
+                std::path::Path::new(&w.volume_dir),
+                limits.volume_size.bytes(),
+                self.config.storage.volume_inodes(),
+                &env,
+            )
+            .await?;
         let container = w.container().to_string();
         self.engine.container_start(&container).await?;
         self.await_agent(&w.id).await;
@@ -564,8 +566,7 @@ impl Conductor {
     /// After a (re)start of a workspace's container: waits for its agent (when it has one)
     /// and records which process it is, before anything else runs in the container.
     pub(crate) async fn await_agent(&self, id: &str) {
-        let dir = agent_client::socket_dir(&self.paths, id);
-        if dir.is_dir() && !agent_client::wait_ready(&dir).await {
+        if self.agents.is_set_up(id) && !self.agents.wait_ready(id).await {
             tracing::warn!(workspace = %id, "the workspace agent does not answer; exec uses podman");
         }
     }
@@ -622,11 +623,11 @@ impl Conductor {
             self.engine.container_remove(&c.id).await?;
         }
         self.engine.container_remove(w.container()).await?;
-        agent_client::remove_dir(&self.paths, &w.id);
+        self.agents.remove(&w.id);
         if let Some(n) = &w.network {
             self.engine.network_remove(n).await?;
         }
-        let vol = DataVolume::at(std::path::Path::new(&w.volume_dir));
+        let vol = self.volumes.open(std::path::Path::new(&w.volume_dir));
         let persistent_dir = self
             .paths
             .workspaces
@@ -636,9 +637,9 @@ impl Conductor {
         let keep =
             keep_volumes.unwrap_or(is_persistent && self.config.isolated_workspace.agent_containers.persistent_volumes);
         if keep {
-            volumes::unmount(&vol).await?;
+            self.volumes.detach(&vol).await?;
         } else {
-            volumes::destroy(&vol).await?;
+            self.volumes.destroy(&vol).await?;
         }
         self.release_snapshots(w, keep).await
     }

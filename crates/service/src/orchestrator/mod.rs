@@ -24,6 +24,8 @@ mod attempt;
 mod output;
 mod source;
 
+pub(crate) use source::place_source_on_host;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -307,3 +309,6 @@ async fn stop_requested(stop: &mut watch::Receiver<Option<StopReason>>) -> StopR
     let reason = stop.wait_for(Option::is_some).await.ok().and_then(|r| *r);
     reason.unwrap_or(StopReason::Cancel)
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,31 +9,49 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use conductor_core::task::{source_location, SOURCE_TARGET};
+use conductor_core::volume::VolumeSpec;
 use conductor_store::WorkspaceRecord;
 use nix::errno::Errno;
 use nix::fcntl::{openat, AtFlags, OFlag};
 use nix::sys::stat::{fchmod, mkdirat, Mode as FileMode};
 use nix::unistd::{fchown, fchownat, symlinkat, Gid, Uid};
 
+use crate::backend::Progress;
 use crate::tasks::TaskLog;
 use crate::volumes::{DataVolume, WORKSPACE_UID};
 use crate::{host, Conductor, Result, ServiceError};
 
 /// Copies `source` into the workspace's `/workspace/src`, or creates that directory
-/// empty; on the host, straight into the workspace's volume (never a mount).
+/// empty, through the backend's [`SourceUpload`](crate::backend::SourceUpload).
 pub(super) async fn place_source(
     c: &Conductor,
     ws: &WorkspaceRecord,
     source: Option<&str>,
     log: &TaskLog,
 ) -> Result<()> {
-    let vol = DataVolume::at(Path::new(&ws.volume_dir));
+    let vol = c.volumes.open(Path::new(&ws.volume_dir));
     let env_volumes = c
         .catalog
         .get(&ws.environment)
         .map(|e| e.volumes.clone())
         .unwrap_or_default();
-    let target = match source_location(&env_volumes, SOURCE_TARGET) {
+    c.sources.place(ws, &vol, &env_volumes, source, log).await
+}
+
+impl Progress for TaskLog {
+    fn note(&self, line: &str) {
+        self.system(line)
+    }
+}
+
+/// The host implementation: straight into the volume's directories (never a mount).
+pub(crate) async fn place_source_on_host(
+    vol: &DataVolume,
+    env_volumes: &[VolumeSpec],
+    source: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let target = match source_location(env_volumes, SOURCE_TARGET) {
         Some((v, rest)) if rest.is_empty() => SourceTarget {
             base: vol.sub_volume(&v.name),
             sub: None,
@@ -50,7 +68,7 @@ pub(super) async fn place_source(
     let source = source.map(PathBuf::from);
     let free = host::disk_usage(&vol.mountpoint()).map(|(used, total)| total.saturating_sub(used));
     if let Some(s) = &source {
-        log.system(&format!("copying {} into {SOURCE_TARGET}", s.display()));
+        progress.note(&format!("copying {} into {SOURCE_TARGET}", s.display()));
     }
     tokio::task::spawn_blocking(move || place_source_blocking(source.as_deref(), &target, free))
         .await
