@@ -79,40 +79,157 @@ impl Mode {
     }
 }
 
-/// Network given to a workspace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkPolicy {
-    /// No network interface but loopback (the same namespace as `isolated`).
-    None,
-    /// A private network namespace with loopback only: no route out, no DNS, no other
-    /// workspace, no host service (sidecars share it and answer on localhost).
-    Isolated,
-    /// Opt-in: a bridge with a route to the outside. Never the default.
-    Egress,
+pub use crate::egress::Mode as NetworkMode;
+
+/// Network given to a workspace: a mode, and in proxy mode what it may reach. Written as a
+/// plain mode (`isolated`, `none`, `proxy`, `egress`) or as `{mode, allow, deny}`. Every
+/// field may be left out: a layer (configuration default, environment, workspace, task)
+/// changes only what it gives (see [`crate::egress::resolve`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct NetworkPolicy {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<NetworkMode>,
+    /// Allow-list entries (names, `*.suffix` wildcards, CIDRs, bundles); replaces the list of
+    /// an earlier layer and implies `proxy` mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Deny entries; they add up across layers and win over allow.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 impl NetworkPolicy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NetworkPolicy::None => "none",
-            NetworkPolicy::Isolated => "isolated",
-            NetworkPolicy::Egress => "egress",
+    /// Just a mode.
+    pub fn mode(mode: NetworkMode) -> Self {
+        NetworkPolicy {
+            mode: Some(mode),
+            ..Default::default()
+        }
+    }
+
+    /// Proxy mode allowing `entries`.
+    pub fn allow(entries: &[&str]) -> Self {
+        NetworkPolicy {
+            mode: Some(NetworkMode::Proxy),
+            allow: Some(entries.iter().map(|e| e.to_string()).collect()),
+            deny: Vec::new(),
+        }
+    }
+
+    pub fn layer(&self) -> crate::egress::PolicyLayer {
+        crate::egress::PolicyLayer {
+            mode: self.mode,
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+        }
+    }
+
+    /// Checks every entry (`field` names this policy, e.g. `network`); bundles are the
+    /// configured ones.
+    pub fn validate(&self, field: &str, bundles: &BTreeMap<String, Vec<String>>) -> Result<(), (String, String)> {
+        let allow = self.allow.clone().unwrap_or_default();
+        crate::egress::EgressPolicy::parse(&allow, &self.deny, bundles)
+            .map(|_| ())
+            .map_err(|e| (format!("{field}.{}[{}]", e.list, e.index), e.message))
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            #[serde(default)]
+            mode: Option<NetworkMode>,
+            #[serde(default)]
+            allow: Option<Vec<String>>,
+            #[serde(default)]
+            deny: Vec<String>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = NetworkPolicy;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a network mode (isolated, none, proxy, egress) or {mode, allow, deny}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NetworkPolicy, E> {
+                v.parse().map(NetworkPolicy::mode).map_err(E::custom)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<NetworkPolicy, A::Error> {
+                let full = Full::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(NetworkPolicy {
+                    mode: full.mode,
+                    allow: full.allow,
+                    deny: full.deny,
+                })
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// How proxy mode works: the operator's bound, the bundles, limits and audit retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// The widest allow list any layer may ask for (unset: no bound). An entry outside it
+    /// is refused with a 4xx naming it.
+    pub max_allow: Option<Vec<String>>,
+    /// Named bundles, added to (or replacing) the shipped `pypi`, `npm`, `debian`, `github`.
+    pub bundles: BTreeMap<String, Vec<String>>,
+    /// Port of the proxy inside the workspace (on its loopback).
+    pub proxy_port: u16,
+    /// Open connections a workspace may have through the proxy at once.
+    pub max_connections: u32,
+    /// Seconds a proxied connection may stay silent both ways.
+    pub idle_timeout: u64,
+    /// Seconds to connect to an upstream.
+    pub connect_timeout: u64,
+    /// Days the audit keeps a connection attempt.
+    pub audit_retention_days: u32,
+    /// Rows the audit keeps at most (the oldest go first).
+    pub audit_max_rows: u64,
+    /// Test-only: names resolved to these addresses instead of through DNS.
+    pub resolve: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            max_allow: None,
+            bundles: BTreeMap::new(),
+            proxy_port: 3128,
+            max_connections: 64,
+            idle_timeout: 300,
+            connect_timeout: 10,
+            audit_retention_days: 7,
+            audit_max_rows: 100_000,
+            resolve: BTreeMap::new(),
         }
     }
 }
 
-impl std::str::FromStr for NetworkPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(NetworkPolicy::None),
-            "isolated" => Ok(NetworkPolicy::Isolated),
-            "egress" => Ok(NetworkPolicy::Egress),
-            _ => Err(format!(
-                "{s:?} is not a network policy (allowed: none, isolated, egress)"
-            )),
+impl EgressConfig {
+    /// The shipped bundles with the configured ones over them.
+    pub fn bundles(&self) -> BTreeMap<String, Vec<String>> {
+        crate::egress::merge_bundles(&self.bundles)
+    }
+
+    /// Checks a caller's policy: every entry parses and the allow list stays within
+    /// `max_allow`. The error is `(field, message)`, the field under `field` (e.g.
+    /// `network.allow[2]`).
+    pub fn check(&self, field: &str, policy: &NetworkPolicy) -> Result<(), (String, String)> {
+        let bundles = self.bundles();
+        policy.validate(field, &bundles)?;
+        if let Some(allow) = &policy.allow {
+            crate::egress::check_bound(allow, self.max_allow.as_deref(), &bundles).map_err(|e| {
+                (
+                    format!("{field}.allow[{}]", e.index),
+                    format!("{} (network.egress.max_allow is the widest allowed)", e.message),
+                )
+            })?;
         }
+        Ok(())
     }
 }
 
@@ -151,7 +268,7 @@ impl Default for AgentContainers {
             volume_size: ByteSize::gib(10),
             readonly_rootfs: false,
             tmpfs_size: ByteSize::mib(512),
-            network: NetworkPolicy::Isolated,
+            network: NetworkPolicy::mode(NetworkMode::Isolated),
             environments: Vec::new(),
             resources: Resources::default(),
             agent_binary: None,
@@ -457,6 +574,8 @@ pub struct Network {
     pub bind_address: String,
     /// Largest accepted request body.
     pub max_body_size: ByteSize,
+    /// Proxy mode: the allowlist proxy a workspace reaches through its agent.
+    pub egress: EgressConfig,
 }
 
 impl Default for Network {
@@ -465,6 +584,7 @@ impl Default for Network {
             api_port: 8081,
             bind_address: "127.0.0.1".into(),
             max_body_size: ByteSize::mib(10),
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -749,6 +869,7 @@ impl Config {
             validate::image_ref(img)
                 .map_err(|m| ConfigError::invalid(format!("podman_config.preload_images[{i}]"), m))?;
         }
+        self.validate_egress()?;
         let net = &self.podman_config.network;
         validate::name(&net.name, 40).map_err(|m| ConfigError::invalid("podman_config.network.name", m))?;
         if !net.subnet.is_empty() {
@@ -895,6 +1016,84 @@ impl fmt::Display for Mode {
     }
 }
 
+impl Config {
+    /// The `network.egress` section and every network policy of the configuration: entries
+    /// parse, bundles are well-formed, and every allow list stays within `max_allow`.
+    fn validate_egress(&self) -> Result<(), ConfigError> {
+        let egress = &self.network.egress;
+        for (name, entries) in &egress.bundles {
+            validate::name(name, 40).map_err(|m| ConfigError::invalid(format!("network.egress.bundles.{name}"), m))?;
+            if entries.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("network.egress.bundles.{name}"),
+                    "is empty (list host names, wildcards or CIDRs)",
+                ));
+            }
+        }
+        let bundles = egress.bundles();
+        crate::egress::validate_bundles(&bundles).map_err(|m| ConfigError::invalid("network.egress.bundles", m))?;
+        if let Some(bound) = &egress.max_allow {
+            crate::egress::EgressPolicy::parse(bound, &[], &bundles)
+                .map_err(|e| ConfigError::invalid(format!("network.egress.max_allow[{}]", e.index), e.message))?;
+        }
+        if egress.proxy_port == 0 {
+            return Err(ConfigError::invalid("network.egress.proxy_port", "must be 1-65535"));
+        }
+        if egress.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "network.egress.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (key, value) in [
+            ("idle_timeout", egress.idle_timeout),
+            ("connect_timeout", egress.connect_timeout),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(
+                    format!("network.egress.{key}"),
+                    "must be at least 1 second",
+                ));
+            }
+        }
+        for (name, addrs) in &egress.resolve {
+            for (i, a) in addrs.iter().enumerate() {
+                a.parse::<IpAddr>().map_err(|_| {
+                    ConfigError::invalid(
+                        format!("network.egress.resolve.{name}[{i}]"),
+                        format!("{a:?} is not an IP address"),
+                    )
+                })?;
+            }
+        }
+        let policies = std::iter::once((
+            "isolated_workspace.agent_containers.network".to_string(),
+            &self.isolated_workspace.agent_containers.network,
+        ))
+        .chain(
+            self.isolated_workspace
+                .agent_containers
+                .environments
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    e.network.as_ref().map(|n| {
+                        (
+                            format!("isolated_workspace.agent_containers.environments[{i}].network"),
+                            n,
+                        )
+                    })
+                }),
+        );
+        for (field, policy) in policies {
+            egress
+                .check(&field, policy)
+                .map_err(|(f, m)| ConfigError::invalid(f, m))?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -926,7 +1125,10 @@ mod tests {
         assert_eq!(c.network.bind_address, "127.0.0.1");
         assert_eq!(c.isolated_workspace.mode, Mode::Sandbox);
         assert_eq!(c.isolated_workspace.agent_containers.volume_size, ByteSize::gib(10));
-        assert_eq!(c.isolated_workspace.agent_containers.network, NetworkPolicy::Isolated);
+        assert_eq!(
+            c.isolated_workspace.agent_containers.network,
+            NetworkPolicy::mode(NetworkMode::Isolated)
+        );
         assert_eq!(c.podman_config.network.name, "claude-dev-net");
         c.validate().unwrap();
     }
@@ -1121,5 +1323,78 @@ podman_config:
         assert!(!c.preserve_failed_workspaces());
         c.container_lifecycle.cleanup_on_failure = false;
         assert!(c.preserve_failed_workspaces());
+    }
+
+    #[test]
+    fn network_policies_are_a_mode_or_a_map_and_their_entries_are_checked_with_the_key() {
+        let c = Config::parse(
+            "isolated_workspace:\n  agent_containers:\n    network: {allow: [pypi, \"*.example.com:8443\"], deny: [bad.example.com]}\n",
+        )
+        .unwrap()
+        .config;
+        let n = &c.isolated_workspace.agent_containers.network;
+        assert_eq!(n.mode, None);
+        assert_eq!(n.allow.as_deref().map(<[String]>::len), Some(2));
+        assert_eq!(n.deny, ["bad.example.com"]);
+        for mode in ["isolated", "none", "proxy", "egress"] {
+            let c = Config::parse(&format!(
+                "isolated_workspace:\n  agent_containers:\n    network: {mode}\n"
+            ))
+            .unwrap();
+            assert!(
+                c.config.isolated_workspace.agent_containers.network.mode.is_some(),
+                "{mode}"
+            );
+        }
+        let err = Config::parse("isolated_workspace:\n  agent_containers:\n    network: open\n").unwrap_err();
+        assert!(err.to_string().contains("network"), "{err}");
+        let err = Config::parse("isolated_workspace:\n  agent_containers:\n    network: {allow: [\"a..b\"]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("isolated_workspace.agent_containers.network.allow[0]"),
+            "{err}"
+        );
+        let err = Config::parse("isolated_workspace:\n  agent_containers:\n    network: {allw: [x.com]}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("allw"), "unknown keys are refused by name: {err}");
+    }
+
+    #[test]
+    fn egress_settings_are_validated_and_the_bound_applies_to_the_configured_policies() {
+        let ok = "network:\n  egress:\n    max_allow: [pypi, \"*.example.com\"]\n    bundles: {corp: [git.corp.example.com]}\n";
+        let c = Config::parse(ok).unwrap().config;
+        assert!(c.network.egress.bundles().contains_key("corp"));
+        assert!(
+            c.network.egress.bundles().contains_key("pypi"),
+            "the shipped bundles stay"
+        );
+        let cases = [
+            ("network:\n  egress:\n    max_allow: [\"*\"]\n", "network.egress.max_allow[0]"),
+            ("network:\n  egress:\n    bundles: {corp: []}\n", "network.egress.bundles.corp"),
+            ("network:\n  egress:\n    bundles: {corp: [pypi]}\n", "network.egress.bundles"),
+            ("network:\n  egress:\n    proxy_port: 0\n", "network.egress.proxy_port"),
+            ("network:\n  egress:\n    max_connections: 0\n", "network.egress.max_connections"),
+            ("network:\n  egress:\n    resolve: {a.test: [nowhere]}\n", "network.egress.resolve.a.test[0]"),
+            (
+                "network:\n  egress:\n    max_allow: [pypi]\nisolated_workspace:\n  agent_containers:\n    network: {allow: [npm]}\n",
+                "isolated_workspace.agent_containers.network.allow[0]",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{key}: {err}");
+        }
+        // A caller's policy against the bound.
+        let egress = &c.network.egress;
+        assert!(egress
+            .check("network", &NetworkPolicy::allow(&["pypi.org", "a.example.com"]))
+            .is_ok());
+        let (field, message) = egress
+            .check("network", &NetworkPolicy::allow(&["pypi.org", "npmjs.org"]))
+            .unwrap_err();
+        assert_eq!(field, "network.allow[1]");
+        assert!(message.contains("max_allow"), "{message}");
     }
 }

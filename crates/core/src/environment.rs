@@ -215,7 +215,7 @@ impl Catalog {
                     description,
                     source,
                     volumes,
-                    network: c.network,
+                    network: c.network.clone(),
                     builtin: false,
                 },
             );

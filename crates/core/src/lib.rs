@@ -9,6 +9,7 @@
 
 pub mod command;
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod environment;
 pub mod lifecycle;

@@ -73,6 +73,10 @@ pub struct TaskSpec {
     /// Absolute host directory copied to [`SOURCE_TARGET`] before the commands run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// The task's network: over the environment's and the workspace's (an allow list
+    /// replaces theirs, within `network.egress.max_allow`; deny entries add up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<crate::config::NetworkPolicy>,
 }
 
 /// A field of a [`TaskSpec`] that fails validation. `Display` is `field: message`.
@@ -108,6 +112,7 @@ impl TaskSpec {
             agent_id: None,
             env: BTreeMap::new(),
             source: None,
+            network: None,
         }
     }
 
