@@ -48,6 +48,17 @@ pub const MAX_NAME: usize = 255;
 pub const SOCKET_DIR: &str = "/run/conductor";
 /// File name of the agent's socket in its directory.
 pub const SOCKET_NAME: &str = "agent.sock";
+/// Where a workspace in the "proxy" network mode finds the host's egress proxy: a directory
+/// bind-mounted read-only (the workload can connect to the socket but not replace it).
+pub const EGRESS_SOCKET_DIR: &str = "/run/conductor-egress";
+/// File name of the egress proxy's Unix socket in [`EGRESS_SOCKET_DIR`].
+pub const EGRESS_SOCKET_NAME: &str = "egress.sock";
+/// Where the agent's egress relay listens in the workspace (`--egress-listen`), relaying
+/// every connection to the egress socket: what `HTTP(S)_PROXY` points at.
+pub const EGRESS_DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+/// Most connections the agent's egress relay carries at once; beyond it, a new connection
+/// is closed at once (the host proxy applies its own, lower limit, with an answer).
+pub const EGRESS_MAX_CONNECTIONS: usize = 256;
 
 /// A message from conductor to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

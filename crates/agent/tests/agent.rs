@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{code_of, error_code, wait_gone, Agent};
+use common::{code_of, error_code, wait_gone, wait_until, Agent};
 use conductor_agent_protocol::{ErrorCode, ExecRequest, FileKind, Request, Response};
 
 fn shell(cmd: &str) -> ExecRequest {
@@ -281,8 +281,9 @@ fn init_reaps_orphans_forwards_sigterm_and_survives_its_server() {
     assert_eq!(code_of(&exit), 0);
     let orphan: u32 = out.trim().parse().unwrap();
     assert!(wait_gone(orphan), "orphan {orphan} stayed a zombie");
+    // It may still be a zombie for a moment: init reaps it when its SIGCHLD comes.
     assert!(
-        !Path::new(&format!("/proc/{orphan}")).exists(),
+        wait_until(|| !Path::new(&format!("/proc/{orphan}")).exists()),
         "orphan {orphan} was not reaped"
     );
 
@@ -313,6 +314,38 @@ fn init_reaps_orphans_forwards_sigterm_and_survives_its_server() {
         assert!(t.elapsed() < Duration::from_secs(5), "init did not exit on SIGTERM");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+#[test]
+fn commands_started_under_init_do_not_inherit_its_blocked_signals() {
+    let mut a = Agent::start("init");
+    let (exit, out, _) = a.connect().exec(ExecRequest {
+        argv: Some(vec!["grep".into(), "^SigBlk:".into(), "/proc/self/status".into()]),
+        ..Default::default()
+    });
+    assert_eq!(code_of(&exit), 0);
+    let mask = u64::from_str_radix(out.trim().trim_start_matches("SigBlk:").trim(), 16).unwrap();
+    for sig in [
+        libc_sig::SIGINT,
+        libc_sig::SIGTERM,
+        libc_sig::SIGCHLD,
+        libc_sig::SIGALRM,
+    ] {
+        assert_eq!(
+            mask & (1 << (sig - 1)),
+            0,
+            "signal {sig} is blocked in a command: {out}"
+        );
+    }
+    a.stop();
+}
+
+/// Signal numbers on Linux.
+mod libc_sig {
+    pub const SIGINT: u32 = 2;
+    pub const SIGALRM: u32 = 14;
+    pub const SIGTERM: u32 = 15;
+    pub const SIGCHLD: u32 = 17;
 }
 
 impl common::Client {

@@ -29,6 +29,11 @@ pub struct Agent {
 impl Agent {
     /// Starts `conductor-agent <mode>` (`serve` or `init`) and waits until it listens.
     pub fn start(mode: &str) -> Agent {
+        Agent::start_with(mode, &[])
+    }
+
+    /// [`Agent::start`] with more options.
+    pub fn start_with(mode: &str, extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir(&root).unwrap();
@@ -41,6 +46,7 @@ impl Agent {
                 "--root",
                 root.to_str().unwrap(),
             ])
+            .args(extra)
             .spawn()
             .unwrap();
         let t = Instant::now();
@@ -84,9 +90,22 @@ impl Agent {
         c
     }
 
-    /// Kills the agent and waits for it (again on drop: a no-op then).
+    /// Stops the agent and waits for it (again on drop: a no-op then): SIGTERM first, so
+    /// that an init takes its children (server, relay) along instead of leaving them
+    /// behind, then SIGKILL after 5 s.
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let t = Instant::now();
+            while let Ok(None) = self.child.try_wait() {
+                if t.elapsed() > Duration::from_secs(5) {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let _ = self.child.wait();
     }
 }
