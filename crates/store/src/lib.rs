@@ -29,6 +29,7 @@
 //! out of range, is reported as [`StoreError::Corrupt`] naming the table, row and column,
 //! never silently mapped to a default.
 
+mod egress;
 mod meta;
 mod migrations;
 mod snapshots;
@@ -43,6 +44,7 @@ use std::time::Duration;
 use rusqlite::types::{FromSql, Value};
 use rusqlite::{ffi, Connection, Row, TransactionBehavior};
 
+pub use egress::{EgressDecision, EgressEventRecord, EgressFilter, EgressHostSummary, EgressSummary};
 pub use snapshots::SnapshotRecord;
 pub use tasks::{CommandResult, LogChunk, NewTask, TaskFilter, TaskRecord};
 pub use workspaces::{WorkspaceFilter, WorkspaceRecord};

@@ -8,7 +8,7 @@
 //! with an unknown state decodes to `StoreError::Corrupt`).
 
 /// Migration scripts, applied in order.
-pub(crate) const MIGRATIONS: &[&str] = &[V1_INITIAL];
+pub(crate) const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_EGRESS_EVENTS, V3_WORKSPACE_NETWORK_POLICY];
 
 const V1_INITIAL: &str = r#"
 CREATE TABLE meta (
@@ -96,4 +96,36 @@ CREATE TABLE snapshots (
     UNIQUE (workspace_id, name)
 ) STRICT;
 CREATE INDEX snapshots_by_state ON snapshots (state, created_at);
+"#;
+
+const V2_EGRESS_EVENTS: &str = r#"
+-- One row per outbound connection attempt through the egress proxy. `id` is the follow
+-- cursor: AUTOINCREMENT keeps it growing even after pruning empties the table. No foreign
+-- keys: the audit outlives its workspace and task, and goes only when pruned.
+CREATE TABLE egress_events (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms        INTEGER NOT NULL,
+    workspace_id TEXT NOT NULL,
+    task_id      TEXT,
+    method       TEXT NOT NULL,
+    host         TEXT NOT NULL,
+    port         INTEGER NOT NULL,
+    resolved     TEXT,
+    decision     TEXT NOT NULL,
+    rule         TEXT,
+    reason       TEXT,
+    bytes_up     INTEGER NOT NULL DEFAULT 0,
+    bytes_down   INTEGER NOT NULL DEFAULT 0,
+    duration_ms  INTEGER NOT NULL DEFAULT 0,
+    error        TEXT
+) STRICT;
+CREATE INDEX egress_events_by_workspace ON egress_events (workspace_id, id);
+CREATE INDEX egress_events_by_task ON egress_events (task_id);
+CREATE INDEX egress_events_by_time ON egress_events (at_ms);
+"#;
+
+/// The network policy a workspace was made with (mode, allow, deny after layering), as
+/// JSON; `NULL` for rows made before proxy mode (their mode follows from `network`).
+const V3_WORKSPACE_NETWORK_POLICY: &str = r#"
+ALTER TABLE workspaces ADD COLUMN network_policy_json TEXT;
 "#;

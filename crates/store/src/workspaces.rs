@@ -5,6 +5,8 @@
 //! `removing` before the container is removed), so after a crash the reconciler can tell
 //! from these rows what was half done.
 
+use conductor_core::config::NetworkMode;
+use conductor_core::egress::ResolvedNetwork;
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::WorkspaceLimits;
 use rusqlite::{params, Row};
@@ -12,7 +14,7 @@ use rusqlite::{params, Row};
 use crate::{expect_row, query_all, query_opt, Decoder, Result, Store, Where};
 
 const COLUMNS: &str = "id, agent_id, environment, image, container_name, container_id, \
-     network, state, limits_json, volume_dir, created_at, last_used_at, error";
+     network, state, limits_json, volume_dir, created_at, last_used_at, error, network_policy_json";
 
 /// A workspace as persisted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub struct WorkspaceRecord {
     pub container_id: Option<String>,
     /// Engine network the container is attached to, if any.
     pub network: Option<String>,
+    /// The network policy it was made with (a JSON column).
+    pub network_policy: ResolvedNetwork,
     /// Lifecycle state.
     pub state: WorkspaceState,
     /// Resource limits (a JSON column).
@@ -65,6 +69,18 @@ fn decode(row: &Row<'_>) -> Result<WorkspaceRecord> {
         image: d.get("image")?,
         container_name: d.get("container_name")?,
         container_id: d.get("container_id")?,
+        network_policy: match d.get::<Option<String>>("network_policy_json")? {
+            Some(_) => d.json("network_policy_json")?,
+            // Made before proxy mode: a bridge network means `egress`.
+            None => ResolvedNetwork {
+                mode: if d.get::<Option<String>>("network")?.is_some() {
+                    NetworkMode::Egress
+                } else {
+                    NetworkMode::Isolated
+                },
+                ..Default::default()
+            },
+        },
         network: d.get("network")?,
         state: d.parse("state")?,
         limits: d.json("limits_json")?,
@@ -94,7 +110,7 @@ impl Store {
         self.conn()
             .prepare_cached(&format!(
                 "INSERT INTO workspaces ({COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ))?
             .execute(params![
                 ws.id,
@@ -113,6 +129,10 @@ impl Store {
                 ws.created_at,
                 ws.last_used_at,
                 ws.error,
+                serde_json::to_string(&ws.network_policy).map_err(|e| crate::StoreError::Corrupt {
+                    what: format!("network policy of workspace '{}'", ws.id),
+                    detail: e.to_string(),
+                })?,
             ])?;
         Ok(())
     }
@@ -254,6 +274,7 @@ mod tests {
             container_name: format!("claude-agent-{agent}-{id}"),
             container_id: None,
             network: None,
+            network_policy: Default::default(),
             state: WorkspaceState::Creating,
             limits: sample_limits(),
             volume_dir: format!("/data/isolated/agent_{agent}/{id}"),
@@ -433,5 +454,40 @@ mod tests {
             store.list_workspaces(&WorkspaceFilter::default()),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn the_network_policy_round_trips_and_old_rows_follow_their_network() {
+        let (_dir, store) = file_store();
+        let mut w = ws("w1", "a1", "python", 100);
+        w.network_policy = ResolvedNetwork {
+            mode: NetworkMode::Proxy,
+            allow: vec!["pypi".into()],
+            deny: vec!["evil.example".into()],
+        };
+        store.insert_workspace(&w).unwrap();
+        assert_eq!(
+            store.get_workspace("w1").unwrap().unwrap().network_policy,
+            w.network_policy
+        );
+        // Rows made before the column: NULL, the mode follows from the bridge network.
+        store.insert_workspace(&ws("w2", "a1", "python", 101)).unwrap();
+        store.insert_workspace(&ws("w3", "a1", "python", 102)).unwrap();
+        store
+            .conn()
+            .execute(
+                "UPDATE workspaces SET network_policy_json = NULL, network = CASE id WHEN 'w3' THEN 'net' END \
+                 WHERE id IN ('w2', 'w3')",
+                [],
+            )
+            .unwrap();
+        assert_eq!(
+            store.get_workspace("w2").unwrap().unwrap().network_policy.mode,
+            NetworkMode::Isolated
+        );
+        assert_eq!(
+            store.get_workspace("w3").unwrap().unwrap().network_policy.mode,
+            NetworkMode::Egress
+        );
     }
 }
