@@ -23,6 +23,7 @@ fi
 declare -A pkg_of=(
   [podman]=podman [runc]=runc [debootstrap]=debootstrap [mkfs.ext4]=e2fsprogs [mkfs.xfs]=xfsprogs
   [tar]=tar [mount]=mount [ip]=iproute2 [python3]=python3 [curl]=curl
+  [iptables-restore]=iptables [ip6tables-restore]=iptables [nsenter]=util-linux
 )
 missing=()
 for cmd in "${!pkg_of[@]}"; do

@@ -12,9 +12,11 @@ pub mod bootstrap;
 pub mod channel;
 pub mod config_file;
 pub mod doctor;
+pub mod egress;
 pub mod error;
 pub mod exec;
 pub mod files;
+mod firewall;
 pub mod handle;
 pub mod host;
 pub mod images;
@@ -66,6 +68,8 @@ pub struct Conductor {
     seccomp_path: PathBuf,
     /// Serialises network address allocation.
     net_lock: tokio::sync::Mutex<()>,
+    /// The egress proxy listeners of proxy-mode workspaces this process serves.
+    pub(crate) egress: egress::EgressHub,
     /// In-memory state of the task orchestrator (wake-ups, live logs, cancellation).
     pub(crate) tasks: tasks::TaskRuntime,
     /// The storage pool mounted on the workspaces path, held busy while this lives.
@@ -142,6 +146,7 @@ impl Conductor {
         seccomp_path: PathBuf,
     ) -> Self {
         let catalog = Catalog::from_config(&config);
+        let egress = egress::EgressHub::new(&config.network.egress);
         Conductor {
             config,
             paths,
@@ -154,6 +159,7 @@ impl Conductor {
             instance,
             seccomp_path,
             net_lock: Default::default(),
+            egress,
             tasks: tasks::TaskRuntime::new(),
             _pool: None,
         }

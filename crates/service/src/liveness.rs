@@ -177,7 +177,8 @@ impl Conductor {
     }
 }
 
-/// Runs [`Conductor::check_all_containers`] every [`WATCH_INTERVAL`] until aborted.
+/// Runs [`Conductor::check_all_containers`] and [`Conductor::adopt_egress`] every
+/// [`WATCH_INTERVAL`] (the first time at once) until aborted.
 pub fn spawn_watch(conductor: Arc<Conductor>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(WATCH_INTERVAL);
@@ -186,6 +187,12 @@ pub fn spawn_watch(conductor: Arc<Conductor>) -> tokio::task::JoinHandle<()> {
             tick.tick().await;
             if let Err(e) = conductor.check_all_containers().await {
                 tracing::debug!("checking the workspaces' containers failed: {e}");
+            }
+            // Proxy-mode workspaces another process (a CLI command) made: serve their proxy.
+            match conductor.adopt_egress().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("serving the egress proxy of {n} more workspace(s)"),
+                Err(e) => tracing::warn!("serving the egress proxy of running workspaces failed: {e}"),
             }
         }
     })

@@ -7,7 +7,8 @@
 //! - data volumes still mounted without a live workspace are unmounted (data kept);
 //! - live rows whose container vanished become `lost` and their network and volume are freed;
 //! - running rows whose container stopped (reboot) become `stopped`;
-//! - agent socket directories of workspaces that hold no container are removed;
+//! - agent socket and egress socket directories of workspaces that hold no container are
+//!   removed;
 //! - first of all, interrupted snapshot operations are finished or undone
 //!   ([`crate::snapshots`]).
 
@@ -38,6 +39,9 @@ pub struct ReconcileReport {
     /// Agent socket directories (`agents/<workspace-id>`) of workspaces that hold no
     /// container: removed.
     pub agent_dirs_removed: Vec<String>,
+    /// Egress socket directories (`egress/<workspace-id>`) of workspaces that hold no
+    /// container: removed.
+    pub egress_dirs_removed: Vec<String>,
 }
 
 /// What a cleanup pass removed.
@@ -107,6 +111,15 @@ impl Conductor {
             if !live(&id) && !report.agent_dirs_removed.contains(&id) {
                 self.agents.remove(&id);
                 report.agent_dirs_removed.push(id);
+            }
+        }
+        if let Ok(dirs) = std::fs::read_dir(self.paths.base.join("egress")) {
+            for entry in dirs.flatten() {
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if !live(&id) {
+                    self.egress_detach(&id);
+                    report.egress_dirs_removed.push(id);
+                }
             }
         }
 

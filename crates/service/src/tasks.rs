@@ -71,6 +71,10 @@ pub struct TaskView {
     pub duration_ms: Option<u64>,
     /// Note about snapshots in hybrid mode.
     pub snapshot: Option<String>,
+    /// What the task's workspace tried to reach through the egress proxy (proxy mode;
+    /// only in `GET /tasks/{id}`, not in listings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<conductor_store::EgressSummary>,
 }
 
 /// One command of a task and its outcome.
@@ -375,6 +379,14 @@ impl Conductor {
             if let Some(source) = &spec.source {
                 check_source(source).map_err(named)?;
             }
+            if let Some(network) = &spec.network {
+                self.config
+                    .network
+                    .egress
+                    .check("network", network)
+                    .map_err(|(field, message)| ServiceError::invalid(field, message))
+                    .map_err(named)?;
+            }
         }
         let batch_id = batch.then(|| new_id("batch"));
         let now = now_ms();
@@ -433,6 +445,7 @@ impl Conductor {
             finished_at: r.finished_at.map(rfc3339),
             duration_ms,
             snapshot: result.snapshot,
+            egress: None,
         })
     }
 
@@ -445,7 +458,12 @@ impl Conductor {
     /// One task with its command results.
     pub fn get_task(&self, id: &str) -> Result<TaskView> {
         let r = self.task_record(id)?;
-        self.task_view(r)
+        let mut view = self.task_view(r)?;
+        let summary = self.store.egress_summary(&view.id)?;
+        if summary.allowed + summary.denied > 0 {
+            view.egress = Some(summary);
+        }
+        Ok(view)
     }
 
     /// A page of tasks, newest first, and the number of all tasks matching the filter.

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use conductor_core::config::{next_free_block, parse_cidr, NetworkPolicy};
+use conductor_core::config::{next_free_block, parse_cidr, NetworkMode, NetworkPolicy};
 use conductor_core::engine::{
     ContainerSpec, Labels, Mount, NetworkAttachment, NetworkSpec, OutputChunk, ProgressSink, ResourceLimits,
     SecurityOptions,
@@ -56,6 +56,8 @@ pub struct WorkspaceInfo {
     pub container_name: String,
     pub state: WorkspaceState,
     pub network: Option<String>,
+    /// The network policy it was made with: mode, and in proxy mode what it may reach.
+    pub network_policy: conductor_core::egress::ResolvedNetwork,
     pub limits: WorkspaceLimits,
     pub volume_dir: String,
     pub created_at: i64,
@@ -109,6 +111,7 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
             container_name: r.container_name,
             state: r.state,
             network: r.network,
+            network_policy: r.network_policy,
             limits: r.limits,
             volume_dir: r.volume_dir,
             created_at: r.created_at,
@@ -121,9 +124,12 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
 /// Everything made so far during a create, for undoing it.
 #[derive(Default)]
 struct Made {
+    workspace_id: Option<String>,
     volume: Option<(DataVolume, bool)>,
     network: Option<String>,
     container: Option<String>,
+    /// The egress socket directory and listener (proxy mode).
+    egress: bool,
 }
 
 impl Conductor {
@@ -180,17 +186,21 @@ impl Conductor {
         if req.ports.contains(&0) {
             return Err(ServiceError::invalid("ports", "0 is not a port"));
         }
-        let policy = req
-            .network
-            .or(env.network)
-            .unwrap_or(self.config.isolated_workspace.agent_containers.network);
-        if !req.ports.is_empty() && policy != NetworkPolicy::Egress {
+        let requested: Vec<(&str, &NetworkPolicy)> = req.network.iter().map(|n| ("network", n)).collect();
+        let network_policy = self.resolve_network(&env.name, &requested)?;
+        if !req.ports.is_empty() && network_policy.mode != NetworkMode::Egress {
             return Err(ServiceError::invalid(
                 "ports",
                 format!(
-                    "publishing ports needs network \"egress\" (this workspace's is \"{}\"): a workspace in \"isolated\" or \"none\" has no interface but loopback",
-                    policy.as_str()
+                    "publishing ports needs network \"egress\" (this workspace's is \"{}\"): a workspace in \"isolated\" or \"proxy\" has no interface but loopback",
+                    network_policy.mode
                 ),
+            ));
+        }
+        if network_policy.mode == NetworkMode::Proxy && !self.agents.available(&self.config) {
+            return Err(ServiceError::invalid(
+                "network",
+                "proxy mode needs the in-workspace agent (isolated_workspace.agent_containers.agent_binary)",
             ));
         }
         let active = self.store.list_workspaces(&WorkspaceFilter {
@@ -229,6 +239,7 @@ impl Conductor {
             container_name: container_name.clone(),
             container_id: None,
             network: None,
+            network_policy,
             state: WorkspaceState::Creating,
             limits: limits.clone(),
             volume_dir: volume_dir.display().to_string(),
@@ -238,7 +249,10 @@ impl Conductor {
         };
         self.store.insert_workspace(&record)?;
 
-        let mut made = Made::default();
+        let mut made = Made {
+            workspace_id: Some(id.clone()),
+            ..Default::default()
+        };
         let result = self
             .make_workspace(&record, &env, &limits, &req, persistent, (lo, hi), &mut made)
             .await;
@@ -279,17 +293,14 @@ impl Conductor {
 
         let mut labels = naming::workspace_labels(&self.instance, &record.id, &record.agent_id, &env.name);
         labels.extend(req.labels.clone());
-        let policy = req
-            .network
-            .or(env.network)
-            .unwrap_or(self.config.isolated_workspace.agent_containers.network);
-        let network = match policy {
+        let network = match record.network_policy.mode {
             // A private network namespace with loopback only. An internal bridge would add
             // nothing a workspace can use (no other member, no route, no DNS), would cost a
             // netavark set-up and tear-down per workspace, and would expose the host's IPv6
             // link-local address on that bridge, hence every host service listening on `::`.
-            NetworkPolicy::None | NetworkPolicy::Isolated => NetworkAttachment::None,
-            NetworkPolicy::Egress => {
+            // Proxy mode too: its only way out is the agent's relay to the host's proxy.
+            NetworkMode::Isolated | NetworkMode::Proxy => NetworkAttachment::None,
+            NetworkMode::Egress => {
                 let name = naming::workspace_network(&self.config.podman_config.network.name, &record.id);
                 self.create_network(&name, labels.clone()).await?;
                 made.network = Some(name.clone());
@@ -360,13 +371,34 @@ impl Conductor {
         };
         // With the agent binary, the agent is PID 1 instead of the shell loop.
         let agent = self.agents.container_setup(&self.config, &record.id)?;
-        if let Some((agent_mounts, entrypoint)) = agent.clone() {
+        let proxied = record.network_policy.mode == NetworkMode::Proxy;
+        if let Some((agent_mounts, mut entrypoint)) = agent.clone() {
             spec.mounts.extend(agent_mounts);
+            if proxied {
+                let egress = self.egress_container_setup(&record.id)?;
+                made.egress = true;
+                spec.mounts.push(egress.mount);
+                entrypoint.extend(egress.agent_args);
+                spec.env.extend(egress.env);
+            }
             spec.entrypoint = Some(entrypoint);
+        } else if proxied {
+            return Err(ServiceError::invalid(
+                "network",
+                "proxy mode needs the in-workspace agent (isolated_workspace.agent_containers.agent_binary), which cannot run here",
+            ));
+        }
+        if proxied {
+            // Listening before the container starts: its first request finds the proxy.
+            self.egress_attach(&record.id, &record.network_policy)?;
         }
         let cid = self.engine.container_create(&spec).await?;
         made.container = Some(cid.clone());
         self.engine.container_start(&cid).await?;
+        if let Some(net) = &made.network {
+            // Before anything of the workload's runs (nothing does before exec).
+            self.confine_bridge(&cid, net).await?;
+        }
         if agent.is_some() && !self.agents.wait_ready(&record.id).await {
             tracing::warn!(workspace = %record.id, "the workspace agent does not answer; exec uses podman");
         }
@@ -383,6 +415,9 @@ impl Conductor {
         if let Some(c) = &made.container {
             let _ = self.engine.container_remove(c).await;
         }
+        if let Some(id) = made.egress.then_some(()).and(made.workspace_id.as_deref()) {
+            self.egress_detach(id);
+        }
         if let Some(n) = &made.network {
             let _ = self.engine.network_remove(n).await;
         }
@@ -393,6 +428,40 @@ impl Conductor {
                 self.volumes.destroy(vol).await
             };
         }
+    }
+
+    /// Keeps an `egress` workspace off the host and private ranges: netfilter rules in its
+    /// network namespace (`firewall.rs`), which the workload cannot change (no
+    /// CAP_NET_ADMIN). The public internet stays reachable, DNS only at the gateway.
+    async fn confine_bridge(&self, container: &str, network: &str) -> Result<()> {
+        let pid = self
+            .engine
+            .container_inspect(container)
+            .await?
+            .and_then(|c| c.pid)
+            .ok_or_else(|| ServiceError::host("confine an egress workspace", "its container has no process"))?;
+        let subnet = self
+            .engine
+            .network_list(&[])
+            .await?
+            .into_iter()
+            .find(|n| n.name == network)
+            .and_then(|n| n.subnets.into_iter().next())
+            .ok_or_else(|| {
+                ServiceError::host(
+                    "confine an egress workspace",
+                    format!("network {network} has no subnet"),
+                )
+            })?;
+        let base: std::net::Ipv4Addr = subnet.split('/').next().and_then(|a| a.parse().ok()).ok_or_else(|| {
+            ServiceError::host(
+                "confine an egress workspace",
+                format!("{subnet:?} is not an IPv4 subnet"),
+            )
+        })?;
+        // Podman gives a network's gateway its first address.
+        let gateway = std::net::Ipv4Addr::from(u32::from(base) + 1);
+        crate::firewall::confine(pid, gateway, &crate::firewall::host_addresses()).await
     }
 
     /// Creates an egress workspace's bridge network (route out, DNS) on the next free block
@@ -556,9 +625,16 @@ impl Conductor {
                 &env,
             )
             .await?;
+        if w.network_policy.mode == NetworkMode::Proxy {
+            self.egress_attach(&w.id, &w.network_policy)?;
+        }
         let container = w.container().to_string();
         self.engine.container_start(&container).await?;
         self.await_agent(&w.id).await;
+        if let Some(net) = &w.network {
+            // Rules live in the network namespace, which a restart makes anew.
+            self.confine_bridge(&container, net).await?;
+        }
         self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;
         self.get_workspace(&w.id)
     }
@@ -624,6 +700,7 @@ impl Conductor {
         }
         self.engine.container_remove(w.container()).await?;
         self.agents.remove(&w.id);
+        self.egress_detach(&w.id);
         if let Some(n) = &w.network {
             self.engine.network_remove(n).await?;
         }

@@ -105,6 +105,10 @@ impl UnixAgentTransport {
 
 #[async_trait]
 impl AgentTransport for UnixAgentTransport {
+    fn available(&self, config: &Config) -> bool {
+        agent_client::binary(config).is_some() && crate::host::is_root()
+    }
+
     fn container_setup(&self, config: &Config, workspace_id: &str) -> Result<Option<(Vec<Mount>, Vec<String>)>> {
         agent_client::container_setup(config, &self.paths, workspace_id)
     }

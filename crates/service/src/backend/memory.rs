@@ -429,6 +429,10 @@ pub struct NoAgents;
 
 #[async_trait]
 impl AgentTransport for NoAgents {
+    fn available(&self, _: &Config) -> bool {
+        false
+    }
+
     fn container_setup(&self, _: &Config, _: &str) -> Result<Option<(Vec<Mount>, Vec<String>)>> {
         Ok(None)
     }

@@ -80,6 +80,8 @@ pub trait VolumeStore: Send + Sync + 'static {
 /// How the service reaches a workspace's in-workspace agent.
 #[async_trait]
 pub trait AgentTransport: Send + Sync + 'static {
+    /// Whether workspaces get the agent here (a binary, and what its transport needs).
+    fn available(&self, config: &Config) -> bool;
     /// What the workspace's container needs to run the agent as PID 1 (its mounts and
     /// entrypoint); `None` when the agent cannot run here (exec then goes through the engine).
     fn container_setup(&self, config: &Config, workspace_id: &str) -> Result<Option<(Vec<Mount>, Vec<String>)>>;

@@ -205,6 +205,8 @@ impl<'a> Attempt<'a> {
                 BTreeMap::new()
             },
             extra_hosts,
+            // A sandbox is the task's own: its network is the task's.
+            network: self.spec.network.clone(),
             ..Default::default()
         };
         let info = c.create_workspace(req, progress).await?;
@@ -215,6 +217,41 @@ impl<'a> Attempt<'a> {
             sandbox,
             _turn: turn,
         }))
+    }
+
+    /// Tells the workspace's egress proxy which task runs, and for a shared workspace puts
+    /// the task's own `network` over the workspace's while the task runs.
+    fn apply_network(&self, lease: &Lease) -> Result<()> {
+        let c = self.c;
+        let ws = &lease.ws.record;
+        let task_net = match (&self.spec.network, lease.sandbox) {
+            (Some(net), false) => {
+                let base = conductor_core::egress::PolicyLayer {
+                    mode: Some(ws.network_policy.mode),
+                    allow: Some(ws.network_policy.allow.clone()),
+                    deny: ws.network_policy.deny.clone(),
+                };
+                let resolved = conductor_core::egress::resolve(&[base, net.layer()]);
+                if resolved.mode != ws.network_policy.mode {
+                    return Err(ServiceError::invalid(
+                        "network",
+                        format!(
+                            "the shared workspace {} has network mode \"{}\"; a task cannot change it to \"{}\" (remove the workspace, or create it with that mode)",
+                            ws.id, ws.network_policy.mode, resolved.mode
+                        ),
+                    ));
+                }
+                if resolved.mode == conductor_core::config::NetworkMode::Proxy {
+                    self.log.system(&format!(
+                        "network for this task: proxy, allow [{}]",
+                        resolved.allow.join(", ")
+                    ));
+                }
+                Some(resolved)
+            }
+            _ => None,
+        };
+        c.egress_task(ws.id.as_str(), Some((self.task.id.as_str(), task_net.as_ref())))
     }
 
     /// Records the workspace, starts the sidecars and places the source.
@@ -228,6 +265,7 @@ impl<'a> Attempt<'a> {
         }
         // Once per task, not per command: the workspace is busy (never cleaned up) meanwhile.
         c.store.touch_workspace(lease.ws.id(), now_ms())?;
+        self.apply_network(lease)?;
         if !self.spec.services.is_empty() {
             c.start_services(&lease.ws, &self.task.id, &self.spec.services, &self.log)
                 .await?;
@@ -427,6 +465,9 @@ impl<'a> Attempt<'a> {
     /// shell state.
     async fn release(&mut self, lease: Lease, ending: &Ending, snapshot: Option<&str>) {
         let c = self.c;
+        if let Err(e) = c.egress_task(lease.ws.id(), None) {
+            tracing::warn!(task = %self.task.id, error = %e, "resetting the workspace's egress policy failed");
+        }
         let result = if lease.sandbox {
             let failed = matches!(ending, Ending::Failed { .. } | Ending::TimedOut { .. });
             if failed && c.config.preserve_failed_workspaces() {
