@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use conductor_core::command::shell_quote;
-use conductor_core::config::NetworkPolicy;
+use conductor_core::config::{NetworkMode, NetworkPolicy};
 use conductor_core::engine::OutputChunk;
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::LimitOverrides;
@@ -15,6 +15,7 @@ use conductor_core::size::{ByteSize, Cpu};
 use conductor_service::exec::{Command, ExecRequest};
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
 use conductor_service::{Conductor, ServiceError};
+use conductor_store::{EgressDecision, EgressEventRecord, EgressFilter};
 use tokio::sync::mpsc;
 
 use super::progress::Spinner;
@@ -62,6 +63,9 @@ pub enum WsCommand {
         /// A host path, `-`, or WORKSPACE:PATH.
         dst: String,
     },
+    /// Show a workspace's egress audit (proxy mode): its outbound connection attempts
+    /// through conductor's proxy, allowed and denied, oldest first.
+    Egress(EgressArgs),
     /// Remove a workspace.
     Rm {
         id: String,
@@ -86,6 +90,28 @@ pub struct CreateArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct EgressArgs {
+    /// Workspace id or container name.
+    pub workspace: String,
+    /// Show the last N attempts (0: all of them).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub limit: usize,
+    /// Only `allowed` or only `denied` attempts.
+    #[arg(long, value_name = "DECISION")]
+    pub decision: Option<EgressDecision>,
+    /// Only attempts made while this task ran in the workspace.
+    #[arg(long = "task", value_name = "ID")]
+    pub task: Option<String>,
+    /// After the last N, print new attempts as they are made, until Ctrl-C or the workspace
+    /// is removed.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// One JSON object per line (an audit row) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Debug, Args, Clone, Default)]
 pub struct WorkspaceOpts {
     /// Memory limit (e.g. 512Mi), at most resources.maximums.memory.
@@ -99,9 +125,22 @@ pub struct WorkspaceOpts {
     /// Data volume size (e.g. 1Gi).
     #[arg(long)]
     pub volume_size: Option<ByteSize>,
-    /// none, isolated (default) or egress.
-    #[arg(long)]
-    pub network: Option<NetworkPolicy>,
+    /// isolated (loopback only; `none` is the same), proxy (only what --allow lets through,
+    /// over HTTP(S) via conductor's audited proxy; `ws egress` shows the attempts) or egress
+    /// (unfiltered internet access). Default: the environment's, else the configuration's.
+    #[arg(long, value_name = "MODE")]
+    pub network: Option<NetworkMode>,
+    /// A destination a proxy-mode workspace may reach (repeatable; implies --network proxy):
+    /// a host name (`pypi.org`), a `*.suffix` wildcard (its subdomains only), an address
+    /// range written as a CIDR (`203.0.113.0/24`; private and loopback addresses are only
+    /// reachable through one), each with an optional `:port` (default 80 and 443), or a
+    /// bundle: pypi, npm, debian, github. Replaces the environment's allow list.
+    #[arg(long = "allow", value_name = "ENTRY")]
+    pub allow: Vec<String>,
+    /// A destination that stays unreachable even when --allow matches it (repeatable; the
+    /// forms of --allow, without a port: every port). Adds to the environment's.
+    #[arg(long = "deny", value_name = "ENTRY")]
+    pub deny: Vec<String>,
     /// Read-only root file system with a tmpfs /tmp.
     #[arg(long)]
     pub readonly_rootfs: bool,
@@ -185,6 +224,19 @@ pub fn command_of(args: &[String], no_shell: bool) -> Command {
     Command::Shell(args.iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "))
 }
 
+/// The network the options ask for: `None` leaves it to the environment and the
+/// configuration. An allow list without a mode implies proxy mode (the service layers it).
+fn network_policy(o: &WorkspaceOpts) -> Option<NetworkPolicy> {
+    if o.network.is_none() && o.allow.is_empty() && o.deny.is_empty() {
+        return None;
+    }
+    Some(NetworkPolicy {
+        mode: o.network,
+        allow: (!o.allow.is_empty()).then(|| o.allow.clone()),
+        deny: o.deny.clone(),
+    })
+}
+
 fn create_request(agent: &str, environment: &str, o: &WorkspaceOpts) -> Result<CreateRequest, ServiceError> {
     Ok(CreateRequest {
         agent_id: agent.to_string(),
@@ -195,7 +247,7 @@ fn create_request(agent: &str, environment: &str, o: &WorkspaceOpts) -> Result<C
             pids: o.pids,
             volume_size: o.volume_size,
         },
-        network: o.network,
+        network: network_policy(o),
         readonly_rootfs: o.readonly_rootfs,
         env: parse_pairs("setenv", &o.setenv)?,
         ports: o.publish.clone(),
@@ -278,6 +330,181 @@ fn print_table(list: &[WorkspaceInfo]) {
     println!("{t}");
 }
 
+/// Rows of the audit read at once while following.
+const FOLLOW_PAGE: usize = 500;
+/// How often `ws egress --follow` looks for new rows.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `host:port`, with an IPv6 literal in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The columns of an audit row: time, decision, method, host:port, resolved, bytes
+/// up/down, duration, then why (the rule that allowed it, or the reason it was denied
+/// with the deny rule if one matched, and any error after the decision).
+fn egress_cells(r: &EgressEventRecord) -> [String; 8] {
+    let mut why = match (&r.reason, &r.rule) {
+        (Some(reason), Some(rule)) => format!("{reason} ({rule})"),
+        (Some(reason), None) => reason.clone(),
+        (None, Some(rule)) => rule.clone(),
+        (None, None) => "-".to_string(),
+    };
+    if let Some(e) = &r.error {
+        why.push_str(&format!("; error: {e}"));
+    }
+    [
+        conductor_core::task::rfc3339(r.at_ms),
+        r.decision.to_string(),
+        r.method.clone(),
+        host_port(&r.host, r.port),
+        r.resolved.clone().unwrap_or_else(|| "-".into()),
+        format!("{}/{}", r.bytes_up, r.bytes_down),
+        format!("{} ms", r.duration_ms),
+        why,
+    ]
+}
+
+const EGRESS_HEADER: [&str; 8] = [
+    "time",
+    "decision",
+    "method",
+    "host:port",
+    "resolved",
+    "bytes up/down",
+    "duration",
+    "rule/reason",
+];
+
+/// One line of `ws egress --follow` without --json: fixed-width columns, so rows printed
+/// as they come line up under the header (a table needs all its rows first).
+fn egress_line(cells: &[String; 8]) -> String {
+    format!(
+        "{:<24}  {:<8}  {:<7}  {:<32}  {:<24}  {:>13}  {:>9}  {}",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+    )
+}
+
+/// An audit row as `--json` prints it: the record, with `at` (RFC 3339 UTC) as the HTTP
+/// API gives it.
+#[derive(serde::Serialize)]
+struct EgressJson<'a> {
+    at: String,
+    #[serde(flatten)]
+    row: &'a EgressEventRecord,
+}
+
+fn egress_json(r: &EgressEventRecord) -> String {
+    let row = EgressJson {
+        at: conductor_core::task::rfc3339(r.at_ms),
+        row: r,
+    };
+    serde_json::to_string(&row).unwrap_or_default()
+}
+
+/// Writes `rows` to stdout; `false` once stdout is closed (e.g. piped into `head`).
+fn print_egress(rows: &[EgressEventRecord], as_json: bool, lines: bool) -> bool {
+    let mut text = String::new();
+    if as_json {
+        for r in rows {
+            text.push_str(&egress_json(r));
+            text.push('\n');
+        }
+    } else if lines {
+        for r in rows {
+            text.push_str(egress_line(&egress_cells(r)).trim_end());
+            text.push('\n');
+        }
+    } else if !rows.is_empty() {
+        let mut t = Table::new();
+        t.load_preset(UTF8_FULL_CONDENSED).set_header(EGRESS_HEADER);
+        for r in rows {
+            t.add_row(egress_cells(r));
+        }
+        text = format!("{t}\n");
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes()).and_then(|_| out.flush()).is_ok()
+}
+
+/// `conductor ws egress`.
+async fn egress(c: &Conductor, a: &EgressArgs) -> Result<ExitCode, ServiceError> {
+    let w = c.get_workspace(&a.workspace)?;
+    if w.network_policy.mode != NetworkMode::Proxy {
+        eprintln!(
+            "note: workspace {} is in {} mode; only proxy mode's connections go through the audited proxy",
+            w.id, w.network_policy.mode
+        );
+    }
+    let filter = EgressFilter {
+        task_id: a.task.clone(),
+        decision: a.decision,
+        limit: a.limit,
+        ..Default::default()
+    };
+    let backlog = c.egress_events(&w.id, filter.clone())?;
+    if !a.follow {
+        if backlog.is_empty() && !a.json {
+            eprintln!("no connection attempts recorded for {}", w.id);
+        }
+        print_egress(&backlog, a.json, false);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !a.json {
+        let header = EGRESS_HEADER.map(String::from);
+        println!("{}", egress_line(&header).trim_end());
+    }
+    if !print_egress(&backlog, a.json, true) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Poll the store rather than subscribe to `Conductor::follow_egress`: that broadcast
+    // carries only the connections this process's proxy serves, while this CLI runs the
+    // service in-process as a guest and a workspace's proxy is usually served by another
+    // process (`conductor serve`, or the CLI process that created it). Every process records
+    // its rows in the shared SQLite store, and ids only grow, so `after_id` is a cursor
+    // that misses nothing.
+    let mut cursor = backlog.last().map_or(0, |r| r.id);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut tick = tokio::time::interval(FOLLOW_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => break,
+            _ = tick.tick() => {}
+        }
+        // Read the state first: rows recorded before the removal are still printed.
+        let state = c.get_workspace(&w.id)?.state;
+        loop {
+            let page = c.egress_events(
+                &w.id,
+                EgressFilter {
+                    after_id: Some(cursor),
+                    limit: FOLLOW_PAGE,
+                    ..filter.clone()
+                },
+            )?;
+            let Some(last) = page.last() else { break };
+            cursor = last.id;
+            if !print_egress(&page, a.json, true) {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if page.len() < FOLLOW_PAGE {
+                break;
+            }
+        }
+        if state.is_terminal() {
+            eprintln!("workspace {} is {state}; no more connections will come", w.id);
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
@@ -332,6 +559,7 @@ pub async fn run(cli: &Cli, cmd: &WsCommand) -> Result<ExitCode, ServiceError> {
             }
         }
         WsCommand::Cp { src, dst } => return super::cp::run(&c, src, dst).await,
+        WsCommand::Egress(a) => return egress(&c, a).await,
         WsCommand::Stop { id } => println!("{}", c.stop_workspace(id).await?.state),
         WsCommand::Start { id } => println!("{}", c.start_workspace(id).await?.state),
         WsCommand::Rm {
@@ -369,7 +597,169 @@ pub async fn run_once(cli: &Cli, a: &RunArgs) -> Result<ExitCode, ServiceError> 
 
 #[cfg(test)]
 mod tests {
-    use super::{command_of, Command};
+    use clap::Parser;
+    use conductor_core::config::{NetworkMode, NetworkPolicy};
+    use conductor_store::{EgressDecision, EgressEventRecord};
+
+    use super::{command_of, create_request, egress_cells, egress_json, host_port, Command, WsCommand};
+    use crate::cli::{Cli, Command as CliCommand};
+
+    fn ws(args: &[&str]) -> WsCommand {
+        let cli = Cli::try_parse_from(["conductor", "ws"].iter().chain(args)).unwrap_or_else(|e| panic!("{e}"));
+        match cli.command {
+            CliCommand::Ws(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn network_of(args: &[&str]) -> Option<NetworkPolicy> {
+        let mut all = vec!["create", "--agent", "a", "--env", "minimal"];
+        all.extend(args);
+        let WsCommand::Create(a) = ws(&all) else { unreachable!() };
+        create_request(&a.agent, &a.environment, &a.opts).unwrap().network
+    }
+
+    #[test]
+    fn network_flags_build_the_policy() {
+        assert_eq!(network_of(&[]), None);
+        assert_eq!(
+            network_of(&["--network", "none"]),
+            Some(NetworkPolicy::mode(NetworkMode::Isolated))
+        );
+        assert_eq!(
+            network_of(&["--network", "egress"]),
+            Some(NetworkPolicy::mode(NetworkMode::Egress))
+        );
+        // --allow alone leaves the mode to the service, which takes it as proxy.
+        assert_eq!(
+            network_of(&[
+                "--allow",
+                "pypi",
+                "--allow",
+                "*.example.com:8443",
+                "--deny",
+                "10.0.0.0/8"
+            ]),
+            Some(NetworkPolicy {
+                mode: None,
+                allow: Some(vec!["pypi".into(), "*.example.com:8443".into()]),
+                deny: vec!["10.0.0.0/8".into()],
+            })
+        );
+        assert_eq!(
+            network_of(&["--network", "proxy"]),
+            Some(NetworkPolicy::mode(NetworkMode::Proxy))
+        );
+        let e = Cli::try_parse_from([
+            "conductor",
+            "ws",
+            "create",
+            "--agent",
+            "a",
+            "--env",
+            "m",
+            "--network",
+            "web",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a network mode"), "{e}");
+    }
+
+    #[test]
+    fn egress_flags() {
+        let WsCommand::Egress(a) = ws(&["egress", "ws-1"]) else {
+            unreachable!()
+        };
+        assert_eq!(
+            (a.workspace.as_str(), a.limit, a.decision, a.follow, a.json),
+            ("ws-1", 100, None, false, false)
+        );
+        let WsCommand::Egress(a) = ws(&[
+            "egress",
+            "ws-1",
+            "--limit",
+            "5",
+            "--decision",
+            "denied",
+            "--task",
+            "task-1",
+            "--follow",
+            "--json",
+        ]) else {
+            unreachable!()
+        };
+        assert_eq!(
+            (a.limit, a.decision, a.task.as_deref(), a.follow, a.json),
+            (5, Some(EgressDecision::Denied), Some("task-1"), true, true)
+        );
+        assert!(Cli::try_parse_from(["conductor", "ws", "egress", "ws-1", "--decision", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn egress_rows_as_cells() {
+        let r = EgressEventRecord {
+            id: 1,
+            at_ms: 1_714_566_896_789,
+            workspace_id: "ws-1".into(),
+            task_id: None,
+            method: "CONNECT".into(),
+            host: "pypi.org".into(),
+            port: 443,
+            resolved: Some("151.101.0.223".into()),
+            decision: EgressDecision::Allowed,
+            rule: Some("pypi (pypi.org)".into()),
+            reason: None,
+            bytes_up: 1200,
+            bytes_down: 34000,
+            duration_ms: 812,
+            error: None,
+        };
+        assert_eq!(
+            egress_cells(&r),
+            [
+                "2024-05-01T12:34:56.789Z",
+                "allowed",
+                "CONNECT",
+                "pypi.org:443",
+                "151.101.0.223",
+                "1200/34000",
+                "812 ms",
+                "pypi (pypi.org)"
+            ]
+            .map(String::from)
+        );
+        let denied = EgressEventRecord {
+            decision: EgressDecision::Denied,
+            host: "denied.test".into(),
+            port: 80,
+            method: "GET".into(),
+            resolved: None,
+            rule: None,
+            reason: Some("not_allowed".into()),
+            ..r.clone()
+        };
+        let cells = egress_cells(&denied);
+        assert_eq!(
+            (cells[3].as_str(), cells[4].as_str(), cells[7].as_str()),
+            ("denied.test:80", "-", "not_allowed")
+        );
+        let failed = EgressEventRecord {
+            error: Some("connection refused".into()),
+            ..r
+        };
+        assert_eq!(egress_cells(&failed)[7], "pypi (pypi.org); error: connection refused");
+        assert_eq!(host_port("2001:db8::1", 443), "[2001:db8::1]:443");
+        let v: serde_json::Value = serde_json::from_str(&egress_json(&denied)).unwrap();
+        assert_eq!(
+            (&v["at"], &v["at_ms"], &v["reason"]),
+            (
+                &"2024-05-01T12:34:56.789Z".into(),
+                &1_714_566_896_789i64.into(),
+                &"not_allowed".into()
+            )
+        );
+    }
 
     fn line(args: &[&str]) -> Command {
         command_of(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>(), false)

@@ -55,6 +55,36 @@ async def test_workspace_lifecycle(service: Any, agent_id: str) -> None:
         assert (e.value.status, e.value.code) == (409, "conflict")
 
 
+async def test_proxy_mode_audits_a_denied_request(service: Any, agent_id: str) -> None:
+    # Nothing outside is contacted: the proxy refuses a name that is not allowed before
+    # resolving it.
+    async with AsyncConductorClient(service.url) as c:
+        ws = await c.create_workspace(agent_id, "python-dev", allow=["pypi"])
+        assert ws.network_policy is not None and ws.network_policy["mode"] == "proxy", ws.network_policy
+        assert ws.network_policy["allow"] == ["pypi"]
+        script = (
+            "import urllib.request, urllib.error\n"
+            "try:\n"
+            "    urllib.request.urlopen('http://denied.test/', timeout=30)\n"
+            "except urllib.error.HTTPError as e:\n"
+            "    print(e.code)\n"
+        )
+        r = await c.exec(ws.id, ["python3", "-c", script], timeout=60)
+        assert (r.exit_code, r.stdout) == (0, "403\n"), r
+
+        rows = await c.egress(ws.id, decision="denied")
+        denied = [row for row in rows if row["host"] == "denied.test"]
+        assert denied, rows
+        row = denied[-1]
+        assert (row["decision"], row["reason"], row["port"], row["method"]) == ("denied", "not_allowed", 80, "GET"), row
+        assert row["workspace_id"] == ws.id and row["resolved"] is None
+        assert await c.egress(ws.id, decision="allowed") == []
+        assert await c.egress(ws.id, after=row["id"]) == []
+        await c.delete_workspace(ws.id, keep_volumes=False)
+        # The audit outlives the workspace.
+        assert [x["id"] for x in await c.egress(ws.id, limit=1)] == [rows[-1]["id"]]
+
+
 async def test_exec_takes_a_line_or_an_argv(service: Any, agent_id: str) -> None:
     async with AsyncConductorClient(service.url) as c:
         ws = await c.create_workspace(agent_id, "minimal")

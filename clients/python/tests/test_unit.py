@@ -208,6 +208,123 @@ def test_create_task_builds_the_request_body() -> None:
         create_task(environment="minimal", commands="ls")
 
 
+def _workspace_recorder(bodies: List[Any]) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        policy = {"mode": "proxy", "allow": ["pypi"], "deny": []}
+        return httpx.Response(201, json={**_workspace_json(body["agent_id"], 1, 0), "network_policy": policy})
+
+    return handler
+
+
+async def test_create_workspace_sends_the_network_as_a_mode_or_a_policy() -> None:
+    bodies: List[Any] = []
+    c = _mock(_workspace_recorder(bodies))
+    await c.create_workspace("a", "python-dev")
+    await c.create_workspace("a", "python-dev", network="egress")
+    ws = await c.create_workspace("a", "python-dev", allow=["pypi"])
+    await c.create_workspace("a", "python-dev", network="proxy", allow=("pypi", "github.com:22"), deny=["gist.github.com"])
+    await c.create_workspace("a", "python-dev", network={"mode": "proxy", "allow": ["npm"]}, deny=["10.0.0.0/8"])
+    await c.create_workspace("a", "python-dev", network={"allow": ["debian"]})
+    with pytest.raises(TypeError):
+        await c.create_workspace("a", "python-dev", allow="pypi")  # type: ignore[arg-type]
+    assert [b.get("network") for b in bodies] == [
+        None,
+        "egress",
+        {"allow": ["pypi"]},
+        {"mode": "proxy", "allow": ["pypi", "github.com:22"], "deny": ["gist.github.com"]},
+        {"mode": "proxy", "allow": ["npm"], "deny": ["10.0.0.0/8"]},
+        {"allow": ["debian"]},
+    ]
+    assert ws.network_policy == {"mode": "proxy", "allow": ["pypi"], "deny": []}
+    await c.aclose()
+
+    manager = WorkspaceIsolationManager(client=_mock(_workspace_recorder(bodies)))
+    container = await manager.create_workspace("a", "python-dev", network="proxy", allow=["pypi"])
+    assert bodies[-1]["network"] == {"mode": "proxy", "allow": ["pypi"]}
+    assert container.network_policy == {"mode": "proxy", "allow": ["pypi"], "deny": []}
+    await manager.close()
+
+
+def test_the_sync_client_sends_the_network_too() -> None:
+    bodies: List[Any] = []
+    with ConductorClient("http://conductor.test", transport=httpx.MockTransport(_workspace_recorder(bodies))) as sync:
+        sync.create_workspace("a", "python-dev", allow=["pypi"], deny=["files.pythonhosted.org"])
+    assert bodies[-1]["network"] == {"allow": ["pypi"], "deny": ["files.pythonhosted.org"]}
+
+
+EGRESS_ROW: Dict[str, Any] = {
+    "id": 7,
+    "at": "2024-05-01T12:34:56.789Z",
+    "at_ms": 1714566896789,
+    "workspace_id": "ws-1",
+    "task_id": None,
+    "method": "GET",
+    "host": "denied.test",
+    "port": 80,
+    "resolved": None,
+    "decision": "denied",
+    "rule": None,
+    "reason": "not_allowed",
+    "bytes_up": 0,
+    "bytes_down": 0,
+    "duration_ms": 1,
+    "error": None,
+}
+
+
+def _egress_recorder(calls: List[Any]) -> Any:
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append((request.method, request.url.raw_path.split(b"?")[0], dict(request.url.params)))
+        return httpx.Response(200, json={"events": [EGRESS_ROW]})
+
+    return handler
+
+
+async def test_egress_asks_for_the_audit_and_returns_its_rows() -> None:
+    calls: List[Any] = []
+    handler = _egress_recorder(calls)
+    c = _mock(handler)
+    assert await c.egress("ws-1") == [EGRESS_ROW]
+    rows = await c.egress("ws/1", limit=10, decision="denied", after=6, task_id="task-1")
+    assert rows[0]["host"] == "denied.test" and rows[0]["reason"] == "not_allowed"
+    await c.aclose()
+    fake = FakeService()
+    fake.add("agent-1")
+    manager = WorkspaceIsolationManager(
+        client=AsyncConductorClient(
+            "http://conductor.test",
+            transport=httpx.MockTransport(lambda r: fake.handler(r) if r.url.path == "/workspaces" else handler(r)),
+        )
+    )
+    assert await manager.egress("agent-1", limit=1) == [EGRESS_ROW]
+    await manager.close()
+    assert calls == [
+        ("GET", b"/workspaces/ws-1/egress", {}),
+        ("GET", b"/workspaces/ws%2F1/egress", {"limit": "10", "decision": "denied", "after": "6", "task_id": "task-1"}),
+        ("GET", b"/workspaces/ws-000000000001/egress", {"limit": "1"}),
+    ]
+
+
+def test_the_sync_client_reads_the_audit_too() -> None:
+    calls: List[Any] = []
+    with ConductorClient("http://conductor.test", transport=httpx.MockTransport(_egress_recorder(calls))) as sync:
+        assert sync.egress("ws-1", decision="allowed") == [EGRESS_ROW]
+    assert calls == [("GET", b"/workspaces/ws-1/egress", {"decision": "allowed"})]
+
+
+def test_create_task_takes_a_network() -> None:
+    spec = create_task(environment="python-dev", commands=["pip download requests"], allow=["pypi"])
+    assert spec.to_json()["network"] == {"allow": ["pypi"]}
+    assert create_task(environment="minimal", commands=["true"], network="isolated").to_json()["network"] == "isolated"
+    assert "network" not in create_task(environment="minimal", commands=["true"]).to_json()
+    spec = create_task(environment="minimal", commands=["true"], network="proxy", deny=["evil.example.com"])
+    assert spec.to_json()["network"] == {"mode": "proxy", "deny": ["evil.example.com"]}
+    t = Task.from_dict({"id": "task-1", "status": "succeeded", "egress": {"allowed": 1, "denied": 2, "hosts": []}})
+    assert t.egress is not None and t.egress["denied"] == 2
+
+
 # -- the original WorkspaceIsolationManager's shapes ---------------------------------------
 
 

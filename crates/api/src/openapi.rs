@@ -6,6 +6,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::ErrorBody;
+use crate::routes::egress::{EgressEnd, EgressEvent, EgressLagged};
 use crate::routes::tasks::{LogChunk, LogEnd};
 
 /// The document's fixed part; paths and their schemas are added by the router.
@@ -28,7 +29,7 @@ use crate::routes::tasks::{LogChunk, LogEnd};
         (name = "environments", description = "Environment images"),
         (name = "system", description = "Health, metrics and this document"),
     ),
-    components(schemas(ErrorBody, LogChunk, LogEnd)),
+    components(schemas(ErrorBody, LogChunk, LogEnd, EgressEvent, EgressLagged, EgressEnd)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

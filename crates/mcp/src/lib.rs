@@ -4,9 +4,9 @@
 //! serves the same tools over streamable HTTP at `/mcp` ([`http::McpHttp`]). The tools
 //! ([`tools::WorkspaceTools`]) drive an in-process [`Conductor`] the same way the CLI does:
 //! create a workspace, run commands in it, read, write and list its files, snapshot and
-//! restore it, destroy it. File tools call the service's file API, with its path rules
-//! (under `/workspace` only; [`files`]); command output is bounded before it reaches the
-//! model ([`output`]).
+//! restore it, read its egress audit (proxy mode), destroy it. File tools call the
+//! service's file API, with its path rules (under `/workspace` only; [`files`]); command
+//! output is bounded before it reaches the model ([`output`]).
 //!
 //! The server does not reconcile the data directory at start: another conductor (the HTTP
 //! service) may share it and own what looks orphaned from here. On exit — the client closes

@@ -13,13 +13,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conductor_core::config::NetworkPolicy;
+use conductor_core::config::{NetworkMode, NetworkPolicy};
+use conductor_core::egress::ResolvedNetwork;
 use conductor_core::engine::{OutputChunk, Progress};
 use conductor_core::naming;
 use conductor_service::exec::{Command, ExecOutcome, ExecRequest, WORKSPACE_USER};
 use conductor_service::files::{FileKind, PutOptions};
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
 use conductor_service::{streams, Conductor, ServiceError};
+use conductor_store::{EgressDecision, EgressEventRecord, EgressFilter};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{Implementation, ServerCapabilities, ServerConfig};
@@ -40,6 +42,10 @@ pub const DEFAULT_AGENT: &str = "mcp-agent";
 const DEFAULT_TIMEOUT_SECS: u64 = 120;
 /// Timeout of a file tool's work.
 const FILE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Audit rows `workspace_egress` returns when the model gives no limit.
+const DEFAULT_EGRESS_ROWS: usize = 50;
+/// The most audit rows `workspace_egress` returns.
+const MAX_EGRESS_ROWS: usize = 1000;
 
 const INSTRUCTIONS: &str = "\
 conductor gives you isolated Linux workspaces: each is a Podman container with its own file \
@@ -51,8 +57,10 @@ it goes wrong -> destroy_workspace when finished.
 
 Commands run as an unprivileged user (uid 1000, no root, no sudo) through bash in /workspace, \
 your working directory and data volume. Workspaces have no internet access unless created with \
-network \"egress\". Each tool call is independent: `cd` or `export` in one run_command does not \
-carry over to the next (chain them with && instead).";
+network \"egress\", or with an allow list (network \"proxy\", e.g. allow [\"pypi\"]: only those \
+destinations, over HTTP(S); workspace_egress shows what was tried and refused). Each tool call is \
+independent: `cd` or `export` in one run_command does not carry over to the next (chain them with && \
+instead).";
 
 /// The tool server: a conductor plus a record of the operations still running.
 #[derive(Clone)]
@@ -62,28 +70,6 @@ pub struct WorkspaceTools {
     /// shutdown to wait for them.
     pub(crate) inflight: Arc<RwLock<()>>,
     tool_router: ToolRouter<Self>,
-}
-
-/// Network of a new workspace.
-#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    /// Loopback only (the same as "isolated").
-    None,
-    /// A private network namespace with loopback only: no route out (the usual default).
-    Isolated,
-    /// Internet access, e.g. to install packages.
-    Egress,
-}
-
-impl From<Network> for NetworkPolicy {
-    fn from(n: Network) -> Self {
-        match n {
-            Network::None => NetworkPolicy::None,
-            Network::Isolated => NetworkPolicy::Isolated,
-            Network::Egress => NetworkPolicy::Egress,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -97,10 +83,40 @@ pub struct CreateWorkspaceArgs {
     /// environment finds the same /workspace data again.
     #[serde(default)]
     pub agent_id: Option<String>,
-    /// "isolated" (loopback only, no internet: the default), "none" (the same) or "egress" (internet
-    /// access). Default: the environment's or the service's setting, normally "isolated".
+    /// Network mode: "isolated" (loopback only, no internet; "none" is the same), "proxy" (only
+    /// the destinations in `allow` are reachable, over HTTP(S) through conductor's audited
+    /// proxy; the workspace's HTTP_PROXY/HTTPS_PROXY point at it) or "egress" (unfiltered
+    /// internet access). Default: the environment's or the service's setting, normally
+    /// "isolated"; giving `allow` implies "proxy".
     #[serde(default)]
-    pub network: Option<Network>,
+    pub network: Option<String>,
+    /// Proxy mode: what the workspace may reach, e.g. ["pypi", "github", "api.example.com",
+    /// "*.example.org", "example.net:8443"]. An entry is an exact host name; a "*.suffix"
+    /// wildcard (every subdomain, not the suffix itself); an address range written as a CIDR
+    /// ("203.0.113.0/24"; private, loopback and link-local addresses are reachable only
+    /// through such an entry, never through a name resolving to them); any of these with an
+    /// optional ":port" (default: 80 and 443); or a bundle: "pypi", "npm", "debian",
+    /// "github". Replaces the environment's allow list.
+    #[serde(default)]
+    pub allow: Option<Vec<String>>,
+    /// Proxy mode: entries (the same forms as in `allow`; without a port: every port) that
+    /// stay unreachable even when `allow` matches; added to the environment's.
+    #[serde(default)]
+    pub deny: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceEgressArgs {
+    /// Workspace id from create_workspace or list_workspaces.
+    #[serde(alias = "workspace")]
+    pub workspace_id: String,
+    /// How many of the latest attempts to return, 1 to 1000 (default 50).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Only "allowed" or only "denied" attempts (default both).
+    #[serde(default)]
+    pub decision: Option<String>,
 }
 
 /// The schema of a command: a command line or an argv.
@@ -287,6 +303,70 @@ fn describe(w: &WorkspaceInfo) -> String {
     )
 }
 
+/// The network of a new workspace from the tool's arguments: `None` when none is given.
+fn network_policy(
+    mode: Option<&str>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+) -> Result<Option<NetworkPolicy>, String> {
+    let mode = match mode.map(str::trim) {
+        None => None,
+        Some(m) => Some(m.parse::<NetworkMode>().map_err(|e| format!("invalid network: {e}"))?),
+    };
+    if mode.is_none() && allow.is_none() && deny.as_ref().is_none_or(Vec::is_empty) {
+        return Ok(None);
+    }
+    Ok(Some(NetworkPolicy {
+        mode,
+        allow,
+        deny: deny.unwrap_or_default(),
+    }))
+}
+
+/// A workspace's network in a sentence.
+fn describe_network(n: &ResolvedNetwork) -> String {
+    match n.mode {
+        NetworkMode::Proxy if n.allow.is_empty() => {
+            "proxy, nothing allowed (every outbound connection is refused)".to_string()
+        }
+        NetworkMode::Proxy => {
+            let mut s = format!(
+                "proxy (HTTP/HTTPS through HTTP_PROXY only) allowing {}",
+                n.allow.join(", ")
+            );
+            if !n.deny.is_empty() {
+                s.push_str(&format!(", denying {}", n.deny.join(", ")));
+            }
+            s + "; workspace_egress shows what was tried"
+        }
+        NetworkMode::Isolated => "isolated (no internet access)".to_string(),
+        NetworkMode::Egress => "egress (internet access)".to_string(),
+    }
+}
+
+/// An audit row for the model: the record, with `at` (RFC 3339 UTC) as the HTTP API gives it.
+#[derive(serde::Serialize)]
+struct EgressRow<'a> {
+    at: String,
+    #[serde(flatten)]
+    row: &'a EgressEventRecord,
+}
+
+/// Audit rows as a JSON array, one row per line.
+fn egress_json(rows: &[EgressEventRecord]) -> String {
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let row = EgressRow {
+                at: conductor_core::task::rfc3339(r.at_ms),
+                row: r,
+            };
+            serde_json::to_string(&row).unwrap_or_default()
+        })
+        .collect();
+    format!("[\n{}\n]", lines.join(",\n"))
+}
+
 impl WorkspaceTools {
     pub fn new(conductor: Arc<Conductor>) -> Self {
         WorkspaceTools {
@@ -397,15 +477,21 @@ impl WorkspaceTools {
         description = "Create an isolated workspace (a Linux container) from an environment and start it. \
                        Returns its workspace_id, which every other tool needs. The first workspace of an \
                        environment may take minutes while its image is built. Destroy workspaces you no \
-                       longer need with destroy_workspace.",
+                       longer need with destroy_workspace. Network: none by default; network \"egress\" \
+                       for unfiltered internet access, or an allow list for only some destinations over \
+                       HTTP(S) (network \"proxy\"; entries: an exact host name such as \"api.example.com\", \
+                       a \"*.example.com\" wildcard matching its subdomains only, an address range written \
+                       as a CIDR, each with an optional \":port\" (default 80 and 443), or a bundle: \
+                       \"pypi\", \"npm\", \"debian\", \"github\"), optionally with deny entries.",
         annotations(destructive_hint = false, open_world_hint = false)
     )]
     async fn create_workspace(&self, Parameters(args): Parameters<CreateWorkspaceArgs>) -> ToolResult {
+        let network = network_policy(args.network.as_deref(), args.allow, args.deny)?;
         let agent_id = args.agent_id.unwrap_or_else(|| DEFAULT_AGENT.to_string());
         let req = CreateRequest {
             agent_id,
             environment: args.environment.trim().to_string(),
-            network: args.network.map(Into::into),
+            network,
             ..Default::default()
         };
         let c = self.conductor.clone();
@@ -417,8 +503,10 @@ impl WorkspaceTools {
             "Created workspace {id} (environment {env}, agent {agent}); it is running.\n\
              workspace_id: {id}\n\
              Limits: memory {mem}, cpu {cpu}, processes {pids}, /workspace size {vol}.\n\
+             Network: {net}.\n\
              Commands run as user {user} in /workspace. Use this workspace_id with run_command, \
              write_file, read_file, list_files, snapshot, restore and destroy_workspace.",
+            net = describe_network(&w.network_policy),
             id = w.id,
             env = w.environment,
             agent = w.agent_id,
@@ -445,6 +533,54 @@ impl WorkspaceTools {
             return Ok("No live workspaces; create one with create_workspace.".into());
         }
         Ok(list.iter().map(|w| describe(w) + "\n").collect())
+    }
+
+    /// A workspace's egress audit.
+    #[tool(
+        description = "Show the outbound connection attempts of a workspace in \"proxy\" network mode, oldest \
+                       first, as a JSON array: for each its time (at, UTC; at_ms in unix milliseconds), \
+                       method (CONNECT for HTTPS, else the HTTP method), host and port asked for, the address \
+                       connected to (resolved), decision (\"allowed\" or \"denied\"), the policy entry that \
+                       decided (rule), why it was denied (reason: not_allowed, denied, ip_literal, special_address, \
+                       sni_mismatch, connection_limit, ...), bytes up and down, duration_ms and any error. \
+                       Use it when a download or API call fails in a proxy-mode workspace: a \"not_allowed\" \
+                       host needs to be in the workspace's allow list (create a new workspace with it).",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn workspace_egress(&self, Parameters(args): Parameters<WorkspaceEgressArgs>) -> ToolResult {
+        let limit = args.limit.unwrap_or(DEFAULT_EGRESS_ROWS);
+        if !(1..=MAX_EGRESS_ROWS).contains(&limit) {
+            return Err(format!("invalid limit: must be between 1 and {MAX_EGRESS_ROWS}"));
+        }
+        let decision = match args.decision.as_deref().map(str::trim) {
+            None => None,
+            Some(d) => Some(
+                d.parse::<EgressDecision>()
+                    .map_err(|_| format!("invalid decision: {d:?} is neither \"allowed\" nor \"denied\""))?,
+            ),
+        };
+        let w = self.workspace(&args.workspace_id)?;
+        let filter = EgressFilter {
+            decision,
+            limit,
+            ..Default::default()
+        };
+        let rows = self.conductor.egress_events(&w.id, filter).map_err(failure)?;
+        if rows.is_empty() {
+            let what = match decision {
+                Some(d) => format!("no {d} outbound connection attempts"),
+                None => "no outbound connection attempts".to_string(),
+            };
+            return Ok(match w.network_policy.mode {
+                NetworkMode::Proxy => format!("Workspace {} has {what} recorded.", w.id),
+                mode => format!(
+                    "Workspace {} has {what} recorded: its network mode is \"{mode}\", and only \"proxy\" \
+                     mode goes through the audited proxy.",
+                    w.id
+                ),
+            });
+        }
+        Ok(egress_json(&rows))
     }
 
     /// Run a shell command.
@@ -696,5 +832,113 @@ impl ServerHandler for WorkspaceTools {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("conductor", env!("CARGO_PKG_VERSION")))
             .with_instructions(INSTRUCTIONS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn network_arguments_build_the_core_policy() {
+        assert_eq!(network_policy(None, None, None), Ok(None));
+        assert_eq!(network_policy(None, None, Some(vec![])), Ok(None));
+        assert_eq!(
+            network_policy(Some("none"), None, None),
+            Ok(Some(NetworkPolicy::mode(NetworkMode::Isolated)))
+        );
+        assert_eq!(
+            network_policy(Some(" egress "), None, None),
+            Ok(Some(NetworkPolicy::mode(NetworkMode::Egress)))
+        );
+        // An allow list alone leaves the mode to the service (it implies proxy).
+        assert_eq!(
+            network_policy(
+                None,
+                Some(strings(&["pypi", "*.example.com:8443"])),
+                Some(strings(&["evil.example.com"]))
+            ),
+            Ok(Some(NetworkPolicy {
+                mode: None,
+                allow: Some(strings(&["pypi", "*.example.com:8443"])),
+                deny: strings(&["evil.example.com"]),
+            }))
+        );
+        let e = network_policy(Some("internet"), None, None).unwrap_err();
+        assert!(e.starts_with("invalid network: ") && e.contains("proxy"), "{e}");
+    }
+
+    #[test]
+    fn create_workspace_takes_network_allow_and_deny() {
+        let args: CreateWorkspaceArgs = serde_json::from_value(serde_json::json!({
+            "environment": "python-dev", "network": "proxy", "allow": ["pypi"], "deny": ["10.0.0.0/8"]
+        }))
+        .unwrap();
+        assert_eq!(args.network.as_deref(), Some("proxy"));
+        assert_eq!(args.allow, Some(strings(&["pypi"])));
+        assert_eq!(args.deny, Some(strings(&["10.0.0.0/8"])));
+        let schema = serde_json::to_value(schemars::schema_for!(CreateWorkspaceArgs)).unwrap();
+        for field in ["network", "allow", "deny"] {
+            assert!(
+                schema["properties"][field]["description"].is_string(),
+                "{field}: {schema}"
+            );
+        }
+    }
+
+    #[test]
+    fn workspace_egress_takes_workspace_id_or_workspace() {
+        for key in ["workspace_id", "workspace"] {
+            let args: WorkspaceEgressArgs =
+                serde_json::from_value(serde_json::json!({ key: "ws-1", "decision": "denied" })).unwrap();
+            assert_eq!(
+                (args.workspace_id.as_str(), args.decision.as_deref()),
+                ("ws-1", Some("denied"))
+            );
+        }
+    }
+
+    #[test]
+    fn networks_are_described() {
+        let proxy = ResolvedNetwork {
+            mode: NetworkMode::Proxy,
+            allow: strings(&["pypi", "github"]),
+            deny: strings(&["gist.github.com"]),
+        };
+        let d = describe_network(&proxy);
+        assert!(d.contains("allowing pypi, github, denying gist.github.com"), "{d}");
+        assert!(describe_network(&ResolvedNetwork::default()).starts_with("isolated"));
+    }
+
+    #[test]
+    fn audit_rows_are_a_json_array() {
+        let row = EgressEventRecord {
+            id: 7,
+            at_ms: 1_700_000_000_000,
+            workspace_id: "ws-1".into(),
+            task_id: None,
+            method: "CONNECT".into(),
+            host: "denied.test".into(),
+            port: 443,
+            resolved: None,
+            decision: EgressDecision::Denied,
+            rule: None,
+            reason: Some("not_allowed".into()),
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 1,
+            error: None,
+        };
+        let text = egress_json(&[row.clone(), EgressEventRecord { id: 8, ..row }]);
+        assert_eq!(text.lines().count(), 4, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v[1]["id"], 8);
+        assert_eq!(v[0]["decision"], "denied");
+        assert_eq!(v[0]["reason"], "not_allowed");
+        assert_eq!(v[0]["at"], "2023-11-14T22:13:20.000Z");
     }
 }

@@ -58,7 +58,7 @@ from .models import (
 )
 from .settings import ConfigLike, resolve
 
-__all__ = ["AsyncConductorClient", "ConductorClient", "CommandLike", "DEFAULT_TIMEOUT", "TaskLike"]
+__all__ = ["AsyncConductorClient", "ConductorClient", "CommandLike", "DEFAULT_TIMEOUT", "NetworkLike", "TaskLike"]
 
 #: Connect within 10 s; reads wait as long as the service works on the request.
 DEFAULT_TIMEOUT = httpx.Timeout(None, connect=10.0)
@@ -70,7 +70,36 @@ TaskLike = Union[TaskSpec, Mapping[str, Any]]
 #: (``["python3", "-c", "print(1)"]``) executed directly, without a shell.
 CommandLike = Union[str, Sequence[str]]
 
+#: A network policy: a mode (``"isolated"``, ``"none"``, ``"proxy"``, ``"egress"``) or
+#: ``{"mode": ..., "allow": [...], "deny": [...]}`` (every key optional).
+NetworkLike = Union[str, Mapping[str, Any]]
+
 T = TypeVar("T")
+
+
+def network_body(
+    network: Optional[NetworkLike] = None,
+    allow: Optional[Iterable[str]] = None,
+    deny: Optional[Iterable[str]] = None,
+) -> Optional[Union[str, Dict[str, Any]]]:
+    """The ``network`` of a workspace or task request: ``None`` when nothing is given, the
+    plain mode string when only a mode is, else ``{"mode", "allow", "deny"}`` (an
+    ``allow`` list without a mode means proxy mode; the service decides)."""
+    for name, entries in (("allow", allow), ("deny", deny)):
+        if isinstance(entries, (str, bytes)):
+            raise TypeError(f"{name} must be a list of entries such as ['pypi'], not one string")
+    if network is not None and not isinstance(network, (str, Mapping)):
+        raise TypeError("network must be a mode (str) or a mapping {'mode', 'allow', 'deny'}")
+    if allow is None and deny is None:
+        return dict(network) if isinstance(network, Mapping) else network
+    body: Dict[str, Any] = dict(network) if isinstance(network, Mapping) else {}
+    if isinstance(network, str):
+        body["mode"] = network
+    if allow is not None:
+        body["allow"] = list(allow)
+    if deny is not None:
+        body["deny"] = list(deny)
+    return body
 
 
 def _command_body(command: CommandLike) -> Union[str, List[str]]:
@@ -261,18 +290,28 @@ class AsyncConductorClient:
         environment: str,
         *,
         limits: Optional[Mapping[str, Any]] = None,
-        network: Optional[str] = None,
+        network: Optional[NetworkLike] = None,
+        allow: Optional[Iterable[str]] = None,
+        deny: Optional[Iterable[str]] = None,
     ) -> Workspace:
         """``POST /workspaces``: creates and starts a workspace (building its image when needed).
 
         ``limits`` may set ``memory`` (e.g. ``"2Gi"``), ``cpu`` (e.g. ``"1.5"``), ``pids``
-        and ``volume_size``; ``network`` is ``"none"``, ``"isolated"`` or ``"egress"``.
+        and ``volume_size``. ``network`` is a mode: ``"isolated"`` (loopback only; ``"none"``
+        is the same), ``"proxy"`` (only what ``allow`` lets through, over HTTP(S) via the
+        service's audited proxy; see :meth:`egress`) or ``"egress"`` (unfiltered), or the
+        whole policy as a mapping ``{"mode", "allow", "deny"}``. ``allow`` (which implies
+        proxy mode) and ``deny`` are lists of entries: a host name (``"pypi.org"``), a
+        ``"*.suffix"`` wildcard (its subdomains only), an address range written as a CIDR,
+        each with an optional ``":port"`` (default 80 and 443), or a bundle (``"pypi"``,
+        ``"npm"``, ``"debian"``, ``"github"``).
         """
         body: Dict[str, Any] = {"agent_id": agent_id, "environment": environment}
         if limits:
             body["limits"] = dict(limits)
-        if network is not None:
-            body["network"] = network
+        net = network_body(network, allow, deny)
+        if net is not None:
+            body["network"] = net
         return Workspace.from_dict(await self._request("POST", "/workspaces", json=body))
 
     async def list_workspaces(
@@ -322,6 +361,30 @@ class AsyncConductorClient:
         if cwd is not None:
             body["cwd"] = cwd
         return ExecResult.from_dict(await self._request("POST", f"/workspaces/{_seg(workspace_id)}/exec", json=body))
+
+    async def egress(
+        self,
+        workspace_id: str,
+        *,
+        limit: Optional[int] = None,
+        decision: Optional[str] = None,
+        after: Optional[int] = None,
+        task_id: Optional[str] = None,
+    ) -> List[Dict[str, Any]]:
+        """``GET /workspaces/{id}/egress``: the workspace's outbound connection attempts
+        through the proxy (proxy mode), oldest first, as dicts with ``id``, ``at``
+        (RFC 3339), ``at_ms``, ``task_id``, ``method``, ``host``, ``port``, ``resolved``,
+        ``decision`` (``"allowed"`` / ``"denied"``), ``rule``, ``reason`` (e.g.
+        ``"not_allowed"``), ``bytes_up``, ``bytes_down``, ``duration_ms`` and ``error``.
+
+        Without ``after`` the last ``limit`` rows (default 100, at most 1000); with it the
+        first ``limit`` rows whose ``id`` is larger (pass the last ``id`` seen to page on or
+        to poll for new ones). ``decision`` and ``task_id`` filter. Rows stay after the
+        workspace is removed, for ``network.egress.audit_retention_days``."""
+        params = _params(limit=limit, decision=decision, after=after, task_id=task_id)
+        body = await self._request("GET", f"/workspaces/{_seg(workspace_id)}/egress", params=params)
+        rows = body.get("events", []) if isinstance(body, dict) else body
+        return [dict(r) for r in rows or []]
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -511,9 +574,13 @@ class ConductorClient:
         environment: str,
         *,
         limits: Optional[Mapping[str, Any]] = None,
-        network: Optional[str] = None,
+        network: Optional[NetworkLike] = None,
+        allow: Optional[Iterable[str]] = None,
+        deny: Optional[Iterable[str]] = None,
     ) -> Workspace:
-        return self._run(self.aio.create_workspace(agent_id, environment, limits=limits, network=network))
+        return self._run(
+            self.aio.create_workspace(agent_id, environment, limits=limits, network=network, allow=allow, deny=deny)
+        )
 
     def list_workspaces(
         self,
@@ -541,6 +608,17 @@ class ConductorClient:
         cwd: Optional[str] = None,
     ) -> ExecResult:
         return self._run(self.aio.exec(workspace_id, command, timeout=timeout, env=env, cwd=cwd))
+
+    def egress(
+        self,
+        workspace_id: str,
+        *,
+        limit: Optional[int] = None,
+        decision: Optional[str] = None,
+        after: Optional[int] = None,
+        task_id: Optional[str] = None,
+    ) -> List[Dict[str, Any]]:
+        return self._run(self.aio.egress(workspace_id, limit=limit, decision=decision, after=after, task_id=task_id))
 
     def create_snapshot(self, workspace: str, name: str, *, overwrite: bool = False) -> Snapshot:
         return self._run(self.aio.create_snapshot(workspace, name, overwrite=overwrite))

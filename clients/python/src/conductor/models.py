@@ -125,6 +125,8 @@ class Workspace(_Model):
     image: str = ""
     container_name: str = ""
     network: Optional[str] = None
+    #: The network it runs with: ``{"mode": "proxy", "allow": [...], "deny": [...]}``.
+    network_policy: Optional[Dict[str, Any]] = field(default=None, hash=False)
     limits: Limits = field(default_factory=Limits)
     created_at: int = 0
     last_used_at: int = 0
@@ -312,6 +314,9 @@ class Task(_Model):
     finished_at: Optional[str] = None
     duration_ms: Optional[int] = None
     snapshot: Optional[str] = None
+    #: What the task's workspace tried to reach through the proxy (proxy mode; only from
+    #: ``get_task``): ``allowed``, ``denied``, ``bytes_up``, ``bytes_down``, ``hosts``.
+    egress: Optional[Dict[str, Any]] = field(default=None, hash=False)
 
     @property
     def task_id(self) -> str:
@@ -364,6 +369,8 @@ class TaskSpec(_Model):
     agent_id: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)
     source: Optional[str] = None
+    #: The task's network over its environment's: a mode or ``{"mode", "allow", "deny"}``.
+    network: Optional[Union[str, Dict[str, Any]]] = None
 
     def to_json(self) -> Dict[str, Any]:
         """The request body: unset optional fields are left out."""
@@ -372,7 +379,7 @@ class TaskSpec(_Model):
             "environment": self.environment,
             "commands": list(self.commands),
         }
-        for key in ("description", "priority", "timeout", "agent_id", "source"):
+        for key in ("description", "priority", "timeout", "agent_id", "source", "network"):
             value = getattr(self, key)
             if value is not None:
                 body[key] = value

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import AsyncGenerator, Iterable, List, Mapping, Optional, Sequence
 
-from .client import AsyncConductorClient, TaskLike
+from .client import AsyncConductorClient, NetworkLike, TaskLike, network_body
 from .models import LogEvent, Task, TaskSpec
 from .settings import ConfigLike
 
@@ -45,12 +45,17 @@ def create_task(
     agent_id: Optional[str] = None,
     env: Optional[Mapping[str, str]] = None,
     source: Optional[str] = None,
+    network: Optional[NetworkLike] = None,
+    allow: Optional[Iterable[str]] = None,
+    deny: Optional[Iterable[str]] = None,
 ) -> TaskSpec:
     """A task to run: ``commands`` run in order in one shell session inside a fresh
     workspace of ``environment`` (``cd`` and exports carry over; the first failing command
     stops the task). ``services`` are sidecar images such as ``"postgres:14"``; ``timeout``
     is in seconds for all commands together; ``source`` is a host directory copied to
-    ``/workspace/src`` first."""
+    ``/workspace/src`` first. ``network``, ``allow`` and ``deny`` give the task's network
+    over its environment's, as for :meth:`AsyncConductorClient.create_workspace` (an
+    ``allow`` list replaces the environment's, ``deny`` entries add to it)."""
     if not environment:
         raise ValueError("create_task needs an environment, e.g. environment='python-dev'")
     if isinstance(commands, str):
@@ -66,6 +71,7 @@ def create_task(
         agent_id=agent_id,
         env=dict(env or {}),
         source=source,
+        network=network_body(network, allow, deny),
     )
 
 

@@ -41,10 +41,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Set, Union, overload
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union, overload
 from urllib.parse import quote
 
-from .client import AsyncConductorClient, CommandLike
+from .client import AsyncConductorClient, CommandLike, NetworkLike
 from .errors import ConflictError, NotFoundError, NoWorkspaceError, ValidationError
 from .models import ExecResult, Limits, Snapshot, Workspace, WorkspaceUsage
 from .settings import ConfigLike, load_config
@@ -134,8 +134,9 @@ class WorkspaceContainer(Workspace):
     ``"running"``), ``workspace_path`` (``/workspace``, inside the container) and ``ports``
     (published container port → host port on 127.0.0.1, when known). The client's:
     ``id``, ``agent_id``, ``environment``, ``state``, ``image``, ``container_name``,
-    ``network``, ``limits``, ``last_used_at``, ``error``, ``usage``; ``created_at_ms`` is
-    the creation time in milliseconds since the epoch (the client's ``created_at``).
+    ``network``, ``network_policy``, ``limits``, ``last_used_at``, ``error``, ``usage``;
+    ``created_at_ms`` is the creation time in milliseconds since the epoch (the client's
+    ``created_at``).
 
     Constructed positionally, the arguments are the original's
     (``container_id, config, created_at, status, workspace_path, ports``); the rest are
@@ -166,6 +167,7 @@ class WorkspaceContainer(Workspace):
         image: str = "",
         container_name: str = "",
         network: Optional[str] = None,
+        network_policy: Optional[Dict[str, Any]] = None,
         limits: Optional[Limits] = None,
         created_at_ms: Optional[int] = None,
         last_used_at: int = 0,
@@ -185,6 +187,7 @@ class WorkspaceContainer(Workspace):
             "image": image or config.image,
             "container_name": container_name or config.name or container_id,
             "network": network,
+            "network_policy": network_policy,
             "limits": limits if limits is not None else Limits(memory=config.memory_limit, cpu=config.cpu_limit),
             "created_at": created_at,
             "last_used_at": last_used_at,
@@ -230,6 +233,7 @@ class WorkspaceContainer(Workspace):
             image=ws.image,
             container_name=ws.container_name,
             network=ws.network,
+            network_policy=ws.network_policy,
             limits=ws.limits,
             created_at_ms=ws.created_at,
             last_used_at=ws.last_used_at,
@@ -247,6 +251,7 @@ class WorkspaceContainer(Workspace):
             image=self.image,
             container_name=self.container_name,
             network=self.network,
+            network_policy=self.network_policy,
             limits=self.limits,
             created_at=self.created_at_ms,
             last_used_at=self.last_used_at,
@@ -263,7 +268,7 @@ class WorkspaceInfo(Dict[str, Any]):
     ``cpu_limit`` and ``stats`` (the live usage: ``cpu_percent``, ``memory_bytes``,
     ``pids``, ``disk_used_bytes``…; empty when the workspace is not running), plus ``id``,
     ``workspace_id``, ``environment``, ``state``, ``container_name``, ``network``,
-    ``limits``, ``created_at_ms``, ``last_used_at`` and ``error``.
+    ``network_policy``, ``limits``, ``created_at_ms``, ``last_used_at`` and ``error``.
 
     Its *attributes* are those of the client's :class:`~conductor.models.Workspace`
     (``info.id``, ``info.state``, ``info.created_at`` in milliseconds…), as this
@@ -288,6 +293,7 @@ class WorkspaceInfo(Dict[str, Any]):
             state=workspace.state,
             container_name=workspace.container_name,
             network=workspace.network,
+            network_policy=workspace.network_policy,
             limits=workspace.limits.to_dict(),
             created_at_ms=workspace.created_at,
             last_used_at=workspace.last_used_at,
@@ -474,13 +480,19 @@ class WorkspaceIsolationManager:
         environment: str = "minimal",
         *,
         limits: Optional[Mapping[str, Any]] = None,
-        network: Optional[str] = None,
+        network: Optional[NetworkLike] = None,
+        allow: Optional[Iterable[str]] = None,
+        deny: Optional[Iterable[str]] = None,
     ) -> WorkspaceContainer:
         """Creates and starts a workspace for the agent from an environment (e.g.
         ``"python-dev"``); it becomes the agent's workspace for this manager.
-        ``limits`` (``memory``, ``cpu``, ``pids``, ``volume_size``) and ``network``
-        (``"none"``, ``"isolated"``, ``"egress"``) override the service's defaults."""
-        ws = await self.client.create_workspace(agent_id, environment, limits=limits, network=network)
+        ``limits`` (``memory``, ``cpu``, ``pids``, ``volume_size``) and the network
+        (``network``: ``"isolated"``, ``"none"``, ``"proxy"``, ``"egress"`` or a mapping;
+        ``allow`` / ``deny`` entry lists for proxy mode, see
+        :meth:`AsyncConductorClient.create_workspace`) override the service's defaults."""
+        ws = await self.client.create_workspace(
+            agent_id, environment, limits=limits, network=network, allow=allow, deny=deny
+        )
         return self._remember(ws)
 
     async def execute_in_workspace(
@@ -620,6 +632,18 @@ class WorkspaceIsolationManager:
         if agent_id in self.containers:
             return self._remember(ws)
         return WorkspaceContainer.of(ws)
+
+    async def egress(
+        self,
+        agent_id: str,
+        *,
+        limit: Optional[int] = None,
+        decision: Optional[str] = None,
+        after: Optional[int] = None,
+    ) -> List[Dict[str, Any]]:
+        """The outbound connection attempts of the agent's workspace (proxy mode), oldest
+        first (see :meth:`AsyncConductorClient.egress`)."""
+        return await self.client.egress(await self.workspace_id(agent_id), limit=limit, decision=decision, after=after)
 
     async def list_snapshots(self, agent_id: str) -> List[Snapshot]:
         """The snapshots of the agent's workspace, oldest first."""

@@ -1,6 +1,7 @@
 //! HTTP handlers, one module per resource. Handlers parse and validate the request, call
 //! the service, and shape the response; they own no state and make no decisions.
 
+pub mod egress;
 pub mod environments;
 pub mod files;
 pub mod snapshots;

@@ -7,6 +7,8 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use conductor_service::tasks::TaskMetrics;
+use conductor_service::ServiceError;
+use conductor_store::EgressDecision;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -62,7 +64,8 @@ pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
     Json(state.openapi.as_ref().clone())
 }
 
-/// Prometheus metrics: tasks by status, task durations, workspaces by state, queue depth.
+/// Prometheus metrics: tasks by status, task durations, workspaces by state, queue depth,
+/// egress connection attempts by decision and reason.
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
     responses(
@@ -72,14 +75,15 @@ pub async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
 )]
 pub async fn metrics(State(state): State<AppState>) -> ApiResult<impl IntoResponse> {
     let m = state.conductor.task_metrics()?;
+    let egress = state.conductor.store.egress_counts().map_err(ServiceError::from)?;
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        render(&m),
+        render(&m, &egress),
     ))
 }
 
-/// `m` in the Prometheus text exposition format.
-fn render(m: &TaskMetrics) -> String {
+/// `m` and the egress audit's counts in the Prometheus text exposition format.
+fn render(m: &TaskMetrics, egress: &[(EgressDecision, String, u64)]) -> String {
     let mut out = String::new();
     let tasks: Vec<(&str, u64)> = m.tasks_by_state.iter().map(|(s, n)| (s.as_str(), *n)).collect();
     gauge(&mut out, "conductor_tasks", "Tasks by status.", "status", &tasks);
@@ -107,7 +111,27 @@ fn render(m: &TaskMetrics) -> String {
         "# HELP conductor_queue_depth Queued tasks.\n# TYPE conductor_queue_depth gauge\nconductor_queue_depth {}",
         m.queue_depth
     );
+    // Counted from the audit, whose oldest rows go (network.egress.audit_retention_days,
+    // audit_max_rows): the value can fall, so it is a gauge, not a counter.
+    let name = "conductor_egress_connections";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Egress connection attempts recorded (within audit retention), by decision and reason.\n\
+         # TYPE {name} gauge"
+    );
+    for (decision, reason, n) in egress {
+        let _ = writeln!(
+            out,
+            "{name}{{decision=\"{decision}\",reason=\"{}\"}} {n}",
+            label_value(reason)
+        );
+    }
     out
+}
+
+/// `v` escaped for a label value (backslash, double quote, line feed).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 /// Appends a labelled gauge.
@@ -133,7 +157,12 @@ mod tests {
             durations: DurationHistogram::from_millis([300, 1500]),
             workspaces_by_state: vec![(WorkspaceState::Running, 3)],
         };
-        let text = render(&m);
+        let egress = [
+            (EgressDecision::Allowed, String::new(), 5),
+            (EgressDecision::Denied, "not_allowed".to_string(), 2),
+            (EgressDecision::Denied, "odd\"reason\\".to_string(), 1),
+        ];
+        let text = render(&m, &egress);
         for line in [
             "# TYPE conductor_tasks gauge",
             "conductor_tasks{status=\"queued\"} 2",
@@ -146,8 +175,14 @@ mod tests {
             "conductor_task_duration_seconds_count 2",
             "conductor_workspaces{state=\"running\"} 3",
             "conductor_queue_depth 2",
+            "# TYPE conductor_egress_connections gauge",
+            "conductor_egress_connections{decision=\"allowed\",reason=\"\"} 5",
+            "conductor_egress_connections{decision=\"denied\",reason=\"not_allowed\"} 2",
+            "conductor_egress_connections{decision=\"denied\",reason=\"odd\\\"reason\\\\\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+        // Without audit rows the metric is still described.
+        assert!(render(&m, &[]).contains("# TYPE conductor_egress_connections gauge\n"));
     }
 }

@@ -13,10 +13,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use conductor_core::config::NetworkPolicy;
 use conductor_core::lifecycle::TaskState;
 use conductor_core::task::{batch_field, TaskSpec};
 use conductor_service::tasks::{CommandView, LogEvent, TaskListFilter, TaskView};
 use conductor_service::ServiceError;
+use conductor_store::EgressSummary;
 use futures_util::future::try_join_all;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,7 @@ use tokio::sync::watch;
 use utoipa::{IntoParams, ToSchema};
 
 use super::detached;
+use super::egress::NetworkSchema;
 use crate::error::{ApiError, ApiResult, ErrorBody};
 use crate::extract::{from_value, JsonBody, QueryParams};
 use crate::AppState;
@@ -62,6 +65,10 @@ pub struct TaskRequest {
     pub env: BTreeMap<String, String>,
     /// Absolute host directory copied to `/workspace/src` before the commands run.
     pub source: Option<String>,
+    /// The task's network, over its environment's and its workspace's: an `allow` list
+    /// replaces theirs (within `network.egress.max_allow`), `deny` entries add to theirs.
+    #[schema(value_type = Option<NetworkSchema>)]
+    pub network: Option<NetworkPolicy>,
 }
 
 impl From<TaskRequest> for TaskSpec {
@@ -77,6 +84,7 @@ impl From<TaskRequest> for TaskSpec {
             agent_id: r.agent_id,
             env: r.env,
             source: r.source,
+            network: r.network,
         }
     }
 }
@@ -88,7 +96,7 @@ impl From<TaskRequest> for TaskSpec {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum TaskSubmission {
-    One(TaskRequest),
+    One(Box<TaskRequest>),
     Many(Vec<TaskRequest>),
 }
 
@@ -168,6 +176,55 @@ pub struct Task {
     pub duration_ms: Option<u64>,
     /// Snapshot note (hybrid mode).
     pub snapshot: Option<String>,
+    /// What the task's workspace tried to reach through the egress proxy (proxy mode;
+    /// `GET /tasks/{id}` only, not in listings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<TaskEgress>,
+}
+
+/// A task's outbound connection attempts at a glance (the rows are in
+/// `GET /workspaces/{id}/egress?task_id=…`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskEgress {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Bytes sent, over all attempts.
+    pub bytes_up: u64,
+    /// Bytes received, over all attempts.
+    pub bytes_down: u64,
+    /// Per destination, most attempts first (at most 50).
+    pub hosts: Vec<TaskEgressHost>,
+}
+
+/// Attempts to one destination.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TaskEgressHost {
+    #[schema(example = "pypi.org")]
+    pub host: String,
+    pub port: u16,
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+impl From<EgressSummary> for TaskEgress {
+    fn from(s: EgressSummary) -> Self {
+        TaskEgress {
+            allowed: s.allowed,
+            denied: s.denied,
+            bytes_up: s.bytes_up,
+            bytes_down: s.bytes_down,
+            hosts: s
+                .hosts
+                .into_iter()
+                .map(|h| TaskEgressHost {
+                    host: h.host,
+                    port: h.port,
+                    allowed: h.allowed,
+                    denied: h.denied,
+                })
+                .collect(),
+        }
+    }
 }
 
 impl From<TaskView> for Task {
@@ -193,6 +250,7 @@ impl From<TaskView> for Task {
             finished_at: t.finished_at,
             duration_ms: t.duration_ms,
             snapshot: t.snapshot,
+            egress: t.egress.map(Into::into),
         }
     }
 }
@@ -287,7 +345,7 @@ fn shutting_down() -> ApiError {
 }
 
 /// Resolves once the server begins to shut down.
-async fn closed(mut closing: watch::Receiver<bool>) {
+pub(crate) async fn closed(mut closing: watch::Receiver<bool>) {
     let _ = closing.wait_for(|c| *c).await;
 }
 
@@ -311,7 +369,7 @@ pub async fn submit_tasks(
 ) -> ApiResult<(StatusCode, Json<Submitted>)> {
     let submission = TaskSubmission::from_json(body)?;
     let (specs, many): (Vec<TaskSpec>, bool) = match submission {
-        TaskSubmission::One(t) => (vec![t.into()], false),
+        TaskSubmission::One(t) => (vec![(*t).into()], false),
         TaskSubmission::Many(ts) => (ts.into_iter().map(Into::into).collect(), true),
     };
     let mut views = state.conductor.submit_tasks(specs).map_err(|e| match e {
@@ -461,7 +519,95 @@ fn sse_event(e: LogEvent) -> Event {
     }
 }
 
-fn json_text<T: Serialize>(v: &T) -> String {
-    // Serialising a struct of strings cannot fail.
+pub(crate) fn json_text<T: Serialize>(v: &T) -> String {
+    // Serialising a struct of strings and numbers cannot fail.
     serde_json::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use conductor_core::config::NetworkMode;
+    use serde_json::json;
+
+    use super::*;
+
+    fn task(network: Value) -> Value {
+        json!({"task_type": "isolated_execution", "environment": "python-dev", "commands": ["true"], "network": network})
+    }
+
+    fn network(v: Value) -> ApiResult<Option<NetworkPolicy>> {
+        match TaskSubmission::from_json(task(v))? {
+            TaskSubmission::One(t) => Ok(TaskSpec::from(*t).network),
+            TaskSubmission::Many(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn network_is_a_mode_or_a_policy() {
+        assert_eq!(
+            network(json!("proxy")).unwrap(),
+            Some(NetworkPolicy::mode(NetworkMode::Proxy))
+        );
+        assert_eq!(
+            network(json!("none")).unwrap(),
+            Some(NetworkPolicy::mode(NetworkMode::Isolated))
+        );
+        let p = network(json!({"allow": ["pypi", "*.example.com:8443"], "deny": ["evil.example.com"]}))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.mode, None);
+        assert_eq!(p.allow.unwrap(), ["pypi", "*.example.com:8443"]);
+        assert_eq!(p.deny, ["evil.example.com"]);
+        let t: TaskRequest =
+            from_value(json!({"task_type": "isolated_execution", "environment": "e", "commands": []})).unwrap();
+        assert_eq!(TaskSpec::from(t).network, None);
+    }
+
+    #[test]
+    fn network_errors_name_the_field() {
+        for (v, field) in [
+            (json!("bogus"), "network"),
+            (json!(3), "network"),
+            (json!({"allow": "pypi"}), "network.allow"),
+            (json!({"allow": ["pypi", 1]}), "network.allow[1]"),
+            (json!({"deny": [true]}), "network.deny[0]"),
+            (json!({"ports": [22]}), "network.ports"),
+        ] {
+            let e = network(v.clone()).expect_err(&v.to_string());
+            assert_eq!(
+                (e.code, e.field.as_deref()),
+                ("invalid_request", Some(field)),
+                "{v}: {}",
+                e.message
+            );
+        }
+        let e = network(json!({"mode": "open"})).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("network.mode"));
+        assert!(e.message.contains("unknown variant `open`"), "{}", e.message);
+
+        let e = TaskSubmission::from_json(json!([task(json!("proxy")), task(json!({"allow": [1]}))])).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("tasks[1].network.allow[0]"));
+    }
+
+    #[test]
+    fn task_egress_summary_is_shown() {
+        let summary = EgressSummary {
+            allowed: 3,
+            denied: 1,
+            bytes_up: 10,
+            bytes_down: 20,
+            hosts: vec![conductor_store::EgressHostSummary {
+                host: "pypi.org".into(),
+                port: 443,
+                allowed: 3,
+                denied: 1,
+            }],
+        };
+        let v = serde_json::to_value(TaskEgress::from(summary)).unwrap();
+        assert_eq!(
+            v,
+            json!({"allowed": 3, "denied": 1, "bytes_up": 10, "bytes_down": 20,
+                   "hosts": [{"host": "pypi.org", "port": 443, "allowed": 3, "denied": 1}]})
+        );
+    }
 }

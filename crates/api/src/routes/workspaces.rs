@@ -12,6 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use conductor_core::config::NetworkPolicy;
+use conductor_core::egress::ResolvedNetwork;
 use conductor_core::engine::Progress;
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::{LimitOverrides, WorkspaceLimits};
@@ -22,31 +23,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::detached;
+use super::egress::NetworkSchema;
 use crate::error::{ApiResult, ErrorBody};
 use crate::extract::{JsonBody, QueryParams};
 use crate::AppState;
-
-/// Network of a new workspace.
-#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Network {
-    /// Loopback only (the same namespace as `isolated`).
-    None,
-    /// A private network namespace with loopback only: no route out, no other workspace.
-    Isolated,
-    /// A bridge with a route to the outside (opt-in).
-    Egress,
-}
-
-impl From<Network> for NetworkPolicy {
-    fn from(n: Network) -> Self {
-        match n {
-            Network::None => NetworkPolicy::None,
-            Network::Isolated => NetworkPolicy::Isolated,
-            Network::Egress => NetworkPolicy::Egress,
-        }
-    }
-}
 
 /// Limits a caller may ask for; each may lower the configured default or raise it up to
 /// `isolated_workspace.agent_containers.resources.maximums`.
@@ -78,8 +58,10 @@ pub struct CreateWorkspace {
     pub environment: String,
     #[serde(default)]
     pub limits: Option<LimitsRequest>,
-    /// Defaults to the environment's, then the configured policy (`isolated`).
-    pub network: Option<Network>,
+    /// A mode (`isolated`, `proxy`, `egress`) or `{mode, allow, deny}`, over the
+    /// environment's policy and the configured one (`isolated` by default).
+    #[schema(value_type = Option<NetworkSchema>)]
+    pub network: Option<NetworkPolicy>,
     /// Container ports to publish on 127.0.0.1 (host ports from
     /// `podman_config.container_port_range`); needs `network: egress`.
     #[serde(default)]
@@ -170,6 +152,30 @@ impl From<Usage> for WorkspaceUsage {
     }
 }
 
+/// The network policy a workspace runs with (its environment's, the configured one and
+/// the request's, layered).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceNetworkPolicy {
+    /// `isolated`, `proxy` or `egress`.
+    #[schema(example = "proxy")]
+    pub mode: String,
+    /// What proxy mode lets the workspace reach.
+    #[schema(example = json!(["pypi", "*.pythonhosted.org"]))]
+    pub allow: Vec<String>,
+    /// What it may never reach (wins over `allow`).
+    pub deny: Vec<String>,
+}
+
+impl From<ResolvedNetwork> for WorkspaceNetworkPolicy {
+    fn from(n: ResolvedNetwork) -> Self {
+        WorkspaceNetworkPolicy {
+            mode: n.mode.as_str().to_string(),
+            allow: n.allow,
+            deny: n.deny,
+        }
+    }
+}
+
 /// A workspace.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Workspace {
@@ -186,8 +192,9 @@ pub struct Workspace {
     /// `creating`, `running`, `stopped`, `removing`, `removed`, `lost` or `failed`.
     #[schema(example = "running")]
     pub state: String,
-    /// Name of the workspace's own network, if any.
+    /// Name of the workspace's own network, if any (`egress` mode).
     pub network: Option<String>,
+    pub network_policy: WorkspaceNetworkPolicy,
     pub limits: Limits,
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
@@ -210,6 +217,7 @@ impl From<WorkspaceInfo> for Workspace {
             container_name: w.container_name,
             state: w.state.as_str().to_string(),
             network: w.network,
+            network_policy: w.network_policy.into(),
             limits: w.limits.into(),
             created_at: w.created_at,
             last_used_at: w.last_used_at,
@@ -329,7 +337,7 @@ pub async fn create_workspace(
             pids: limits.pids,
             volume_size: limits.volume_size,
         },
-        network: body.network.map(Into::into),
+        network: body.network,
         ports: body.ports,
         ..Default::default()
     };
