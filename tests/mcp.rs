@@ -147,6 +147,7 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
             "restore",
             "run_command",
             "snapshot",
+            "workspace_egress",
             "write_file",
         ]
     );
@@ -468,7 +469,7 @@ async fn the_http_api_serves_the_tools_at_mcp() {
     let tools = client.list_all_tools().await.expect("tools/list");
     assert_eq!(
         tools.len(),
-        11,
+        12,
         "{:?}",
         tools.iter().map(|t| &t.name).collect::<Vec<_>>()
     );

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -172,18 +171,8 @@ async fn the_orchestrator_keeps_the_pool_and_sandbox_tasks_use_it() {
     };
     let members = wait_full(c.clone()).await;
 
-    let spec = TaskSpec {
-        task_type: "isolated_execution".into(),
-        description: None,
-        environment: "minimal".into(),
-        commands: vec!["echo from $CONDUCTOR_AGENT_ID".into()],
-        services: Vec::new(),
-        priority: None,
-        timeout: None,
-        agent_id: Some("tp1".into()),
-        env: BTreeMap::new(),
-        source: None,
-    };
+    let mut spec = TaskSpec::new("minimal", vec!["echo from $CONDUCTOR_AGENT_ID".into()]);
+    spec.agent_id = Some("tp1".into());
     let id = c.submit_tasks(vec![spec]).unwrap().remove(0).id;
     let done = tokio::time::timeout(Duration::from_secs(120), c.wait_task(&id))
         .await

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{quiet, TestEnv};
-use conductor_core::config::NetworkPolicy;
+use conductor_core::config::{NetworkMode, NetworkPolicy};
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::LimitOverrides;
 use conductor_core::size::ByteSize;
@@ -205,11 +205,12 @@ async fn isolated_network_reaches_nothing() {
     assert_ne!(code, 0, "A reached B: {err}");
 
     // A listener on the host, on the gateway address of a network conductor made (an
-    // egress workspace's bridge), is reachable from that workspace but not from A.
+    // egress workspace's bridge), answers the host but neither that workspace (its
+    // firewall rejects the host) nor A.
     let e = create(
         c,
         CreateRequest {
-            network: Some(NetworkPolicy::Egress),
+            network: Some(NetworkPolicy::mode(NetworkMode::Egress)),
             ..req("netc", "minimal")
         },
     )
@@ -233,9 +234,13 @@ async fn isolated_network_reaches_nothing() {
             drop(s);
         }
     });
+    std::net::TcpStream::connect((gateway, port)).expect("control: the listener answers the host");
     let probe = format!("timeout 3 bash -c 'echo hi > /dev/tcp/{gateway}/{port}'");
     let (code, _, err) = sh(c, &e.id, &probe).await;
-    assert_eq!(code, 0, "control: the egress workspace reaches its gateway: {err}");
+    assert_ne!(
+        code, 0,
+        "the egress workspace reached a host listener at its gateway: {err}"
+    );
     let (code, _, _) = sh(c, &a.id, &probe).await;
     assert_ne!(code, 0, "the isolated workspace reached a host listener");
     let (code, _, _) = sh(c, &a.id, "getent hosts deb.debian.org").await;
@@ -245,7 +250,7 @@ async fn isolated_network_reaches_nothing() {
     let n = create(
         c,
         CreateRequest {
-            network: Some(NetworkPolicy::None),
+            network: Some(NetworkPolicy::mode(NetworkMode::Isolated)),
             ..req("netn", "minimal")
         },
     )
@@ -458,7 +463,7 @@ async fn ports_are_published_on_loopback_only_when_asked() {
         c,
         CreateRequest {
             ports: vec![8000],
-            network: Some(NetworkPolicy::Egress),
+            network: Some(NetworkPolicy::mode(NetworkMode::Egress)),
             ..req("port2", "python-dev")
         },
     )
