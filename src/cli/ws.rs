@@ -127,7 +127,7 @@ pub struct WorkspaceOpts {
     pub volume_size: Option<ByteSize>,
     /// isolated (loopback only; `none` is the same), proxy (only what --allow lets through,
     /// over HTTP(S) via conductor's audited proxy; `ws egress` shows the attempts) or egress
-    /// (unfiltered internet access). Default: the environment's, else the configuration's.
+    /// (the public internet over a bridge; never the host or private ranges). Default: the environment's, else the configuration's.
     #[arg(long, value_name = "MODE")]
     pub network: Option<NetworkMode>,
     /// A destination a proxy-mode workspace may reach (repeatable; implies --network proxy):

@@ -1,7 +1,7 @@
 //! The egress policy of a workspace's network: which outbound connections it may make.
 //!
 //! A workspace's network is `{mode, allow, deny}`. In `isolated` mode there is no route
-//! out; in `egress` mode there is an unfiltered one; in `proxy` mode every outbound
+//! out; in `egress` mode there is a bridge to the public internet (never the host or private ranges); in `proxy` mode every outbound
 //! connection goes through a host-side proxy that asks this module twice:
 //!
 //! 1. [`EgressPolicy::check_name`] on the name the client asked for (the CONNECT host or
@@ -306,7 +306,7 @@ pub fn parse_entry_with(s: &str, bundles: &BTreeMap<String, Vec<String>>) -> Res
     if host.contains('*') {
         if host == "*" {
             return Err(format!(
-                "{text:?}: '*' alone would allow every host; use mode egress for an unfiltered network"
+                "{text:?}: '*' alone would allow every host; use mode egress for the public internet without a list"
             ));
         }
         let suffix = host

@@ -85,8 +85,8 @@ pub struct CreateWorkspaceArgs {
     pub agent_id: Option<String>,
     /// Network mode: "isolated" (loopback only, no internet; "none" is the same), "proxy" (only
     /// the destinations in `allow` are reachable, over HTTP(S) through conductor's audited
-    /// proxy; the workspace's HTTP_PROXY/HTTPS_PROXY point at it) or "egress" (unfiltered
-    /// internet access). Default: the environment's or the service's setting, normally
+    /// proxy; the workspace's HTTP_PROXY/HTTPS_PROXY point at it) or "egress" (the public
+    /// internet over a bridge, never the host or private ranges). Default: the environment's or the service's setting, normally
     /// "isolated"; giving `allow` implies "proxy".
     #[serde(default)]
     pub network: Option<String>,
@@ -478,7 +478,7 @@ impl WorkspaceTools {
                        Returns its workspace_id, which every other tool needs. The first workspace of an \
                        environment may take minutes while its image is built. Destroy workspaces you no \
                        longer need with destroy_workspace. Network: none by default; network \"egress\" \
-                       for unfiltered internet access, or an allow list for only some destinations over \
+                       for the public internet (never the host or private ranges), or an allow list for only some destinations over \
                        HTTP(S) (network \"proxy\"; entries: an exact host name such as \"api.example.com\", \
                        a \"*.example.com\" wildcard matching its subdomains only, an address range written \
                        as a CIDR, each with an optional \":port\" (default 80 and 443), or a bundle: \

@@ -299,7 +299,7 @@ class AsyncConductorClient:
         ``limits`` may set ``memory`` (e.g. ``"2Gi"``), ``cpu`` (e.g. ``"1.5"``), ``pids``
         and ``volume_size``. ``network`` is a mode: ``"isolated"`` (loopback only; ``"none"``
         is the same), ``"proxy"`` (only what ``allow`` lets through, over HTTP(S) via the
-        service's audited proxy; see :meth:`egress`) or ``"egress"`` (unfiltered), or the
+        service's audited proxy; see :meth:`egress`) or ``"egress"`` (the public internet, never the host or private ranges), or the
         whole policy as a mapping ``{"mode", "allow", "deny"}``. ``allow`` (which implies
         proxy mode) and ``deny`` are lists of entries: a host name (``"pypi.org"``), a
         ``"*.suffix"`` wildcard (its subdomains only), an address range written as a CIDR,

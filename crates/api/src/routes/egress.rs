@@ -63,7 +63,7 @@ pub enum NetworkModeSchema {
     /// (`HTTP_PROXY`/`HTTPS_PROXY` inside the workspace), each one audited
     /// (`GET /workspaces/{id}/egress`).
     Proxy,
-    /// A bridge with an unfiltered route to the outside (opt-in).
+    /// A bridge to the public internet (opt-in); never the host, private ranges or link-local addresses.
     Egress,
 }
 
