@@ -659,3 +659,103 @@ async fn git_and_python_requests_honour_the_proxy_and_node_fetch_does_not() {
     assert_eq!(code, 7, "Node's fetch ignores HTTP_PROXY and has no route of its own");
     assert!(begin.elapsed() < Duration::from_secs(10), "it fails at once");
 }
+
+/// The audit over HTTP (a page, then a follow that gets the next row live) and the CLI's
+/// `ws egress`, against `conductor serve`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_is_served_over_http_with_a_live_follow_and_by_the_cli() {
+    use futures_util::StreamExt;
+    let up = Upstream::start();
+    let (_dir, config) = common::config_dir("conductor-egress-api-", &config(&up, ""));
+    let served = common::serve(&config);
+    let http = reqwest::Client::new();
+    let base = &served.base;
+    let created: serde_json::Value = http
+        .post(format!("{base}/workspaces"))
+        .json(&serde_json::json!({"agent_id": "eg13", "environment": "python-dev", "network": {"allow": ["allowed.test"]}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["workspace_id"].as_str().expect("created").to_string();
+    assert_eq!(created["network_policy"]["mode"], "proxy", "{created}");
+    let exec = |cmd: &str| {
+        http.post(format!("{base}/workspaces/{id}/exec"))
+            .json(&serde_json::json!({"command": cmd}))
+            .send()
+    };
+    exec("curl -s -o /dev/null http://denied.test/").await.unwrap();
+    let mut page = serde_json::Value::Null;
+    for _ in 0..50 {
+        page = http
+            .get(format!("{base}/workspaces/{id}/egress?decision=denied"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if page["events"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let row = &page["events"][0];
+    assert_eq!(
+        (row["host"].as_str(), row["reason"].as_str()),
+        (Some("denied.test"), Some("not_allowed")),
+        "{page}"
+    );
+    let bad = http
+        .get(format!("{base}/workspaces/{id}/egress?decision=maybe"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let body: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(body["error"]["field"], "decision", "{body}");
+
+    // Follow from after the row we have: the next one arrives live.
+    let after = row["id"].as_i64().unwrap();
+    let resp = http
+        .get(format!("{base}/workspaces/{id}/egress?follow=true&after={after}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    exec("curl -s -o /dev/null http://allowed.test/live").await.unwrap();
+    let mut text = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = stream.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains("\"allowed.test\"") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "no live row: {text}");
+    assert!(text.contains("event: egress"), "{text}");
+    assert!(
+        !text.contains("denied.test"),
+        "the row before the cursor is not sent again: {text}"
+    );
+
+    let (ok, out, err) = common::cli(&config, &["ws", "egress", &id, "--json"], None);
+    assert!(ok, "{err}");
+    let hosts: Vec<String> = String::from_utf8_lossy(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON row per line")["host"].to_string())
+        .collect();
+    assert_eq!(
+        hosts,
+        ["\"denied.test\"", "\"allowed.test\""],
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    let removed = http.delete(format!("{base}/workspaces/{id}")).send().await.unwrap();
+    assert_eq!(removed.status(), 200);
+}
