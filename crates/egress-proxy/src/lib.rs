@@ -24,6 +24,10 @@
 //!
 //! The policy itself is not here: the caller adapts its own policy type to [`Gate`].
 //!
+//! For hosts that have a secret-injection rule, [`mitm`] terminates the client's TLS inside
+//! the `CONNECT` with a leaf from a per-instance CA, verifies the upstream, and hands each
+//! request's headers to an [`mitm::Injector`], so that a secret never enters the workspace.
+//!
 //! # Design notes
 //!
 //! - A `CONNECT` is connected upstream *before* the `200` reply, so that a refused or silent
@@ -44,6 +48,7 @@ mod event;
 mod gate;
 mod head;
 mod limit;
+pub mod mitm;
 mod proxy;
 mod relay;
 mod sni;
