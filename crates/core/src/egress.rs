@@ -233,6 +233,20 @@ impl Entry {
     pub fn is_bundle(&self) -> bool {
         matches!(self.target, Target::Bundle(_))
     }
+
+    /// Whether `host`, a name as a client gives it (without port; any case, a trailing dot
+    /// ignored), is one this entry names: the same name, or for a wildcard a subdomain of
+    /// it. Ranges and bundles match no name; the port is for the caller to check.
+    pub fn matches_name(&self, host: &str) -> bool {
+        let Some(Host::Name(name)) = parse_host(host) else {
+            return false;
+        };
+        match &self.target {
+            Target::Name(n) => *n == name,
+            Target::Wildcard(suffix) => wildcard_matches(suffix, &name),
+            Target::Cidr(_) | Target::Bundle(_) => false,
+        }
+    }
 }
 
 impl fmt::Display for Entry {

@@ -15,6 +15,7 @@ pub mod environment;
 pub mod lifecycle;
 pub mod naming;
 pub mod resources;
+pub mod secrets;
 pub mod size;
 pub mod task;
 pub mod validate;

@@ -32,6 +32,7 @@
 mod egress;
 mod meta;
 mod migrations;
+mod secrets;
 mod snapshots;
 mod tasks;
 mod workspaces;
@@ -45,6 +46,7 @@ use rusqlite::types::{FromSql, Value};
 use rusqlite::{ffi, Connection, Row, TransactionBehavior};
 
 pub use egress::{EgressDecision, EgressEventRecord, EgressFilter, EgressHostSummary, EgressSummary};
+pub use secrets::{SecretKey, SecretMeta, SecretValue};
 pub use snapshots::SnapshotRecord;
 pub use tasks::{CommandResult, LogChunk, NewTask, TaskFilter, TaskRecord};
 pub use workspaces::{WorkspaceFilter, WorkspaceRecord};

@@ -8,7 +8,7 @@
 //! with an unknown state decodes to `StoreError::Corrupt`).
 
 /// Migration scripts, applied in order.
-pub(crate) const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_EGRESS_EVENTS, V3_WORKSPACE_NETWORK_POLICY];
+pub(crate) const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_EGRESS_EVENTS, V3_WORKSPACE_NETWORK_POLICY, V4_SECRETS];
 
 const V1_INITIAL: &str = r#"
 CREATE TABLE meta (
@@ -128,4 +128,19 @@ CREATE INDEX egress_events_by_time ON egress_events (at_ms);
 /// JSON; `NULL` for rows made before proxy mode (their mode follows from `network`).
 const V3_WORKSPACE_NETWORK_POLICY: &str = r#"
 ALTER TABLE workspaces ADD COLUMN network_policy_json TEXT;
+"#;
+
+/// Secrets the egress proxy injects: the value sealed with XChaCha20-Poly1305 (`nonce` is
+/// its random 24-byte nonce, the name the associated data), the injection rules as JSON,
+/// and a version that grows with each rotation.
+const V4_SECRETS: &str = r#"
+CREATE TABLE secrets (
+    name       TEXT PRIMARY KEY NOT NULL,
+    ciphertext BLOB NOT NULL,
+    nonce      BLOB NOT NULL,
+    rules_json TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    version    INTEGER NOT NULL
+) STRICT;
 "#;
