@@ -449,8 +449,9 @@ async fn bad_entries_and_entries_outside_the_operators_bound_are_refused_by_name
 async fn a_task_narrows_its_shared_workspace_for_its_own_run_and_its_rows_carry_its_id() {
     let up = Upstream::start();
     let extra = format!("isolated_workspace:\n  mode: shared\n{}", config(&up, ""));
-    let t = TestEnv::new(&extra).await;
-    let c = Arc::new(Conductor::open(t.c().config.clone()).await.unwrap());
+    let mut t = TestEnv::new(&extra).await;
+    let owned = common::Owned::take(&mut t);
+    let c = owned.0.clone();
     let w = create(&c, proxied("eg5", &["allowed.test", "other.test"], &[])).await;
     let orchestrator = Orchestrator::start(c.clone());
     let mut spec = TaskSpec::new(

@@ -714,6 +714,7 @@ mod tests {
             bytes_down: 34000,
             duration_ms: 812,
             error: None,
+            injected: Vec::new(),
         };
         assert_eq!(
             egress_cells(&r),

@@ -309,3 +309,32 @@ pub async fn wait_removed(c: &Conductor, id: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// A test's conductor shared as an `Arc` (an orchestrator holds it) that still removes what
+/// the test made when it is dropped, also when the test panicked. Take it out of the
+/// [`TestEnv`] instead of opening a second conductor: two in one process share the private
+/// Podman service's socket, and dropping either would take it from the other.
+pub struct Owned(pub Arc<Conductor>);
+
+impl Owned {
+    pub fn take(t: &mut TestEnv) -> Owned {
+        Owned(Arc::new(t.conductor.take().expect("a conductor")))
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        let c = self.0.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async move {
+                let all = c
+                    .list_workspaces(&conductor_service::workspaces::ListFilter::default())
+                    .unwrap_or_default();
+                for w in all {
+                    let _ = c.remove_workspace(&w.id, Some(false)).await;
+                }
+                let _ = c.reconcile().await;
+            })
+        });
+    }
+}

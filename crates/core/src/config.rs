@@ -29,6 +29,86 @@ pub struct Config {
     pub task_execution: TaskExecution,
     pub container_lifecycle: ContainerLifecycle,
     pub security: Security,
+    /// Secrets the egress proxy injects into workspaces' requests (docs/egress.md).
+    pub secrets: SecretsConfig,
+}
+
+/// The `secrets` section: the operator's bound and the secrets registered at every start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// The secrets a workspace or task may name (unset: any registered one; `[]`: none).
+    pub max_allow: Option<Vec<String>>,
+    /// Secrets read from a file or an environment variable and registered (or updated)
+    /// whenever conductor opens its state.
+    pub define: Vec<SecretDefinition>,
+}
+
+/// One secret of `secrets.define`: its name, where its value comes from (exactly one of
+/// `from_file`, `from_env`), and its injection rules ([`crate::secrets::InjectionRule`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretDefinition {
+    pub name: String,
+    /// An absolute path; the file holds the value (one trailing newline is dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_file: Option<PathBuf>,
+    /// The environment variable of conductor's own process that holds the value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_env: Option<String>,
+    pub rules: Vec<crate::secrets::InjectionRule>,
+}
+
+impl SecretDefinition {
+    /// The name and rules, without the source.
+    pub fn spec(&self) -> crate::secrets::SecretSpec {
+        crate::secrets::SecretSpec {
+            name: self.name.clone(),
+            rules: self.rules.clone(),
+        }
+    }
+}
+
+impl SecretsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(bound) = &self.max_allow {
+            for (i, name) in bound.iter().enumerate() {
+                crate::secrets::validate_name(name)
+                    .map_err(|m| ConfigError::invalid(format!("secrets.max_allow[{i}]"), m))?;
+            }
+        }
+        let specs: Vec<crate::secrets::SecretSpec> = self.define.iter().map(SecretDefinition::spec).collect();
+        crate::secrets::validate_specs(&specs, "secrets.define").map_err(|(f, m)| ConfigError::invalid(f, m))?;
+        for (i, d) in self.define.iter().enumerate() {
+            let field = format!("secrets.define[{i}]");
+            match (&d.from_file, &d.from_env) {
+                (Some(path), None) => {
+                    if !path.is_absolute() {
+                        return Err(ConfigError::invalid(
+                            format!("{field}.from_file"),
+                            format!("{:?} is not an absolute path", path.display().to_string()),
+                        ));
+                    }
+                }
+                (None, Some(var)) => {
+                    validate::env_name(var).map_err(|m| ConfigError::invalid(format!("{field}.from_env"), m))?;
+                }
+                (None, None) => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "needs a source: from_file (a path) or from_env (a variable name)",
+                    ))
+                }
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::invalid(
+                        field,
+                        "set either from_file or from_env, not both",
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +271,9 @@ pub struct EgressConfig {
     pub audit_max_rows: u64,
     /// Test-only: names resolved to these addresses instead of through DNS.
     pub resolve: BTreeMap<String, Vec<String>>,
+    /// PEM files of CAs the proxy trusts for upstreams it terminates TLS for (hosts with a
+    /// secret-injection rule), beside the host's trust store.
+    pub upstream_ca_files: Vec<PathBuf>,
 }
 
 impl Default for EgressConfig {
@@ -205,6 +288,7 @@ impl Default for EgressConfig {
             audit_retention_days: 7,
             audit_max_rows: 100_000,
             resolve: BTreeMap::new(),
+            upstream_ca_files: Vec::new(),
         }
     }
 }
@@ -870,6 +954,7 @@ impl Config {
                 .map_err(|m| ConfigError::invalid(format!("podman_config.preload_images[{i}]"), m))?;
         }
         self.validate_egress()?;
+        self.secrets.validate()?;
         let net = &self.podman_config.network;
         validate::name(&net.name, 40).map_err(|m| ConfigError::invalid("podman_config.network.name", m))?;
         if !net.subnet.is_empty() {
@@ -1053,6 +1138,14 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("network.egress.{key}"),
                     "must be at least 1 second",
+                ));
+            }
+        }
+        for (i, path) in egress.upstream_ca_files.iter().enumerate() {
+            if !path.is_absolute() {
+                return Err(ConfigError::invalid(
+                    format!("network.egress.upstream_ca_files[{i}]"),
+                    format!("{:?} is not an absolute path", path.display().to_string()),
                 ));
             }
         }
@@ -1359,6 +1452,63 @@ podman_config:
             .unwrap_err()
             .to_string();
         assert!(err.contains("allw"), "unknown keys are refused by name: {err}");
+    }
+
+    #[test]
+    fn secrets_are_validated_by_key() {
+        let ok = r#"
+network:
+  egress:
+    upstream_ca_files: [/etc/corp-ca.pem]
+secrets:
+  max_allow: [github]
+  define:
+    - name: github
+      from_file: /run/secrets/github
+      rules:
+        - {host: github.com, inject: {type: basic, username: x-access-token}}
+        - {host: api.github.com, inject: {type: header, name: Authorization, value: "Bearer {value}"}}
+    - name: openai
+      from_env: OPENAI_KEY
+      rules: [{host: api.openai.com, inject: {type: header, name: Authorization, value: "Bearer {value}"}}]
+"#;
+        let l = Config::parse(ok).unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        let s = &l.config.secrets;
+        assert_eq!(s.max_allow.as_deref(), Some(&["github".to_string()][..]));
+        assert_eq!(s.define.len(), 2);
+        assert_eq!(s.define[1].from_env.as_deref(), Some("OPENAI_KEY"));
+        assert_eq!(s.define[0].spec().rules.len(), 2);
+        assert_eq!(
+            l.config.network.egress.upstream_ca_files,
+            [PathBuf::from("/etc/corp-ca.pem")]
+        );
+        let rule = "rules: [{host: a.example, inject: {type: basic, username: git}}]";
+        let one = |fields: &str| format!("secrets:\n  define:\n    - {{{fields}, {rule}}}\n");
+        let cases = [
+            (
+                "secrets:\n  define:\n    - {name: a, from_env: A, rules: [{host: a.example, inject: {type: basic, username: git}}, {host: \"a..b\", inject: {type: basic, username: git}}]}\n".to_string(),
+                "secrets.define[0].rules[1].host",
+            ),
+            (one("name: Bad, from_env: A"), "secrets.define[0].name"),
+            (one("name: a"), "secrets.define[0]"),
+            (one("name: a, from_env: A, from_file: /x"), "secrets.define[0]"),
+            (one("name: a, from_file: rel/path"), "secrets.define[0].from_file"),
+            (one("name: a, from_env: \"1X\""), "secrets.define[0].from_env"),
+            (
+                format!("secrets:\n  define:\n    - {{name: a, from_env: A, {rule}}}\n    - {{name: a, from_env: B, {rule}}}\n"),
+                "secrets.define[1].name",
+            ),
+            ("secrets:\n  max_allow: [\"no way\"]\n".to_string(), "secrets.max_allow[0]"),
+            (
+                "network:\n  egress:\n    upstream_ca_files: [ca.pem]\n".to_string(),
+                "network.egress.upstream_ca_files[0]",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -85,6 +85,16 @@ pub struct InjectionRule {
     pub inject: Injection,
 }
 
+/// A secret a workspace may use, as kept with the workspace: its name and the placeholder
+/// its environment holds instead of the value ([`placeholder`]). The placeholder is random
+/// per workspace and is not secret: it is useless anywhere but through the proxy, which
+/// puts the value in only on the secret's own hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretBinding {
+    pub name: String,
+    pub placeholder: String,
+}
+
 /// What a rule adds to a request. In JSON: `{"type": "header", "name": "Authorization",
 /// "value": "Bearer {value}"}` or `{"type": "basic", "username": "x-access-token"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,12 @@ pub struct TaskSpec {
     /// replaces theirs, within `network.egress.max_allow`; deny entries add up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<crate::config::NetworkPolicy>,
+    /// Secrets the egress proxy injects into the task's requests to their hosts (within
+    /// `secrets.max_allow`); the workspace holds only placeholders. A sandbox task's
+    /// workspace is made with them; in a shared workspace they must be among the
+    /// workspace's own, and only they are injected while the task runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 /// A field of a [`TaskSpec`] that fails validation. `Display` is `field: message`.
@@ -113,6 +119,7 @@ impl TaskSpec {
             env: BTreeMap::new(),
             source: None,
             network: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -174,6 +181,9 @@ impl TaskSpec {
         }
         if let Some(s) = &self.source {
             validate_host_path(s).map_err(|m| FieldError::new("source", m))?;
+        }
+        for (i, name) in self.secrets.iter().enumerate() {
+            crate::secrets::validate_name(name).map_err(|m| FieldError::new(format!("secrets[{i}]"), m))?;
         }
         Ok(())
     }

@@ -41,6 +41,10 @@ pub struct EgressEvent {
     /// timeout, reset), or the detail of a denial made by the proxy itself (a bad request,
     /// the two names of an `sni_mismatch`, the connection limit). Gate denials leave it empty.
     pub error: Option<String>,
+    /// For an intercepted `CONNECT` (a host with a secret-injection rule, see
+    /// [`Gate::intercept`](crate::Gate::intercept)): the names of the secrets put into its
+    /// requests, in first-use order. Never values. Empty for every other connection.
+    pub injected: Vec<String>,
 }
 
 impl EgressEvent {
@@ -59,6 +63,7 @@ impl EgressEvent {
             bytes_down: 0,
             duration: Duration::ZERO,
             error: None,
+            injected: Vec::new(),
         }
     }
 

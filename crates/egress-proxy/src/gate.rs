@@ -1,8 +1,10 @@
 //! The policy seam: what the proxy asks before it connects anywhere.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::event::EgressEvent;
+use crate::mitm::Injector;
 
 /// A gate's answer to one question.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,4 +42,14 @@ pub trait Gate: Send + Sync {
     /// keep: an allowed tunnel can still end denied (`sni_mismatch`), and the byte counts,
     /// duration and error are known only then. The default does nothing.
     fn decided(&self, _event: &EgressEvent) {}
+
+    /// Asked about an allowed `CONNECT`, after [`check_name`](Self::check_name) allowed it and
+    /// before anything is resolved: whether the proxy is to terminate its TLS and hand its
+    /// requests to the returned [`Injector`] (the host has a secret-injection rule), instead
+    /// of relaying the tunnel untouched. Only a [`Proxy`](crate::Proxy) made
+    /// [`with_interception`](crate::Proxy::with_interception) asks. The default, `None`,
+    /// keeps every tunnel untouched.
+    fn intercept(&self, _host: &str, _port: u16) -> Option<Arc<dyn Injector>> {
+        None
+    }
 }

@@ -27,6 +27,11 @@
 //! For hosts that have a secret-injection rule, [`mitm`] terminates the client's TLS inside
 //! the `CONNECT` with a leaf from a per-instance CA, verifies the upstream, and hands each
 //! request's headers to an [`mitm::Injector`], so that a secret never enters the workspace.
+//! A [`Proxy::with_interception`] asks [`Gate::intercept`] about every allowed `CONNECT`
+//! (after the name check, before resolving): when the gate returns an injector, the proxy
+//! resolves and checks the addresses as for any tunnel, answers `200`, and hands the client to
+//! [`mitm::intercept_with`] with the first allowed address; the event gets the interception's
+//! byte counts, server name, error and [`EgressEvent::injected`] secret names.
 //!
 //! # Design notes
 //!
@@ -56,4 +61,4 @@ mod sni;
 pub use event::{Decision, EgressEvent};
 pub use gate::{Gate, Verdict};
 pub use limit::{ConnectionLimiter, ConnectionPermit};
-pub use proxy::{Proxy, ProxyConfig};
+pub use proxy::{Interception, Proxy, ProxyConfig};

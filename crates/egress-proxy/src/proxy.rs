@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -13,6 +14,7 @@ use crate::event::{Decision, EgressEvent};
 use crate::gate::{Gate, Verdict};
 use crate::head::{forward_head, host_port, parse_target, read_head, HeadError, Target};
 use crate::limit::ConnectionLimiter;
+use crate::mitm::{intercept_with, CertificateAuthority, Injector, InterceptConfig, Prefixed, UpstreamTrust};
 use crate::relay::{relay, Kind, RelayError, Relayed};
 
 const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
@@ -55,11 +57,30 @@ impl Default for ProxyConfig {
     }
 }
 
+/// What a proxy needs to terminate TLS for the hosts a [`Gate::intercept`] names: the CA
+/// that signs the leaves shown to the client, the trust upstreams are verified against, and
+/// the interception's timeouts.
+#[derive(Debug)]
+pub struct Interception {
+    pub ca: Arc<CertificateAuthority>,
+    pub trust: UpstreamTrust,
+    pub config: InterceptConfig,
+}
+
 /// The egress proxy. One value serves any number of connections of any workspaces at once:
 /// the per-workspace policy comes with each call as a [`Gate`].
 #[derive(Debug, Clone, Default)]
 pub struct Proxy {
     config: ProxyConfig,
+    /// Set: a `CONNECT` the gate wants intercepted is, else every tunnel is relayed as is.
+    interception: Option<Arc<Interception>>,
+}
+
+/// What [`Proxy::open`] got: a connection, or for an interception only the checked address
+/// (the interception connects to it itself, with TLS).
+enum Opened {
+    Stream(TcpStream),
+    Intercept { addr: IpAddr, injector: Arc<dyn Injector> },
 }
 
 /// What the proxy does after reading the request and asking the gate.
@@ -72,6 +93,13 @@ enum Step {
     Tunnel { upstream: TcpStream, rest: Vec<u8> },
     /// Send the rewritten request (and any body bytes already read), then relay.
     Forward { upstream: TcpStream, request: Vec<u8> },
+    /// Reply 200, then terminate the client's TLS and serve its requests to `addr` through
+    /// the injector ([`crate::mitm::intercept_with`]).
+    Intercept {
+        addr: SocketAddr,
+        injector: Arc<dyn Injector>,
+        rest: Vec<u8>,
+    },
 }
 
 /// One of the proxy's own answers: a status line and a plain-text body for the agent.
@@ -88,7 +116,24 @@ impl Answer {
 
 impl Proxy {
     pub fn new(config: ProxyConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            interception: None,
+        }
+    }
+
+    /// A proxy that terminates TLS for the `CONNECT`s its gate names in
+    /// [`Gate::intercept`]; every other tunnel stays untouched.
+    pub fn with_interception(config: ProxyConfig, interception: Arc<Interception>) -> Self {
+        Self {
+            config,
+            interception: Some(interception),
+        }
+    }
+
+    /// Whether this proxy may intercept.
+    pub fn intercepts(&self) -> bool {
+        self.interception.is_some()
     }
 
     pub fn config(&self) -> &ProxyConfig {
@@ -102,7 +147,7 @@ impl Proxy {
     /// `head_timeout`, a silent relay is closed after `idle_timeout`.
     pub async fn serve<S>(&self, mut client: S, gate: &dyn Gate) -> EgressEvent
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let started = Instant::now();
         let mut event = EgressEvent::begin();
@@ -142,6 +187,34 @@ impl Proxy {
                 .await;
                 record(&mut event, relayed);
             }
+            Step::Intercept { addr, injector, rest } => match self.write_bounded(&mut client, ESTABLISHED).await {
+                Ok(()) => {
+                    // Set whenever a step is `Intercept`.
+                    let Some(interception) = &self.interception else {
+                        return event;
+                    };
+                    let outcome = intercept_with(
+                        Prefixed::new(rest, client),
+                        &event.host.clone(),
+                        event.port,
+                        addr,
+                        &interception.ca,
+                        &interception.trust,
+                        injector,
+                        &interception.config,
+                    )
+                    .await;
+                    event.bytes_up = outcome.bytes_up;
+                    event.bytes_down = outcome.bytes_down;
+                    event.sni = outcome.sni;
+                    event.injected = outcome.injected;
+                    if let Some(reason) = outcome.reason {
+                        event.deny(&reason, None);
+                    }
+                    event.error = outcome.error;
+                }
+                Err(error) => event.error = Some(format!("answering the client: {error}")),
+            },
         }
         event.duration = started.elapsed();
         event
@@ -151,7 +224,7 @@ impl Proxy {
     /// or, when `limiter` is full, answers [`refuse_over_limit`](Self::refuse_over_limit).
     pub async fn serve_limited<S>(&self, client: S, gate: &dyn Gate, limiter: &ConnectionLimiter) -> EgressEvent
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         match limiter.try_acquire() {
             Some(permit) => {
@@ -240,8 +313,16 @@ impl Proxy {
         };
         event.host = target.host().to_owned();
         event.port = target.port();
-        let upstream = match self.open(gate, event).await {
-            Ok(upstream) => upstream,
+        let tunnel = matches!(target, Target::Tunnel { .. });
+        let upstream = match self.open(gate, event, tunnel).await {
+            Ok(Opened::Stream(upstream)) => upstream,
+            Ok(Opened::Intercept { addr, injector }) => {
+                return Step::Intercept {
+                    addr: SocketAddr::new(addr, event.port),
+                    injector,
+                    rest: head.rest,
+                }
+            }
             Err(answer) => return Step::Answer(answer),
         };
         match target {
@@ -258,8 +339,10 @@ impl Proxy {
     }
 
     /// Checks the name, resolves it, checks each address and connects to the first allowed
-    /// one that answers; or the answer to give instead.
-    async fn open(&self, gate: &dyn Gate, event: &mut EgressEvent) -> Result<TcpStream, Answer> {
+    /// one that answers; or the answer to give instead. For a `tunnel` the gate wants
+    /// intercepted (and a proxy that can), nothing is connected: the first allowed address
+    /// is returned, for the interception to connect to with TLS.
+    async fn open(&self, gate: &dyn Gate, event: &mut EgressEvent, tunnel: bool) -> Result<Opened, Answer> {
         let (host, port) = (event.host.clone(), event.port);
         let target = host_port(&host, port);
         match gate.check_name(&host, port) {
@@ -284,6 +367,11 @@ impl Proxy {
                 format!("conductor egress proxy: could not connect to {target}: {error}.\n"),
             )
         };
+        // Asked only once the name is allowed, and only about a CONNECT.
+        let mut injector = match (&self.interception, tunnel) {
+            (Some(_), true) => gate.intercept(&host, port),
+            _ => None,
+        };
         let addrs = match self.resolve(&host, port).await {
             Ok(addrs) => addrs,
             Err(error) => {
@@ -299,13 +387,17 @@ impl Proxy {
                 denial.get_or_insert((addr, reason, message, rule));
                 continue;
             }
+            if let Some(injector) = injector.take() {
+                event.resolved = Some(addr);
+                return Ok(Opened::Intercept { addr, injector });
+            }
             let socket = SocketAddr::new(addr, port);
             match timeout(self.config.connect_timeout, TcpStream::connect(socket)).await {
                 Ok(Ok(stream)) => {
                     // The relay writes whole buffers; don't let small replies wait for more.
                     let _ = stream.set_nodelay(true);
                     event.resolved = Some(addr);
-                    return Ok(stream);
+                    return Ok(Opened::Stream(stream));
                 }
                 Ok(Err(error)) => failure = Some(format!("connecting to {socket}: {error}")),
                 Err(_) => {

@@ -619,3 +619,98 @@ fn leaves_are_cached_per_host_and_name_the_host() {
     let days = (validity.not_after.timestamp() - validity.not_before.timestamp()) / 86_400;
     assert!((7..=8).contains(&days), "{days} days");
 }
+
+/// Allows everything (loopback included) and asks for interception of [`HOST`] only.
+struct InterceptingGate {
+    injector: Arc<TestInjector>,
+}
+
+impl conductor_egress_proxy::Gate for InterceptingGate {
+    fn check_name(&self, _host: &str, _port: u16) -> conductor_egress_proxy::Verdict {
+        conductor_egress_proxy::Verdict::Allow { rule: "test".into() }
+    }
+
+    fn check_addr(&self, _host: &str, _addr: std::net::IpAddr, _port: u16) -> conductor_egress_proxy::Verdict {
+        conductor_egress_proxy::Verdict::Allow { rule: "test".into() }
+    }
+
+    fn intercept(&self, host: &str, _port: u16) -> Option<Arc<dyn Injector>> {
+        (host == HOST).then(|| self.injector.clone() as Arc<dyn Injector>)
+    }
+}
+
+/// Sends `CONNECT host:port` over a fresh pipe to `proxy` and reads the reply's status line.
+async fn connect_through(
+    proxy: &Arc<conductor_egress_proxy::Proxy>,
+    gate: &Arc<InterceptingGate>,
+    host: &str,
+    port: u16,
+) -> (DuplexStream, JoinHandle<conductor_egress_proxy::EgressEvent>) {
+    let (mut near, far) = tokio::io::duplex(64 * 1024);
+    let (proxy, gate) = (proxy.clone(), gate.clone());
+    let served = tokio::spawn(async move { proxy.serve(far, &*gate).await });
+    near.write_all(format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut reply = Vec::new();
+    while !reply.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        timeout(LIMIT, near.read_exact(&mut byte)).await.unwrap().unwrap();
+        reply.push(byte[0]);
+    }
+    assert!(
+        reply.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    (near, served)
+}
+
+#[tokio::test]
+async fn a_proxy_with_interception_intercepts_what_the_gate_names_and_tunnels_the_rest() {
+    let upstream = TestUpstream::start().await;
+    let ca = ca();
+    let injector = Arc::new(TestInjector::default());
+    let gate = Arc::new(InterceptingGate {
+        injector: injector.clone(),
+    });
+    let mut config = conductor_egress_proxy::ProxyConfig::default();
+    config.resolver_override.insert(HOST.into(), vec![upstream.addr.ip()]);
+    config
+        .resolver_override
+        .insert("plain.test".into(), vec![upstream.addr.ip()]);
+    let proxy = Arc::new(conductor_egress_proxy::Proxy::with_interception(
+        config,
+        Arc::new(conductor_egress_proxy::Interception {
+            ca: ca.clone(),
+            trust: upstream.trust(),
+            config: InterceptConfig::default(),
+        }),
+    ));
+    assert!(proxy.intercepts());
+
+    // The gate's host: TLS terminated with the conductor CA, the secret injected.
+    let (pipe, served) = connect_through(&proxy, &gate, HOST, upstream.addr.port()).await;
+    let mut sender = http_client(tls_client(&ca, HOST, pipe).await.unwrap()).await;
+    let (status, _, body) = send(&mut sender, get("/via-proxy", &upstream.host_header())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(&format!("authorization: Bearer {SECRET}\n")), "{body}");
+    drop(sender);
+    let event = timeout(LIMIT, served).await.unwrap().unwrap();
+    assert_eq!(event.decision, conductor_egress_proxy::Decision::Allowed);
+    assert_eq!(event.injected, ["x"]);
+    assert_eq!(event.resolved, Some(upstream.addr.ip()));
+    assert_eq!(event.sni.as_deref(), Some(HOST));
+    assert_eq!(event.error, None);
+    assert!(event.bytes_up > 0 && event.bytes_down > 0, "{event:?}");
+
+    // Another name: an untouched tunnel, so the conductor CA's client fails against the
+    // upstream's own certificate, and nothing is injected.
+    let calls = injector.calls();
+    let (pipe, served) = connect_through(&proxy, &gate, "plain.test", upstream.addr.port()).await;
+    assert!(tls_client(&ca, "plain.test", pipe).await.is_err());
+    let event = timeout(LIMIT, served).await.unwrap().unwrap();
+    assert!(event.injected.is_empty(), "{event:?}");
+    assert_eq!(event.sni.as_deref(), Some("plain.test"));
+    assert_eq!(injector.calls(), calls, "the injector is not asked about a tunnel");
+}

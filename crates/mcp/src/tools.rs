@@ -932,6 +932,7 @@ mod tests {
             bytes_down: 0,
             duration_ms: 1,
             error: None,
+            injected: Vec::new(),
         };
         let text = egress_json(&[row.clone(), EgressEventRecord { id: 8, ..row }]);
         assert_eq!(text.lines().count(), 4, "{text}");

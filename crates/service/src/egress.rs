@@ -19,6 +19,10 @@
 //! that gave its own `network` runs, the task's over it. Each connection ends as one row of
 //! `egress_events` (bounded by `network.egress.audit_retention_days` and `audit_max_rows`)
 //! and one broadcast to followers.
+//!
+//! A workspace made with secrets is served by a proxy that may intercept: its gate asks for
+//! interception of a `CONNECT` whose host:port a rule of one of its secrets in force matches
+//! (`crate::secrets`), and the audit row names the secrets injected.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,11 +36,14 @@ use conductor_agent_protocol::{EGRESS_SOCKET_DIR, EGRESS_SOCKET_NAME};
 use conductor_core::config::{EgressConfig, NetworkMode, NetworkPolicy};
 use conductor_core::egress::{resolve, EgressPolicy, PolicyLayer, ResolvedNetwork, Verdict as CoreVerdict};
 use conductor_core::engine::Mount;
+use conductor_core::secrets::SecretBinding;
+use conductor_egress_proxy::mitm::Injector;
 use conductor_egress_proxy::{ConnectionLimiter, Decision, EgressEvent, Gate, Proxy, ProxyConfig, Verdict};
-use conductor_store::{EgressDecision, EgressEventRecord, EgressFilter, Store};
+use conductor_store::{EgressDecision, EgressEventRecord, EgressFilter, SecretKey, Store};
 use tokio::net::UnixListener;
 use tokio::sync::broadcast;
 
+use crate::secrets::SecretSource;
 use crate::{now_ms, Conductor, Result, ServiceError};
 
 /// Inserts between two prunings of the audit.
@@ -49,6 +56,11 @@ struct Active {
     task: Option<(String, Arc<EgressPolicy>)>,
     /// The task running in the workspace, for the audit (also without a policy of its own).
     task_id: Option<String>,
+    /// The secrets the workspace was made with (and their placeholders).
+    secrets: Arc<Vec<SecretBinding>>,
+    /// While a task that named its own `secrets` runs: those (a subset of the workspace's),
+    /// the only ones injected meanwhile.
+    task_secrets: Option<Arc<Vec<SecretBinding>>>,
 }
 
 struct Listener {
@@ -66,6 +78,9 @@ impl Drop for Listener {
 /// Every proxy-mode workspace's listener in this process.
 pub struct EgressHub {
     proxy: Arc<Proxy>,
+    proxy_config: ProxyConfig,
+    /// The proxy for workspaces with secrets: it may intercept. Made at first use.
+    intercepting: Mutex<Option<Arc<Proxy>>>,
     bundles: std::collections::BTreeMap<String, Vec<String>>,
     host_addrs: Arc<Vec<IpAddr>>,
     listeners: Mutex<HashMap<String, Listener>>,
@@ -85,14 +100,16 @@ impl EgressHub {
                 )
             })
             .collect();
-        let proxy = Proxy::new(ProxyConfig {
+        let proxy_config = ProxyConfig {
             connect_timeout: Duration::from_secs(config.connect_timeout),
             idle_timeout: Duration::from_secs(config.idle_timeout),
             resolver_override,
             ..Default::default()
-        });
+        };
         EgressHub {
-            proxy: Arc::new(proxy),
+            proxy: Arc::new(Proxy::new(proxy_config.clone())),
+            proxy_config,
+            intercepting: Mutex::default(),
             bundles: config.bundles(),
             host_addrs: Arc::new(crate::firewall::host_addresses()),
             listeners: Mutex::default(),
@@ -117,10 +134,11 @@ impl EgressHub {
     }
 }
 
-/// The gate of one connection: the policy in force when it was accepted.
+/// The gate of one connection: the policy and secrets in force when it was accepted.
 struct WorkspaceGate {
     policy: Arc<EgressPolicy>,
     host_addrs: Arc<Vec<IpAddr>>,
+    secrets: Option<SecretSource>,
 }
 
 fn verdict(v: CoreVerdict, allow_hint: bool) -> Verdict {
@@ -148,6 +166,10 @@ impl Gate for WorkspaceGate {
     fn check_addr(&self, host: &str, addr: IpAddr, port: u16) -> Verdict {
         verdict(self.policy.check_addr(host, addr, port, &self.host_addrs), false)
     }
+
+    fn intercept(&self, host: &str, port: u16) -> Option<Arc<dyn Injector>> {
+        self.secrets.as_ref()?.injector_for(host, port)
+    }
 }
 
 fn record_of(workspace_id: &str, task_id: Option<String>, e: &EgressEvent) -> EgressEventRecord {
@@ -173,8 +195,13 @@ fn record_of(workspace_id: &str, task_id: Option<String>, e: &EgressEvent) -> Eg
         bytes_down: e.bytes_down,
         duration_ms: e.duration.as_millis() as u64,
         error: e.error.clone(),
+        injected: e.injected.clone(),
     }
 }
+
+/// A running task's part in its workspace's egress: its id, its own network (resolved over
+/// the workspace's) and its own secrets, if it gave them.
+pub(crate) type TaskEgress<'a> = (&'a str, Option<&'a ResolvedNetwork>, Option<&'a [SecretBinding]>);
 
 /// What a proxy-mode workspace's container needs: the socket directory (read-only), the
 /// agent's relay options and the proxy variables.
@@ -248,9 +275,34 @@ impl Conductor {
         })
     }
 
-    /// Starts (or restarts) serving the proxy of workspace `id` under `net`, in this process.
-    pub(crate) fn egress_attach(self: &Conductor, workspace_id: &str, net: &ResolvedNetwork) -> Result<()> {
+    /// The proxy that may intercept (the egress CA and the upstream trust loaded).
+    fn intercepting_proxy(&self) -> Result<Arc<Proxy>> {
+        let mut slot = self.egress.intercepting.lock().unwrap();
+        if let Some(p) = slot.as_ref() {
+            return Ok(p.clone());
+        }
+        let proxy = Arc::new(Proxy::with_interception(
+            self.egress.proxy_config.clone(),
+            self.interception()?,
+        ));
+        *slot = Some(proxy.clone());
+        Ok(proxy)
+    }
+
+    /// Starts (or restarts) serving the proxy of workspace `id` under `net`, in this process;
+    /// with `secrets`, the hosts of their rules are intercepted and the secrets injected.
+    pub(crate) fn egress_attach(
+        self: &Conductor,
+        workspace_id: &str,
+        net: &ResolvedNetwork,
+        secrets: &[SecretBinding],
+    ) -> Result<()> {
         let policy = Arc::new(self.egress.policy(net)?);
+        let (proxy, key) = if secrets.is_empty() {
+            (self.egress.proxy.clone(), None)
+        } else {
+            (self.intercepting_proxy()?, Some(self.secret_key()?))
+        };
         let dir = self.egress_dir(workspace_id);
         let socket = dir.join(EGRESS_SOCKET_NAME);
         let _ = std::fs::remove_file(&socket);
@@ -264,12 +316,15 @@ impl Conductor {
             workspace: policy,
             task: None,
             task_id: None,
+            secrets: Arc::new(secrets.to_vec()),
+            task_secrets: None,
         }));
         let accept = tokio::spawn(accept_loop(
             listener,
             workspace_id.to_string(),
             active.clone(),
-            self.egress.proxy.clone(),
+            proxy,
+            key,
             self.egress.host_addrs.clone(),
             ConnectionLimiter::new(self.config.network.egress.max_connections as usize),
             self.store.clone(),
@@ -303,20 +358,25 @@ impl Conductor {
     }
 
     /// While task `task` runs in the workspace: its id for the audit and, when it gave its
-    /// own `network`, its policy over the workspace's. `None` when the task ends.
-    pub(crate) fn egress_task(&self, workspace_id: &str, task: Option<(&str, Option<&ResolvedNetwork>)>) -> Result<()> {
+    /// own `network`, its policy over the workspace's, and when it named its own `secrets`,
+    /// those (the only ones injected meanwhile). `None` when the task ends.
+    pub(crate) fn egress_task(&self, workspace_id: &str, task: Option<TaskEgress<'_>>) -> Result<()> {
         let listeners = self.egress.listeners.lock().unwrap();
         let Some(l) = listeners.get(workspace_id) else {
             return Ok(());
         };
         let policy = match task {
-            Some((_, Some(net))) => Some(Arc::new(self.egress.policy(net)?)),
+            Some((_, Some(net), _)) => Some(Arc::new(self.egress.policy(net)?)),
             _ => None,
         };
         let mut active = l.active.write().unwrap();
-        active.task_id = task.map(|(id, _)| id.to_string());
+        active.task_id = task.map(|(id, _, _)| id.to_string());
         active.task = match (task, policy) {
-            (Some((id, _)), Some(p)) => Some((id.to_string(), p)),
+            (Some((id, _, _)), Some(p)) => Some((id.to_string(), p)),
+            _ => None,
+        };
+        active.task_secrets = match task {
+            Some((_, _, Some(secrets))) => Some(Arc::new(secrets.to_vec())),
             _ => None,
         };
         Ok(())
@@ -332,7 +392,7 @@ impl Conductor {
         let mut adopted = 0;
         for w in rows {
             if w.network_policy.mode == NetworkMode::Proxy && !self.egress.serves(&w.id) {
-                self.egress_attach(&w.id, &w.network_policy)?;
+                self.egress_attach(&w.id, &w.network_policy, &w.secrets)?;
                 adopted += 1;
             }
         }
@@ -366,6 +426,7 @@ async fn accept_loop(
     workspace_id: String,
     active: Arc<RwLock<Active>>,
     proxy: Arc<Proxy>,
+    key: Option<Arc<SecretKey>>,
     host_addrs: Arc<Vec<IpAddr>>,
     limiter: ConnectionLimiter,
     store: Arc<Store>,
@@ -381,14 +442,24 @@ async fn accept_loop(
                 continue;
             }
         };
-        let (policy, task_id) = {
+        let (policy, task_id, bindings) = {
             let a = active.read().unwrap();
             let policy = a.task.as_ref().map_or_else(|| a.workspace.clone(), |(_, p)| p.clone());
-            (policy, a.task_id.clone())
+            let bindings = a.task_secrets.clone().unwrap_or_else(|| a.secrets.clone());
+            (policy, a.task_id.clone(), bindings)
+        };
+        let secrets = match &key {
+            Some(key) if !bindings.is_empty() => Some(SecretSource {
+                store: store.clone(),
+                key: key.clone(),
+                bindings,
+            }),
+            _ => None,
         };
         let gate = WorkspaceGate {
             policy,
             host_addrs: host_addrs.clone(),
+            secrets,
         };
         let (proxy, limiter, store, events, sink, workspace_id) = (
             proxy.clone(),

@@ -25,6 +25,7 @@ pub mod liveness;
 pub mod maintenance;
 mod orchestrator;
 pub mod reconcile;
+pub mod secrets;
 pub mod sidecars;
 pub mod snapshots;
 pub mod storage_pool;
@@ -70,6 +71,8 @@ pub struct Conductor {
     net_lock: tokio::sync::Mutex<()>,
     /// The egress proxy listeners of proxy-mode workspaces this process serves.
     pub(crate) egress: egress::EgressHub,
+    /// The secret key and the egress CA, loaded at first use.
+    pub(crate) secrets: secrets::SecretsRuntime,
     /// In-memory state of the task orchestrator (wake-ups, live logs, cancellation).
     pub(crate) tasks: tasks::TaskRuntime,
     /// The storage pool mounted on the workspaces path, held busy while this lives.
@@ -105,7 +108,10 @@ impl Conductor {
             create_dir(parent)?;
         }
         let pool = storage_pool::Pool::open(&paths).await;
+        // The database holds the sealed secrets: readable by its owner only.
+        secrets::prepare_database(&paths.database)?;
         let store = Store::open(&paths.database)?;
+        secrets::restrict_database(&paths.database)?;
         let instance = store.instance_id()?;
         let seccomp_path = match &config.podman_config.security.seccomp_profile {
             Some(p) => PathBuf::from(p),
@@ -119,6 +125,7 @@ impl Conductor {
         let backend = backend::connect(&config, &paths, role).await?;
         let mut conductor = Self::with_backend(config, paths, backend, Arc::new(store), instance, seccomp_path);
         conductor._pool = pool;
+        conductor.register_config_secrets()?;
         Ok(conductor)
     }
 
@@ -160,6 +167,7 @@ impl Conductor {
             seccomp_path,
             net_lock: Default::default(),
             egress,
+            secrets: Default::default(),
             tasks: tasks::TaskRuntime::new(),
             _pool: None,
         }

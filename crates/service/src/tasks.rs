@@ -387,6 +387,7 @@ impl Conductor {
                     .map_err(|(field, message)| ServiceError::invalid(field, message))
                     .map_err(named)?;
             }
+            self.check_secret_names("secrets", &spec.secrets).map_err(named)?;
         }
         let batch_id = batch.then(|| new_id("batch"));
         let now = now_ms();

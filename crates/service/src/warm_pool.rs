@@ -122,6 +122,7 @@ impl Conductor {
             && req.env.is_empty()
             && req.ports.is_empty()
             && req.extra_hosts.is_empty()
+            && req.secrets.is_empty()
             && req.labels.keys().all(|k| k == naming::LABEL_TASK)
     }
 

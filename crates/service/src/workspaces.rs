@@ -44,6 +44,11 @@ pub struct CreateRequest {
     /// Extra `/etc/hosts` entries (name, address): sidecar services that join the
     /// workspace's network namespace are reached by name on 127.0.0.1.
     pub extra_hosts: Vec<(String, String)>,
+    /// Registered secrets the workspace may use (within `secrets.max_allow`): the egress
+    /// proxy injects them into requests to their rules' hosts, which the workspace may then
+    /// reach; the workspace holds only placeholders (`GITHUB_TOKEN=conductor-secret-…`).
+    /// Implies proxy mode.
+    pub secrets: Vec<String>,
 }
 
 /// A workspace as shown to users.
@@ -58,6 +63,9 @@ pub struct WorkspaceInfo {
     pub network: Option<String>,
     /// The network policy it was made with: mode, and in proxy mode what it may reach.
     pub network_policy: conductor_core::egress::ResolvedNetwork,
+    /// The names of the secrets it may use (never values, nor placeholders).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     pub limits: WorkspaceLimits,
     pub volume_dir: String,
     pub created_at: i64,
@@ -112,6 +120,7 @@ impl From<WorkspaceRecord> for WorkspaceInfo {
             state: r.state,
             network: r.network,
             network_policy: r.network_policy,
+            secrets: r.secrets.into_iter().map(|b| b.name).collect(),
             limits: r.limits,
             volume_dir: r.volume_dir,
             created_at: r.created_at,
@@ -187,7 +196,21 @@ impl Conductor {
             return Err(ServiceError::invalid("ports", "0 is not a port"));
         }
         let requested: Vec<(&str, &NetworkPolicy)> = req.network.iter().map(|n| ("network", n)).collect();
-        let network_policy = self.resolve_network(&env.name, &requested)?;
+        let mut network_policy = self.resolve_network(&env.name, &requested)?;
+        self.check_secret_names("secrets", &req.secrets)?;
+        if !req.secrets.is_empty() {
+            self.add_secret_hosts(&mut network_policy, req.network.as_ref(), &req.secrets)?;
+            for b in &req.secrets {
+                let var = conductor_core::secrets::env_var(b);
+                if req.env.contains_key(&var) {
+                    return Err(ServiceError::invalid(
+                        format!("env.{var}"),
+                        format!("is the placeholder variable of secret {b:?}, which conductor sets"),
+                    ));
+                }
+            }
+        }
+        let secrets = self.bind_secrets(&req.secrets)?;
         if !req.ports.is_empty() && network_policy.mode != NetworkMode::Egress {
             return Err(ServiceError::invalid(
                 "ports",
@@ -246,6 +269,7 @@ impl Conductor {
             created_at: now,
             last_used_at: now,
             error: None,
+            secrets,
         };
         self.store.insert_workspace(&record)?;
 
@@ -380,6 +404,16 @@ impl Conductor {
                 spec.mounts.push(egress.mount);
                 entrypoint.extend(egress.agent_args);
                 spec.env.extend(egress.env);
+                if !record.secrets.is_empty() {
+                    // Placeholders, never values; and the conductor CA in the trust.
+                    spec.env.extend(
+                        record
+                            .secrets
+                            .iter()
+                            .map(|b| (conductor_core::secrets::env_var(&b.name), b.placeholder.clone())),
+                    );
+                    spec.env.extend(self.secrets_trust_setup(&record.id)?);
+                }
             }
             spec.entrypoint = Some(entrypoint);
         } else if proxied {
@@ -390,7 +424,7 @@ impl Conductor {
         }
         if proxied {
             // Listening before the container starts: its first request finds the proxy.
-            self.egress_attach(&record.id, &record.network_policy)?;
+            self.egress_attach(&record.id, &record.network_policy, &record.secrets)?;
         }
         let cid = self.engine.container_create(&spec).await?;
         made.container = Some(cid.clone());
@@ -407,6 +441,34 @@ impl Conductor {
             .set_workspace_container(&record.id, &cid, made.network.as_deref())?;
         self.store
             .set_workspace_state(&record.id, WorkspaceState::Running, None)?;
+        Ok(())
+    }
+
+    /// Secrets imply proxy mode, and each one's rule hosts are allowed (`host:port`, the
+    /// port the rule means), outside `network.egress.max_allow`: the operator's bound on
+    /// secrets (`secrets.max_allow`) is what bounds them. Deny entries still win.
+    pub(crate) fn add_secret_hosts(
+        &self,
+        net: &mut conductor_core::egress::ResolvedNetwork,
+        requested: Option<&NetworkPolicy>,
+        names: &[String],
+    ) -> Result<()> {
+        let asked = requested.and_then(|n| n.mode);
+        if matches!(asked, Some(m) if m != NetworkMode::Proxy) || net.mode == NetworkMode::Egress {
+            return Err(ServiceError::invalid(
+                "secrets",
+                format!(
+                    "secrets are injected by the egress proxy and need network mode \"proxy\" (this workspace's is \"{}\")",
+                    asked.unwrap_or(net.mode)
+                ),
+            ));
+        }
+        net.mode = NetworkMode::Proxy;
+        for entry in self.secret_hosts(names.iter().map(String::as_str))? {
+            if !net.allow.contains(&entry) {
+                net.allow.push(entry);
+            }
+        }
         Ok(())
     }
 
@@ -626,7 +688,7 @@ impl Conductor {
             )
             .await?;
         if w.network_policy.mode == NetworkMode::Proxy {
-            self.egress_attach(&w.id, &w.network_policy)?;
+            self.egress_attach(&w.id, &w.network_policy, &w.secrets)?;
         }
         let container = w.container().to_string();
         self.engine.container_start(&container).await?;

@@ -13,7 +13,7 @@ use rusqlite::{params, Row, TransactionBehavior};
 use crate::{query_all, Decoder, Result, Store, Where};
 
 const COLUMNS: &str = "id, at_ms, workspace_id, task_id, method, host, port, resolved, decision, \
-     rule, reason, bytes_up, bytes_down, duration_ms, error";
+     rule, reason, bytes_up, bytes_down, duration_ms, error, injected";
 
 /// At most this many hosts are listed in an [`EgressSummary`].
 const SUMMARY_HOSTS: i64 = 50;
@@ -90,6 +90,10 @@ pub struct EgressEventRecord {
     pub duration_ms: u64,
     /// What went wrong after the decision (upstream unreachable, reset, ...), if anything.
     pub error: Option<String>,
+    /// The names (never the values) of the secrets the proxy injected into this
+    /// connection's requests; empty for a connection it did not intercept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub injected: Vec<String>,
 }
 
 /// Which events [`Store::list_egress_events`] returns. The default matches all, without a
@@ -155,6 +159,10 @@ fn decode(row: &Row<'_>) -> Result<EgressEventRecord> {
         bytes_down: d.get("bytes_down")?,
         duration_ms: d.get("duration_ms")?,
         error: d.get("error")?,
+        injected: d
+            .get::<Option<String>>("injected")?
+            .map(|names| names.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect())
+            .unwrap_or_default(),
         id,
     })
 }
@@ -185,8 +193,8 @@ impl Store {
         let conn = self.conn();
         conn.prepare_cached(
             "INSERT INTO egress_events (at_ms, workspace_id, task_id, method, host, port, \
-             resolved, decision, rule, reason, bytes_up, bytes_down, duration_ms, error) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+             resolved, decision, rule, reason, bytes_up, bytes_down, duration_ms, error, injected) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
         )?
         .execute(params![
             e.at_ms,
@@ -203,6 +211,7 @@ impl Store {
             e.bytes_down,
             e.duration_ms,
             e.error,
+            (!e.injected.is_empty()).then(|| e.injected.join(",")),
         ])?;
         Ok(conn.last_insert_rowid())
     }
@@ -346,6 +355,7 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            injected: Vec::new(),
         }
     }
 
@@ -409,6 +419,7 @@ mod tests {
             bytes_down: i64::MAX as u64,
             duration_ms: 5_678,
             error: Some("upstream reset".into()),
+            injected: vec!["github".into(), "npm-corp".into()],
         };
         let sparse = EgressEventRecord {
             id: 0,
@@ -426,6 +437,7 @@ mod tests {
             bytes_down: 0,
             duration_ms: 0,
             error: None,
+            injected: Vec::new(),
         };
         let id1 = store.insert_egress_event(&full).unwrap();
         let id2 = store.insert_egress_event(&sparse).unwrap();
@@ -689,6 +701,7 @@ mod tests {
                 created_at: 1,
                 last_used_at: 1,
                 error: None,
+                secrets: Vec::new(),
             })
             .unwrap();
         let id = store.insert_egress_event(&allowed("w1", Some("t1"), "a", 2)).unwrap();
@@ -756,6 +769,32 @@ mod tests {
         ] {
             assert!(table_exists(&conn, name), "{name}");
         }
+    }
+
+    #[test]
+    fn rows_from_before_the_injected_column_decode_with_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("conductor.db");
+        let previous = MIGRATIONS.len() - 1;
+        {
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..previous] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", previous).unwrap();
+            conn.execute(
+                "INSERT INTO egress_events (at_ms, workspace_id, method, host, port, decision) \
+                 VALUES (1, 'w1', 'CONNECT', 'a.test', 443, 'allowed')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let rows = store.list_egress_events(&EgressFilter::default()).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert!(rows[0].injected.is_empty());
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert!(json.get("injected").is_none(), "omitted when empty: {json}");
     }
 
     #[test]

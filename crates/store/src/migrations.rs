@@ -8,7 +8,13 @@
 //! with an unknown state decodes to `StoreError::Corrupt`).
 
 /// Migration scripts, applied in order.
-pub(crate) const MIGRATIONS: &[&str] = &[V1_INITIAL, V2_EGRESS_EVENTS, V3_WORKSPACE_NETWORK_POLICY, V4_SECRETS];
+pub(crate) const MIGRATIONS: &[&str] = &[
+    V1_INITIAL,
+    V2_EGRESS_EVENTS,
+    V3_WORKSPACE_NETWORK_POLICY,
+    V4_SECRETS,
+    V5_SECRET_USE,
+];
 
 const V1_INITIAL: &str = r#"
 CREATE TABLE meta (
@@ -143,4 +149,12 @@ CREATE TABLE secrets (
     updated_at INTEGER NOT NULL,
     version    INTEGER NOT NULL
 ) STRICT;
+"#;
+
+/// Where secrets are used: the secrets a workspace may use with their placeholders (JSON,
+/// `NULL` for none), and on an audit row the names of the secrets the proxy injected into
+/// that connection's requests (comma-separated, `NULL` for none; never values).
+const V5_SECRET_USE: &str = r#"
+ALTER TABLE workspaces ADD COLUMN secrets_json TEXT;
+ALTER TABLE egress_events ADD COLUMN injected TEXT;
 "#;

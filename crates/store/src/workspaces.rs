@@ -9,12 +9,13 @@ use conductor_core::config::NetworkMode;
 use conductor_core::egress::ResolvedNetwork;
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::WorkspaceLimits;
+use conductor_core::secrets::SecretBinding;
 use rusqlite::{params, Row};
 
 use crate::{expect_row, query_all, query_opt, Decoder, Result, Store, Where};
 
 const COLUMNS: &str = "id, agent_id, environment, image, container_name, container_id, \
-     network, state, limits_json, volume_dir, created_at, last_used_at, error, network_policy_json";
+     network, state, limits_json, volume_dir, created_at, last_used_at, error, network_policy_json, secrets_json";
 
 /// A workspace as persisted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,9 @@ pub struct WorkspaceRecord {
     pub last_used_at: i64,
     /// Why the workspace failed or was lost, if it did.
     pub error: Option<String>,
+    /// The secrets it may use and their placeholders (a JSON column; none for rows made
+    /// before secrets). Names and placeholders only: values stay in the `secrets` table.
+    pub secrets: Vec<SecretBinding>,
 }
 
 /// Which workspaces [`Store::list_workspaces`] returns. The default matches all.
@@ -88,6 +92,10 @@ fn decode(row: &Row<'_>) -> Result<WorkspaceRecord> {
         created_at: d.get("created_at")?,
         last_used_at: d.get("last_used_at")?,
         error: d.get("error")?,
+        secrets: match d.get::<Option<String>>("secrets_json")? {
+            Some(_) => d.json("secrets_json")?,
+            None => Vec::new(),
+        },
         id,
     })
 }
@@ -110,7 +118,7 @@ impl Store {
         self.conn()
             .prepare_cached(&format!(
                 "INSERT INTO workspaces ({COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
             ))?
             .execute(params![
                 ws.id,
@@ -133,6 +141,16 @@ impl Store {
                     what: format!("network policy of workspace '{}'", ws.id),
                     detail: e.to_string(),
                 })?,
+                if ws.secrets.is_empty() {
+                    None
+                } else {
+                    Some(
+                        serde_json::to_string(&ws.secrets).map_err(|e| crate::StoreError::Corrupt {
+                            what: format!("secrets of workspace '{}'", ws.id),
+                            detail: e.to_string(),
+                        })?,
+                    )
+                },
             ])?;
         Ok(())
     }
@@ -281,6 +299,7 @@ mod tests {
             created_at,
             last_used_at: created_at,
             error: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -454,6 +473,25 @@ mod tests {
             store.list_workspaces(&WorkspaceFilter::default()),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn secret_bindings_round_trip_and_old_rows_have_none() {
+        let (_dir, store) = file_store();
+        let mut w = ws("w1", "a1", "python", 100);
+        w.secrets = vec![SecretBinding {
+            name: "github".into(),
+            placeholder: "conductor-secret-github-0123".into(),
+        }];
+        store.insert_workspace(&w).unwrap();
+        assert_eq!(store.get_workspace("w1").unwrap().unwrap().secrets, w.secrets);
+        store.insert_workspace(&ws("w2", "a1", "python", 101)).unwrap();
+        let raw: Option<String> = store
+            .conn()
+            .query_row("SELECT secrets_json FROM workspaces WHERE id = 'w2'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(raw, None, "no secrets: NULL, as in rows made before the column");
+        assert!(store.get_workspace("w2").unwrap().unwrap().secrets.is_empty());
     }
 
     #[test]

@@ -461,6 +461,7 @@ mod tests {
             bytes_down: 20,
             duration_ms: 30,
             error: None,
+            injected: Vec::new(),
         }
     }
 

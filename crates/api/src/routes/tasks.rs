@@ -85,6 +85,8 @@ impl From<TaskRequest> for TaskSpec {
             env: r.env,
             source: r.source,
             network: r.network,
+            // Not in the request body yet (the API pass for secrets adds it).
+            secrets: Vec::new(),
         }
     }
 }

@@ -205,8 +205,10 @@ impl<'a> Attempt<'a> {
                 BTreeMap::new()
             },
             extra_hosts,
-            // A sandbox is the task's own: its network is the task's.
+            // A sandbox is the task's own: its network and secrets are the task's (a shared
+            // workspace a task makes is made with them too).
             network: self.spec.network.clone(),
+            secrets: self.spec.secrets.clone(),
             ..Default::default()
         };
         let info = c.create_workspace(req, progress).await?;
@@ -220,10 +222,33 @@ impl<'a> Attempt<'a> {
     }
 
     /// Tells the workspace's egress proxy which task runs, and for a shared workspace puts
-    /// the task's own `network` over the workspace's while the task runs.
+    /// the task's own `network` over the workspace's while the task runs, and narrows the
+    /// secrets injected to the task's own when it names some (they must be among the
+    /// workspace's: its container holds only their placeholders).
     fn apply_network(&self, lease: &Lease) -> Result<()> {
         let c = self.c;
         let ws = &lease.ws.record;
+        let task_secrets = match (self.spec.secrets.is_empty(), lease.sandbox) {
+            (false, false) => {
+                let mut bound = Vec::with_capacity(self.spec.secrets.len());
+                for (i, name) in self.spec.secrets.iter().enumerate() {
+                    let Some(b) = ws.secrets.iter().find(|b| &b.name == name) else {
+                        let made_with: Vec<&str> = ws.secrets.iter().map(|b| b.name.as_str()).collect();
+                        return Err(ServiceError::invalid(
+                            format!("secrets[{i}]"),
+                            format!(
+                                "the shared workspace {} was made without secret {name:?} (made with: {}); a task in a shared workspace may use only the secrets its workspace was made with (remove the workspace, or create it with that secret)",
+                                ws.id,
+                                if made_with.is_empty() { "none".to_string() } else { made_with.join(", ") }
+                            ),
+                        ));
+                    };
+                    bound.push(b.clone());
+                }
+                Some(bound)
+            }
+            _ => None,
+        };
         let task_net = match (&self.spec.network, lease.sandbox) {
             (Some(net), false) => {
                 let base = conductor_core::egress::PolicyLayer {
@@ -231,7 +256,19 @@ impl<'a> Attempt<'a> {
                     allow: Some(ws.network_policy.allow.clone()),
                     deny: ws.network_policy.deny.clone(),
                 };
-                let resolved = conductor_core::egress::resolve(&[base, net.layer()]);
+                let mut resolved = conductor_core::egress::resolve(&[base, net.layer()]);
+                if resolved.mode == conductor_core::config::NetworkMode::Proxy {
+                    // The hosts of the secrets in force stay reachable under the task's list.
+                    let names: Vec<&str> = match &task_secrets {
+                        Some(bound) => bound.iter().map(|b| b.name.as_str()).collect(),
+                        None => ws.secrets.iter().map(|b| b.name.as_str()).collect(),
+                    };
+                    for entry in c.secret_hosts(names)? {
+                        if !resolved.allow.contains(&entry) {
+                            resolved.allow.push(entry);
+                        }
+                    }
+                }
                 if resolved.mode != ws.network_policy.mode {
                     return Err(ServiceError::invalid(
                         "network",
@@ -251,7 +288,14 @@ impl<'a> Attempt<'a> {
             }
             _ => None,
         };
-        c.egress_task(ws.id.as_str(), Some((self.task.id.as_str(), task_net.as_ref())))
+        if let Some(bound) = &task_secrets {
+            let names: Vec<&str> = bound.iter().map(|b| b.name.as_str()).collect();
+            self.log.system(&format!("secrets for this task: {}", names.join(", ")));
+        }
+        c.egress_task(
+            ws.id.as_str(),
+            Some((self.task.id.as_str(), task_net.as_ref(), task_secrets.as_deref())),
+        )
     }
 
     /// Records the workspace, starts the sidecars and places the source.
