@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # The whole benchmark in one run, on this machine: speed (time to first command, exec
 # latency, throughput, idle memory), snapshots, and the workspace lifecycle, each against
-# raw Podman, as Markdown tables on stdout (docs/performance.md holds the last run).
+# raw Podman, and egress (proxy mode's throughput, connect latency and memory per
+# connection against a direct connection, to a local upstream in a network namespace), as
+# Markdown tables on stdout (docs/performance.md holds the last run).
 #
 #   scripts/bench.sh                 # everything (~15 min on 2 cores)
-#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle
+#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle egress
 #
-# Knobs (environment): BENCH_N (speed iterations, 30), BENCH_N_SLOW (snapshots and
-# lifecycle iterations, 3 and 20), BENCH_TASKS (throughput tasks, 200), BENCH_IDLE (idle
-# workspaces, 50).
-# Needs what scripts/setup.sh installs: root, Podman, the static agent, the minimal image.
+# Knobs (environment): BENCH_N (speed iterations, 30; egress latency requests, 50),
+# BENCH_N_SLOW (snapshots and lifecycle iterations, 3 and 20), BENCH_TASKS (throughput
+# tasks, 200), BENCH_IDLE (idle workspaces, 50), BENCH_RUNS (egress 1 GiB transfers, 3),
+# BENCH_CONNS (egress idle tunnels, 200).
+# Needs what scripts/setup.sh installs: root, Podman, the static agent, the minimal image;
+# egress also the python-dev image (built here when missing), iproute2 and curl, and the
+# address range 198.51.100.248/30 free (it makes the namespace cbench-egress and a veth).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle)
+[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle egress)
 for b in "${benches[@]}"; do
     case "$b" in
-        speed | snapshots | lifecycle) ;;
-        *) echo "unknown bench '$b' (speed, snapshots, lifecycle)" >&2; exit 2 ;;
+        speed | snapshots | lifecycle | egress) ;;
+        *) echo "unknown bench '$b' (speed, snapshots, lifecycle, egress)" >&2; exit 2 ;;
     esac
 done
 
@@ -28,6 +33,10 @@ RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --quiet \
 cargo build --release --quiet --bin conductor
 echo "== making sure the minimal environment exists" >&2
 ./target/release/conductor env build minimal >&2
+if [[ " ${benches[*]} " == *" egress "* ]]; then
+    echo "== making sure the python-dev environment exists" >&2
+    ./target/release/conductor env build python-dev >&2
+fi
 
 echo "# conductor benchmark, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r)"
 for b in "${benches[@]}"; do
@@ -35,7 +44,7 @@ for b in "${benches[@]}"; do
     echo "## $b"
     echo
     # Snapshot rounds are slower; keep their default unless asked.
-    if [ "$b" = speed ]; then
+    if [ "$b" = speed ] || [ "$b" = egress ]; then
         cargo bench --quiet --bench "$b" 2>&1 | grep -v '^running\|^test result' || exit 1
     else
         BENCH_N="${BENCH_N_SLOW:-}" cargo bench --quiet --bench "$b" 2>&1 | grep -v '^running\|^test result' || exit 1
