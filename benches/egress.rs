@@ -7,17 +7,23 @@
 //!    `CONNECT` tunnel (`curl -p -x http://127.0.0.1:3128`: the proxy only moves bytes) vs
 //!    the same `curl` on the host straight to the upstream; `BENCH_RUNS` runs of each
 //!    (default 3), interleaved, medians. Also the host half alone: a Rust client on the
-//!    host tunnelling through the workspace's proxy socket (no agent relay, no container).
+//!    host tunnelling through the workspace's proxy socket (no agent relay, no container);
+//!    the CPU time the proxy and the relay spend per GiB, and whether the workspace's CPU
+//!    limit throttled it.
 //! 2. connect latency: `BENCH_N` (default 50) fresh connections each sending a tiny GET and
-//!    timed to the first byte of the answer: from one `python3` process in the workspace
+//!    timed to the first byte of the answer: from a `python3` loop in the workspace
 //!    (connect to 127.0.0.1:3128, `CONNECT`, its `200`, the GET) vs a Rust loop on the host
 //!    straight to the upstream (the added latency is the difference of the medians); also
 //!    the same `python3` loop on the host straight to the upstream, and a Rust loop through
-//!    the host half alone (the proxy's Unix socket).
+//!    the host half alone (the proxy's Unix socket). In 5 interleaved rounds, each loop a
+//!    process started once per round (5 untimed requests first), so that spawning is not
+//!    timed and a change of machine load hits every series alike.
 //! 3. memory per open connection: `BENCH_CONNS` (default 200) idle `CONNECT` tunnels held by
 //!    one `python3` process in the workspace; the RSS growth of this process (which hosts the
 //!    proxy) and of the agent's relay process (`conductor-agent egress`, a child of the
-//!    container's init).
+//!    container's init), their threads and descriptors. The workspace gets `nofile` 4096 and
+//!    `pids` 1024 for it (`BENCH_NOFILE`, `BENCH_PIDS`): at the defaults (1024, 512) the
+//!    relay runs out of descriptors at about 170 tunnels (the output says where).
 //!
 //! The upstream is this bench's own server (this binary again, started with
 //! `ip netns exec`) in a network namespace it creates, `cbench-egress`, reached through a
@@ -55,11 +61,12 @@ const UP_PORT: u16 = 8080;
 const UP_NAME: &str = "up.bench";
 /// Set for the upstream server process (this binary in the namespace): its address.
 const UPSTREAM_ENV: &str = "CONDUCTOR_BENCH_EGRESS_UPSTREAM";
-/// The workspace's `nofile` and `pids` limits, above the defaults (1024, 512): the relay
-/// holds 6 descriptors and 2 threads per connection, so the defaults would cap the memory
-/// test below `BENCH_CONNS` (the table says where).
-const NOFILE: u32 = 4096;
-const PIDS: u32 = 1024;
+/// The workspace's `nofile` and `pids` limits (`BENCH_NOFILE`, `BENCH_PIDS`), above the
+/// defaults: the relay holds 6 descriptors and 2 threads per connection, so the defaults
+/// would cap the memory test below `BENCH_CONNS` (the output says where).
+const NOFILE: usize = 4096;
+const PIDS: usize = 1024;
+/// The configuration's defaults.
 const DEFAULT_NOFILE: u64 = 1024;
 const DEFAULT_PIDS: u64 = 512;
 const GIB: u64 = 1 << 30;
@@ -624,6 +631,8 @@ struct Results {
     lat_direct: Vec<f64>,
     lat_direct_py: Option<Vec<f64>>,
     conns: usize,
+    /// The workspace's (nofile, pids).
+    limits: (u32, u32),
     relay_nofile: String,
     pressure_start: String,
     /// (before, with the tunnels, after closing them) for this process and the relay.
@@ -765,6 +774,7 @@ async fn measure(c: Arc<Conductor>, w: WorkspaceInfo) -> Results {
         lat_direct,
         lat_direct_py,
         conns,
+        limits: (w.limits.nofile, w.limits.pids),
         relay_nofile,
         pressure_start,
         bench: [before.0, with.0, after.0],
@@ -863,12 +873,14 @@ fn print(r: &Results) {
     println!(
         "\nKernel socket buffers and pipes are not in RSS. The relay holds {fds_per:.1} descriptors and {threads_per:.1} threads \
          per tunnel: at the default `nofile` ({DEFAULT_NOFILE}) it can hold about {:.0} tunnels, and at the default `pids` \
-         ({DEFAULT_PIDS}, threads count) at most about {:.0} (the relay's own cap is {}); this run sets `nofile` {NOFILE} (the relay's \
-         limit: {}) and `pids` {PIDS}.",
+         ({DEFAULT_PIDS}, threads count) at most about {:.0} (the relay's own cap is {}); this run sets `nofile` {} (the relay's \
+         limit: {}) and `pids` {}.",
         (DEFAULT_NOFILE as f64 - rl[0].fds as f64) / fds_per.max(1.0),
         (DEFAULT_PIDS as f64 - rl[0].threads as f64) / threads_per.max(1.0),
         conductor_agent_protocol::EGRESS_MAX_CONNECTIONS,
-        r.relay_nofile
+        r.limits.0,
+        r.relay_nofile,
+        r.limits.1
     );
 
     println!(
@@ -908,8 +920,10 @@ fn main() {
     };
     let outcome = rt.block_on(async {
         let text = format!(
-            "storage:\n  base_path: {}\nisolated_workspace:\n  agent_containers:\n{agent_line}    resources:\n      limits:\n        nofile: {NOFILE}\n        pids: {PIDS}\nnetwork:\n  egress:\n    max_connections: 512\n    idle_timeout: 3600\n    resolve:\n      {UP_NAME}: [\"{UP_ADDR}\"]\n",
-            dir.path().display()
+            "storage:\n  base_path: {}\nisolated_workspace:\n  agent_containers:\n{agent_line}    resources:\n      limits:\n        nofile: {}\n        pids: {}\nnetwork:\n  egress:\n    max_connections: 512\n    idle_timeout: 3600\n    resolve:\n      {UP_NAME}: [\"{UP_ADDR}\"]\n",
+            dir.path().display(),
+            env_usize("BENCH_NOFILE", NOFILE),
+            env_usize("BENCH_PIDS", PIDS),
         );
         let config = Config::parse(&text).expect("config").config;
         let c = Arc::new(Conductor::open(config).await.expect("open conductor"));

@@ -11,7 +11,8 @@
 # Knobs (environment): BENCH_N (speed iterations, 30; egress latency requests, 50),
 # BENCH_N_SLOW (snapshots and lifecycle iterations, 3 and 20), BENCH_TASKS (throughput
 # tasks, 200), BENCH_IDLE (idle workspaces, 50), BENCH_RUNS (egress 1 GiB transfers, 3),
-# BENCH_CONNS (egress idle tunnels, 200).
+# BENCH_CONNS (egress idle tunnels, 200), BENCH_NOFILE and BENCH_PIDS (the egress
+# workspace's limits, 4096 and 1024: the defaults stop the relay at ~170 tunnels).
 # Needs what scripts/setup.sh installs: root, Podman, the static agent, the minimal image;
 # egress also the python-dev image (built here when missing), iproute2 and curl, and the
 # address range 198.51.100.248/30 free (it makes the namespace cbench-egress and a veth).

@@ -1176,3 +1176,431 @@ async fn real_binary_serves_and_stops_gracefully() {
         "containers left behind"
     );
 }
+
+/// Sends a request and returns the status, the JSON body and the body's text (to check
+/// that a secret's value appears nowhere in it).
+async fn send_text(req: reqwest::RequestBuilder) -> (StatusCode, Value, String) {
+    let r = req.send().await.expect("send request");
+    let status = r.status();
+    let text = r.text().await.expect("read body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null), text)
+}
+
+/// A value of `prefix` and 24 random hex digits: nothing else could contain it by chance.
+fn secret_value(prefix: &str) -> String {
+    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+}
+
+/// `POST/GET/DELETE /secrets` over HTTP, `secrets` on workspaces and tasks: the value is
+/// write-only (in no response body, errors included, nor inside the workspace), a
+/// rotation is a 200 with the next version, bad input names its field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_over_http_are_write_only() {
+    let api = Api::start("").await;
+    let (v1, v2) = (secret_value("ghp_first_"), secret_value("ghp_second_"));
+    let mut bodies: Vec<String> = Vec::new();
+    let rules = json!([
+        {"host": "github.com", "inject": {"type": "basic", "username": "x-access-token"}},
+        {"host": "api.github.com", "inject": {"type": "header", "name": "Authorization", "value": "Bearer {value}"}},
+    ]);
+
+    let (s, created, text) = send_text(
+        api.http
+            .post(api.url("/secrets"))
+            .json(&json!({"name": "github", "value": v1, "rules": rules})),
+    )
+    .await;
+    bodies.push(text);
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["name"], "github");
+    assert_eq!(created["version"], 1);
+    assert_eq!(created["env_var"], "GITHUB_TOKEN");
+    assert_eq!(created["rules"], rules);
+    assert!(
+        created["created_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{created}"
+    );
+    assert_eq!(created["created_at"], created["updated_at"]);
+    assert!(created.get("value").is_none(), "{created}");
+
+    // The same name again rotates it: 200, the next version, the new rules.
+    let basic_only = json!([{"host": "github.com", "inject": {"type": "basic", "username": "git"}}]);
+    let (s, rotated, text) = send_text(
+        api.http
+            .post(api.url("/secrets"))
+            .json(&json!({"name": "github", "value": format!("{v2}\n"), "rules": basic_only})),
+    )
+    .await;
+    bodies.push(text);
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    assert_eq!((rotated["version"].as_u64(), &rotated["rules"]), (Some(2), &basic_only));
+    assert_eq!(rotated["created_at"], created["created_at"]);
+    // Back to both rules for the workspace below.
+    let (s, _, text) = send_text(
+        api.http
+            .post(api.url("/secrets"))
+            .json(&json!({"name": "github", "value": v2, "rules": rules})),
+    )
+    .await;
+    bodies.push(text);
+    assert_eq!(s, StatusCode::OK);
+
+    let (s, list, text) = send_text(api.http.get(api.url("/secrets"))).await;
+    bodies.push(text);
+    assert_eq!(s, StatusCode::OK);
+    let names: Vec<&str> = list["secrets"]
+        .as_array()
+        .expect("secrets")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["github"], "{list}");
+    assert_eq!(list["secrets"][0]["version"], 3);
+    let (s, one, text) = send_text(api.http.get(api.url("/secrets/github"))).await;
+    bodies.push(text);
+    assert_eq!((s, one["version"].as_u64()), (StatusCode::OK, Some(3)), "{one}");
+    let got = send(api.http.get(api.url("/secrets/nope"))).await;
+    assert_error(&got, 404, "not_found", None);
+
+    // Bad input: a 400 naming the field, the value never quoted, nothing stored.
+    let rule =
+        json!({"host": "api.example.com", "inject": {"type": "header", "name": "X-Api-Key", "value": "{value}"}});
+    let v3 = secret_value("sk_bad_");
+    let bad: Vec<(Value, &str)> = vec![
+        (
+            json!({"name": "bad", "value": v3, "rules": [rule, {"host": "a..b.example", "inject": {"type": "basic", "username": "git"}}]}),
+            "rules[1].host",
+        ),
+        (
+            json!({"name": "bad", "value": v3, "rules": [{"host": "10.0.0.1", "inject": {"type": "basic", "username": "git"}}]}),
+            "rules[0].host",
+        ),
+        (json!({"name": "bad", "value": v3, "rules": []}), "rules"),
+        (json!({"name": "bad", "value": v3}), "rules"),
+        (
+            json!({"name": "bad", "value": format!("{v3}\nmore"), "rules": [rule]}),
+            "value",
+        ),
+        (
+            json!({"name": "bad", "value": format!(" {v3}"), "rules": [rule]}),
+            "value",
+        ),
+        (json!({"name": "bad", "value": "", "rules": [rule]}), "value"),
+        (
+            json!({"name": "bad", "value": 123456789012_u64, "rules": [rule]}),
+            "value",
+        ),
+        (json!({"name": "bad", "value": [v3], "rules": [rule]}), "value"),
+        (json!({"name": "bad", "value": {"v": v3}, "rules": [rule]}), "value"),
+        (json!({"name": "bad", "rules": [rule]}), "value"),
+        (json!({"name": "Bad Name", "value": v3, "rules": [rule]}), "name"),
+        (json!({"value": v3, "rules": [rule]}), "name"),
+        (
+            json!({"name": "bad", "value": v3, "rules": [rule], "show": true}),
+            "show",
+        ),
+        (
+            json!({"name": "bad", "value": v3, "rules": [{"host": "api.example.com", "inject": {"type": "header", "name": "Host", "value": "{value}"}}]}),
+            "rules[0].inject.name",
+        ),
+        (
+            json!({"name": "bad", "value": v3, "rules": [{"host": "api.example.com", "inject": {"type": "header", "name": "X", "value": "Bearer"}}]}),
+            "rules[0].inject.value",
+        ),
+        (
+            json!({"name": "bad", "value": v3, "rules": [{"host": "api.example.com", "inject": {"type": "basic", "username": "a:b"}}]}),
+            "rules[0].inject.username",
+        ),
+        (
+            json!({"name": "bad", "value": v3, "rules": [{"host": "api.example.com", "inject": {"type": "cookie"}}]}),
+            "rules[0].inject.type",
+        ),
+    ];
+    for (body, field) in bad {
+        let (s, e, text) = send_text(api.http.post(api.url("/secrets")).json(&body)).await;
+        assert_error(&(s, e.clone()), 400, "invalid_request", Some(field));
+        assert!(!text.contains(&v3[3..]), "{field}: the error quotes the value: {text}");
+        assert!(!text.contains("123456789012"), "{field}: {text}");
+        bodies.push(text);
+    }
+    let (s, text) = {
+        let r = api
+            .http
+            .post(api.url("/secrets"))
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"name": "bad", "value": "{v3}"#))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+    assert!(text.contains("malformed_json") && !text.contains(&v3[3..]), "{text}");
+    bodies.push(text);
+    assert!(api.c().get_secret("bad").is_err(), "nothing was stored");
+
+    // A workspace names the secrets it may use: unknown ones are refused by index.
+    let got = send(api.http.post(api.url("/workspaces")).json(&json!({
+        "agent_id": "sec1", "environment": "minimal", "secrets": ["github", "nope"]
+    })))
+    .await;
+    assert_error(&got, 400, "invalid_request", Some("secrets[1]"));
+    let got = send(api.http.post(api.url("/workspaces")).json(&json!({
+        "agent_id": "sec1", "environment": "minimal", "secrets": "github"
+    })))
+    .await;
+    assert_error(&got, 400, "invalid_request", Some("secrets"));
+    let (s, w, text) = send_text(api.http.post(api.url("/workspaces")).json(&json!({
+        "agent_id": "sec1", "environment": "minimal", "secrets": ["github"]
+    })))
+    .await;
+    bodies.push(text);
+    assert_eq!(s, StatusCode::CREATED, "{w}");
+    let id = w["workspace_id"].as_str().unwrap().to_string();
+    assert_eq!(w["secrets"], json!(["github"]), "{w}");
+    assert_eq!(w["network_policy"]["mode"], "proxy", "{w}");
+    let allow = w["network_policy"]["allow"].as_array().unwrap();
+    for host in ["github.com:443", "api.github.com:443"] {
+        assert!(allow.contains(&json!(host)), "{host} allowed: {w}");
+    }
+    let (s, got, text) = send_text(api.http.get(api.url(&format!("/workspaces/{id}")))).await;
+    bodies.push(text);
+    assert_eq!((s, &got["secrets"]), (StatusCode::OK, &json!(["github"])), "{got}");
+    let (_, _, text) = send_text(api.http.get(api.url("/workspaces"))).await;
+    bodies.push(text);
+    // Inside: a placeholder, never the value.
+    let (s, out, text) = send_text(
+        api.http
+            .post(api.url(&format!("/workspaces/{id}/exec")))
+            .json(&json!({"command": "printenv GITHUB_TOKEN; env"})),
+    )
+    .await;
+    bodies.push(text);
+    assert_eq!((s, out["exit_code"].as_i64()), (StatusCode::OK, Some(0)), "{out}");
+    let stdout = out["stdout"].as_str().unwrap();
+    assert!(stdout.starts_with("conductor-secret-github-"), "{stdout}");
+    let (s, gone, text) = send_text(
+        api.http
+            .delete(api.url(&format!("/workspaces/{id}?keep_volumes=false"))),
+    )
+    .await;
+    bodies.push(text);
+    assert_eq!(s, StatusCode::OK, "{gone}");
+
+    // A task names them too (a sandbox task's workspace is made with them).
+    let got = send(api.http.post(api.url("/tasks")).json(&json!({
+        "task_type": "isolated_execution", "environment": "minimal", "commands": ["true"], "secrets": ["nope"]
+    })))
+    .await;
+    assert_error(&got, 400, "invalid_request", Some("secrets[0]"));
+    let (s, t, text) = send_text(api.http.post(api.url("/tasks?wait=true")).json(&json!({
+        "task_type": "isolated_execution", "environment": "minimal", "agent_id": "sec2",
+        "commands": ["printenv GITHUB_TOKEN"], "secrets": ["github"]
+    })))
+    .await;
+    bodies.push(text);
+    assert_eq!((s, t["status"].as_str()), (StatusCode::OK, Some("succeeded")), "{t}");
+    let stdout = t["commands"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["phase"] == "main")
+        .map(|c| c["stdout"].as_str().unwrap().to_string())
+        .unwrap();
+    assert!(stdout.starts_with("conductor-secret-github-"), "{stdout}");
+    let task_id = t["task_id"].as_str().unwrap().to_string();
+    let (_, _, text) = send_text(api.http.get(api.url(&format!("/tasks/{task_id}")))).await;
+    bodies.push(text);
+    let (_, _, text) = send_text(api.http.get(api.url(&format!("/tasks/{task_id}/logs")))).await;
+    bodies.push(text);
+
+    // Delete: 204, then 404; the list is empty.
+    let (s, _, text) = send_text(api.http.delete(api.url("/secrets/github"))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(text.is_empty(), "{text}");
+    let got = send(api.http.delete(api.url("/secrets/github"))).await;
+    assert_error(&got, 404, "not_found", None);
+    let (_, list, text) = send_text(api.http.get(api.url("/secrets"))).await;
+    bodies.push(text);
+    assert_eq!(list, json!({"secrets": []}));
+
+    assert!(bodies.len() > 30, "{}", bodies.len());
+    for body in &bodies {
+        for v in [&v1, &v2] {
+            assert!(!body.contains(v.as_str()), "a response holds a value: {body}");
+        }
+    }
+}
+
+/// `conductor secret set|ls|rm` next to a running `conductor serve`: the value comes from
+/// stdin, a file or a variable (never an argument) and is printed nowhere; the service
+/// serves what the CLI registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_registers_secrets_the_service_serves() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let (dir, config) = common::config_dir("conductor-secret-cli-", "");
+    let served = common::serve(&config);
+    let base = served.base.clone();
+    let http = reqwest::Client::new();
+    let cli = |args: &[&str], stdin: Option<&str>, env: &[(&str, &str)]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_conductor"))
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .envs(env.iter().copied())
+            .env_remove("CONDUCTOR_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run conductor");
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+        drop(input);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (v1, v2, v3) = (
+        secret_value("tok_stdin_"),
+        secret_value("tok_file_"),
+        secret_value("tok_env_"),
+    );
+
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &[
+                "secret",
+                "set",
+                "corp",
+                "--basic",
+                "git.corp.example=git",
+                "--rule",
+                "api.corp.example:8443=X-Api-Key: {value}",
+            ],
+            Some(&format!("{v1}\n")),
+            &[],
+        )
+    });
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("registered secret corp (version 1)") && out.contains("CORP_TOKEN"),
+        "{out}"
+    );
+    let (s, got) = send(http.get(format!("{base}/secrets/corp"))).await;
+    assert_eq!((s, got["version"].as_u64()), (StatusCode::OK, Some(1)), "{got}");
+    assert_eq!(
+        got["rules"],
+        json!([
+            {"host": "api.corp.example:8443", "inject": {"type": "header", "name": "X-Api-Key", "value": "{value}"}},
+            {"host": "git.corp.example", "inject": {"type": "basic", "username": "git"}},
+        ])
+    );
+
+    // Rotation from a file, then from a variable.
+    let file = dir.path().join("token");
+    std::fs::write(&file, format!("{v2}\n")).unwrap();
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &[
+                "secret",
+                "set",
+                "corp",
+                "--basic",
+                "git.corp.example=git",
+                "--from-file",
+                file.to_str().unwrap(),
+            ],
+            None,
+            &[],
+        )
+    });
+    assert!(ok && out.contains("rotated secret corp (version 2)"), "{out}{err}");
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &[
+                "secret",
+                "set",
+                "corp",
+                "--basic",
+                "git.corp.example=git",
+                "--from-env",
+                "CORP_VALUE",
+                "--json",
+            ],
+            None,
+            &[("CORP_VALUE", &v3)],
+        )
+    });
+    assert!(ok, "{out}{err}");
+    let shown: Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(
+        (shown["name"].as_str(), shown["version"].as_u64()),
+        (Some("corp"), Some(3)),
+        "{out}"
+    );
+    let (s, list) = send(http.get(format!("{base}/secrets"))).await;
+    assert_eq!(
+        (s, list["secrets"][0]["version"].as_u64()),
+        (StatusCode::OK, Some(3)),
+        "{list}"
+    );
+
+    // Bad options and values are refused by name, quoting no value.
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &["secret", "set", "x", "--rule", "a..b.example=X: {value}"],
+            Some(&v1),
+            &[],
+        )
+    });
+    assert!(
+        !ok && err.contains("--rule \"a..b.example=X: {value}\" (host)"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = tokio::task::block_in_place(|| {
+        cli(
+            &["secret", "set", "x", "--basic", "a.example=git"],
+            Some(&format!("{v1}\nsecond line")),
+            &[],
+        )
+    });
+    assert!(!ok && err.starts_with("error: value: "), "{out}{err}");
+    assert!(!err.contains(&v1) && !out.contains(&v1), "{out}{err}");
+    let (ok, _, err) = tokio::task::block_in_place(|| {
+        cli(
+            &["secret", "set", "x", "--basic", "a.example=git", v1.as_str()],
+            None,
+            &[],
+        )
+    });
+    assert!(
+        !ok && err.contains("unexpected argument"),
+        "a value is never an argument: {err}"
+    );
+
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&["secret", "ls"], None, &[]));
+    assert!(ok && out.contains("corp") && out.contains("CORP_TOKEN"), "{out}{err}");
+    let (ok, json_out, err) = tokio::task::block_in_place(|| cli(&["secret", "ls", "--json"], None, &[]));
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&json_out).expect("json");
+    assert_eq!(listed[0]["name"], "corp", "{json_out}");
+    for text in [&out, &json_out] {
+        for v in [&v1, &v2, &v3] {
+            assert!(!text.contains(v.as_str()), "{text}");
+        }
+    }
+    let (ok, out, err) = tokio::task::block_in_place(|| cli(&["secret", "rm", "corp"], None, &[]));
+    assert!(ok && out.contains("deleted secret corp"), "{out}{err}");
+    let (ok, _, err) = tokio::task::block_in_place(|| cli(&["secret", "rm", "corp"], None, &[]));
+    assert!(!ok && err.contains("secret 'corp' not found"), "{err}");
+    let got = send(http.get(format!("{base}/secrets/corp"))).await;
+    assert_error(&got, 404, "not_found", None);
+    drop(served);
+}

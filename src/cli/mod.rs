@@ -6,6 +6,7 @@ mod doctor;
 mod env;
 mod mcp;
 mod progress;
+mod secret;
 mod serve;
 mod snapshot;
 mod ws;
@@ -52,6 +53,10 @@ pub enum Command {
     /// Snapshot a workspace, list, restore and delete its snapshots.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Register, rotate, list and delete secrets: kept on the host, injected by the egress
+    /// proxy into requests to their hosts (`ws create --secret NAME`); values are never shown.
+    #[command(subcommand)]
+    Secret(secret::SecretCommand),
     /// Agree the database with Podman after a crash: remove orphans, mark vanished workspaces lost.
     Reconcile,
     /// Apply the cleanup policy (max_age_hours, max_containers) now.
@@ -85,6 +90,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Ws(cmd) => ws::run(&cli, cmd).await,
         Command::Run(args) => ws::run_once(&cli, args).await,
         Command::Snapshot(cmd) => snapshot::run(&cli, cmd).await,
+        Command::Secret(cmd) => secret::run(&cli, cmd).await,
         Command::Reconcile => reconcile(&cli).await,
         Command::Cleanup => cleanup(&cli).await,
         Command::Serve(args) => serve::run(&cli, args).await,

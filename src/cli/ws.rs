@@ -151,6 +151,12 @@ pub struct WorkspaceOpts {
     /// Environment variables for the container, NAME=value.
     #[arg(long = "setenv", value_name = "NAME=VALUE")]
     pub setenv: Vec<String>,
+    /// A registered secret (`conductor secret set`) the workspace may use (repeatable;
+    /// within secrets.max_allow; implies --network proxy and allows its rules' hosts). The
+    /// workspace holds only a placeholder in <NAME>_TOKEN, which the egress proxy replaces
+    /// by the value in requests to those hosts.
+    #[arg(long = "secret", value_name = "NAME")]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -251,6 +257,7 @@ fn create_request(agent: &str, environment: &str, o: &WorkspaceOpts) -> Result<C
         readonly_rootfs: o.readonly_rootfs,
         env: parse_pairs("setenv", &o.setenv)?,
         ports: o.publish.clone(),
+        secrets: o.secrets.clone(),
         ..Default::default()
     })
 }

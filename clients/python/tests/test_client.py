@@ -55,6 +55,41 @@ async def test_workspace_lifecycle(service: Any, agent_id: str) -> None:
         assert (e.value.status, e.value.code) == (409, "conflict")
 
 
+async def test_secrets_are_write_only_and_workspaces_get_placeholders(service: Any, agent_id: str) -> None:
+    from conductor import basic_rule, header_rule
+
+    value = "tok_" + agent_id.replace("-", "_") + "_never_shown"
+    name = "py" + agent_id.replace("-", "")[-20:]
+    async with AsyncConductorClient(config=service.config) as c:
+        rules = [header_rule("api.example.com", "Authorization", "Bearer {value}"), basic_rule("git.example.com", "git")]
+        s = await c.put_secret(name, value, rules)
+        assert (s.name, s.version, s.rules) == (name, 1, rules)
+        assert (await c.put_secret(name, value + "2", rules)).version == 2
+        assert name in [x.name for x in await c.list_secrets()]
+        with pytest.raises(ValidationError) as e:
+            await c.put_secret(name, value + "\nline", rules)
+        assert e.value.field == "value" and value not in str(e.value)
+        with pytest.raises(ValidationError) as e:
+            await c.put_secret(name, value, [basic_rule("a..b.example", "git")])
+        assert e.value.field == "rules[0].host"
+
+        ws = await c.create_workspace(agent_id, "minimal", secrets=[name])
+        try:
+            assert ws.secrets == [name] and ws.network_policy is not None
+            assert ws.network_policy["mode"] == "proxy"
+            r = await c.exec(ws.id, f"printenv {s.env_var}")
+            assert r.stdout.startswith(f"conductor-secret-{name}-") and value not in r.stdout
+            assert (await c.get_workspace(ws.id)).secrets == [name]
+        finally:
+            await c.delete_workspace(ws.id, keep_volumes=False)
+        with pytest.raises(ValidationError) as e:
+            await c.create_workspace(agent_id, "minimal", secrets=["no-such-secret"])
+        assert e.value.field == "secrets[0]"
+        await c.delete_secret(name)
+        with pytest.raises(NotFoundError):
+            await c.get_secret(name)
+
+
 async def test_proxy_mode_audits_a_denied_request(service: Any, agent_id: str) -> None:
     # Nothing outside is contacted: the proxy refuses a name that is not allowed before
     # resolving it.

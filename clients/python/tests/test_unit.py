@@ -325,6 +325,161 @@ def test_create_task_takes_a_network() -> None:
     assert t.egress is not None and t.egress["denied"] == 2
 
 
+# -- secrets ------------------------------------------------------------------------------
+
+SECRET_VALUE = "ghp_never_comes_back_0123456789"
+
+
+class FakeSecrets:
+    """``/secrets`` in memory, as the service answers it: metadata only, 201 then 200."""
+
+    def __init__(self) -> None:
+        self.stored: Dict[str, Dict[str, Any]] = {}
+        self.values: Dict[str, str] = {}
+        self.calls: List[Any] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.raw_path.decode()
+        body = json.loads(request.content) if request.content else None
+        self.calls.append((request.method, path, body))
+        if request.method == "POST" and path == "/secrets":
+            if not body["rules"]:
+                return httpx.Response(
+                    400, json={"error": {"code": "invalid_request", "message": "is empty", "field": "rules"}}
+                )
+            old = self.stored.get(body["name"])
+            version = old["version"] + 1 if old else 1
+            self.values[body["name"]] = body["value"]
+            self.stored[body["name"]] = {
+                "name": body["name"],
+                "rules": body["rules"],
+                "env_var": body["name"].upper().replace("-", "_") + "_TOKEN",
+                "version": version,
+                "created_at": old["created_at"] if old else "2024-05-01T12:34:56.789Z",
+                "updated_at": "2024-05-01T12:35:00.000Z",
+            }
+            return httpx.Response(200 if old else 201, json=self.stored[body["name"]])
+        if request.method == "POST" and path == "/workspaces":
+            return httpx.Response(201, json={**_workspace_json(body["agent_id"], 1, 0), "secrets": body["secrets"]})
+        if request.method == "GET" and path == "/secrets":
+            return httpx.Response(200, json={"secrets": [self.stored[n] for n in sorted(self.stored)]})
+        name = path.removeprefix("/secrets/")
+        if name not in self.stored:
+            return httpx.Response(
+                404, json={"error": {"code": "not_found", "message": f"secret '{name}' not found", "field": None}}
+            )
+        if request.method == "DELETE":
+            del self.stored[name]
+            return httpx.Response(204)
+        return httpx.Response(200, json=self.stored[name])
+
+
+async def test_secrets_are_put_listed_and_deleted_without_their_values_coming_back() -> None:
+    from conductor import NotFoundError, Secret, basic_rule, header_rule
+
+    fake = FakeSecrets()
+    c = _mock(fake.handler)
+    rules = [basic_rule("github.com", "x-access-token"), header_rule("api.github.com", "Authorization", "Bearer {value}")]
+    s = await c.put_secret("github", SECRET_VALUE, rules)
+    assert isinstance(s, Secret)
+    assert (s.name, s.version, s.env_var) == ("github", 1, "GITHUB_TOKEN")
+    assert s.rules == [
+        {"host": "github.com", "inject": {"type": "basic", "username": "x-access-token"}},
+        {"host": "api.github.com", "inject": {"type": "header", "name": "Authorization", "value": "Bearer {value}"}},
+    ]
+    assert fake.calls[-1] == ("POST", "/secrets", {"name": "github", "value": SECRET_VALUE, "rules": rules})
+    assert SECRET_VALUE not in repr(s) and SECRET_VALUE not in json.dumps(s.to_dict())
+
+    # Again: a rotation, the next version; bytes are sent as text.
+    s = await c.put_secret("github", b"ghp_rotated", rules[:1])
+    assert (s.version, s.created_at, len(s.rules)) == (2, "2024-05-01T12:34:56.789Z", 1)
+    assert fake.values["github"] == "ghp_rotated"
+    await c.put_secret("npm-corp", "npm_tok", (header_rule("npm.corp.example", "Authorization", "Bearer {value}"),))
+
+    listed = await c.list_secrets()
+    assert [x.name for x in listed] == ["github", "npm-corp"]
+    assert (await c.get_secret("npm-corp")).env_var == "NPM_CORP_TOKEN"
+    assert await c.delete_secret("npm-corp") is None
+    assert fake.calls[-1] == ("DELETE", "/secrets/npm-corp", None)
+    with pytest.raises(NotFoundError):
+        await c.delete_secret("npm-corp")
+    with pytest.raises(NotFoundError):
+        await c.get_secret("a/b")
+    assert fake.calls[-1][1] == "/secrets/a%2Fb"
+    with pytest.raises(ValidationError) as e:
+        await c.put_secret("x", SECRET_VALUE, [])
+    assert e.value.field == "rules" and SECRET_VALUE not in str(e.value)
+    with pytest.raises(TypeError):
+        await c.put_secret("x", 123, rules)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        await c.put_secret("x", "v", rules[0])
+    await c.aclose()
+
+
+def test_the_sync_client_manages_secrets_too() -> None:
+    from conductor import basic_rule
+
+    fake = FakeSecrets()
+    with ConductorClient("http://conductor.test", transport=httpx.MockTransport(fake.handler)) as sync:
+        assert sync.put_secret("gitlab", "glpat", [basic_rule("gitlab.com", "oauth2")]).version == 1
+        assert sync.put_secret("gitlab", "glpat2", [basic_rule("gitlab.com", "oauth2")]).version == 2
+        assert [x.name for x in sync.list_secrets()] == ["gitlab"]
+        assert sync.get_secret("gitlab").rules[0]["inject"]["username"] == "oauth2"
+        sync.delete_secret("gitlab")
+        ws = sync.create_workspace("a", "python-dev", secrets=["github"])
+    assert "gitlab" not in fake.stored
+    assert ws.secrets == ["github"]
+
+
+async def test_workspaces_and_tasks_name_their_secrets() -> None:
+    bodies: List[Any] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        return httpx.Response(201, json={**_workspace_json(body["agent_id"], 1, 0), "secrets": body.get("secrets", [])})
+
+    c = _mock(handler)
+    ws = await c.create_workspace("a", "python-dev", secrets=["github"])
+    assert bodies[-1]["secrets"] == ["github"] and ws.secrets == ["github"]
+    ws = await c.create_workspace("a", "python-dev", allow=["pypi"], secrets=("github", "npm-corp"))
+    assert bodies[-1] == {
+        "agent_id": "a",
+        "environment": "python-dev",
+        "network": {"allow": ["pypi"]},
+        "secrets": ["github", "npm-corp"],
+    }
+    ws = await c.create_workspace("a", "python-dev")
+    assert "secrets" not in bodies[-1] and ws.secrets == []
+    with pytest.raises(TypeError):
+        await c.create_workspace("a", "python-dev", secrets="github")
+    await c.aclose()
+    manager = WorkspaceIsolationManager(client=_mock(handler))
+    container = await manager.create_workspace("a", "python-dev", secrets=["github"])
+    assert bodies[-1]["secrets"] == ["github"]
+    assert container.secrets == ["github"] and container.workspace().secrets == ["github"]
+    await manager.close()
+    assert Workspace.from_dict({**_workspace_json("a", 1, 0)}).secrets == []
+
+    spec = create_task(environment="python-dev", commands=["git clone https://github.com/org/private.git"], secrets=["github"])
+    assert spec.to_json()["secrets"] == ["github"]
+    assert "secrets" not in create_task(environment="minimal", commands=["true"]).to_json()
+    with pytest.raises(TypeError):
+        create_task(environment="minimal", commands=["true"], secrets="github")
+
+    tasks: List[Any] = []
+
+    def task_handler(request: httpx.Request) -> httpx.Response:
+        tasks.append(json.loads(request.content))
+        return httpx.Response(202, json={"id": "task-1", "task_id": "task-1", "status": "queued"})
+
+    c = _mock(task_handler)
+    await c.submit_task(spec)
+    await c.submit_task({"task_type": "isolated_execution", "environment": "minimal", "commands": ["true"], "secrets": ["x"]})
+    await c.aclose()
+    assert [t.get("secrets") for t in tasks] == [["github"], ["x"]]
+
+
 # -- the original WorkspaceIsolationManager's shapes ---------------------------------------
 
 

@@ -39,7 +39,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
 
-use routes::{egress, environments, files, snapshots, system, tasks, workspaces};
+use routes::{egress, environments, files, secrets, snapshots, system, tasks, workspaces};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -68,6 +68,8 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(snapshots::create_snapshot, snapshots::list_snapshots))
         .routes(routes!(snapshots::restore_snapshot))
         .routes(routes!(snapshots::delete_snapshot))
+        .routes(routes!(secrets::put_secret, secrets::list_secrets))
+        .routes(routes!(secrets::get_secret, secrets::delete_secret))
         .routes(routes!(environments::list_environments))
         .routes(routes!(system::health))
         .routes(routes!(system::metrics))

@@ -26,6 +26,7 @@ use crate::routes::tasks::{LogChunk, LogEnd};
         (name = "workspaces", description = "Workspaces driven directly"),
         (name = "files", description = "Files of a running workspace: upload, download (raw or tar), list, delete"),
         (name = "snapshots", description = "Snapshots of a workspace's whole state, and restoring them"),
+        (name = "secrets", description = "Write-only secrets the egress proxy injects into requests to their hosts; a workspace holds only placeholders"),
         (name = "environments", description = "Environment images"),
         (name = "system", description = "Health, metrics and this document"),
     ),

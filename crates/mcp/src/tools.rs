@@ -103,6 +103,14 @@ pub struct CreateWorkspaceArgs {
     /// stay unreachable even when `allow` matches; added to the environment's.
     #[serde(default)]
     pub deny: Option<Vec<String>>,
+    /// Names of secrets the operator registered (e.g. ["github"]) that the workspace may
+    /// use; implies "proxy" and allows each secret's hosts. The workspace never holds a
+    /// value: each secret is a placeholder in <NAME>_TOKEN (e.g. GITHUB_TOKEN), which the
+    /// proxy replaces by the real token in HTTPS requests to that secret's hosts only. Use
+    /// the variable as the token (e.g. `Authorization: Bearer $GITHUB_TOKEN`); git over
+    /// HTTPS to those hosts needs no credential at all.
+    #[serde(default)]
+    pub secrets: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -323,6 +331,22 @@ fn network_policy(
     }))
 }
 
+/// A workspace's secrets in a sentence ending in a newline; empty without any.
+fn describe_secrets(names: &[String]) -> String {
+    if names.is_empty() {
+        return String::new();
+    }
+    let vars: Vec<String> = names
+        .iter()
+        .map(|n| format!("{} ({n})", conductor_core::secrets::env_var(n)))
+        .collect();
+    format!(
+        "Secrets: {} hold placeholders, not the tokens; the proxy puts the real token into HTTPS \
+         requests to each secret's own hosts, so use the variable as the token there.\n",
+        vars.join(", ")
+    )
+}
+
 /// A workspace's network in a sentence.
 fn describe_network(n: &ResolvedNetwork) -> String {
     match n.mode {
@@ -482,7 +506,9 @@ impl WorkspaceTools {
                        HTTP(S) (network \"proxy\"; entries: an exact host name such as \"api.example.com\", \
                        a \"*.example.com\" wildcard matching its subdomains only, an address range written \
                        as a CIDR, each with an optional \":port\" (default 80 and 443), or a bundle: \
-                       \"pypi\", \"npm\", \"debian\", \"github\"), optionally with deny entries.",
+                       \"pypi\", \"npm\", \"debian\", \"github\"), optionally with deny entries. \
+                       `secrets` names registered secrets the workspace may use: it gets placeholders \
+                       (e.g. GITHUB_TOKEN) that the proxy turns into the real token for their hosts only.",
         annotations(destructive_hint = false, open_world_hint = false)
     )]
     async fn create_workspace(&self, Parameters(args): Parameters<CreateWorkspaceArgs>) -> ToolResult {
@@ -492,6 +518,7 @@ impl WorkspaceTools {
             agent_id,
             environment: args.environment.trim().to_string(),
             network,
+            secrets: args.secrets.unwrap_or_default(),
             ..Default::default()
         };
         let c = self.conductor.clone();
@@ -504,9 +531,11 @@ impl WorkspaceTools {
              workspace_id: {id}\n\
              Limits: memory {mem}, cpu {cpu}, processes {pids}, /workspace size {vol}.\n\
              Network: {net}.\n\
+             {secrets}\
              Commands run as user {user} in /workspace. Use this workspace_id with run_command, \
              write_file, read_file, list_files, snapshot, restore and destroy_workspace.",
             net = describe_network(&w.network_policy),
+            secrets = describe_secrets(&w.secrets),
             id = w.id,
             env = w.environment,
             agent = w.agent_id,
@@ -881,8 +910,12 @@ mod tests {
         assert_eq!(args.network.as_deref(), Some("proxy"));
         assert_eq!(args.allow, Some(strings(&["pypi"])));
         assert_eq!(args.deny, Some(strings(&["10.0.0.0/8"])));
+        assert_eq!(args.secrets, None);
+        let args: CreateWorkspaceArgs =
+            serde_json::from_value(serde_json::json!({"environment": "python-dev", "secrets": ["github"]})).unwrap();
+        assert_eq!(args.secrets, Some(strings(&["github"])));
         let schema = serde_json::to_value(schemars::schema_for!(CreateWorkspaceArgs)).unwrap();
-        for field in ["network", "allow", "deny"] {
+        for field in ["network", "allow", "deny", "secrets"] {
             assert!(
                 schema["properties"][field]["description"].is_string(),
                 "{field}: {schema}"
@@ -900,6 +933,17 @@ mod tests {
                 ("ws-1", Some("denied"))
             );
         }
+    }
+
+    #[test]
+    fn secrets_are_described_by_variable_and_name() {
+        assert_eq!(describe_secrets(&[]), "");
+        let d = describe_secrets(&strings(&["github", "npm-corp"]));
+        assert!(
+            d.starts_with("Secrets: GITHUB_TOKEN (github), NPM_CORP_TOKEN (npm-corp) hold placeholders"),
+            "{d}"
+        );
+        assert!(d.ends_with('\n'), "{d}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ The service address comes from arguments, a conductor configuration, or
 
 __version__ = "0.1.0"
 
-from .client import AsyncConductorClient, ConductorClient  # noqa: E402
+from .client import AsyncConductorClient, ConductorClient, basic_rule, header_rule  # noqa: E402
 from .errors import (  # noqa: E402
     AuthError,
     ConductorError,
@@ -34,6 +34,7 @@ from .models import (  # noqa: E402
     LogChunk,
     LogEnd,
     LogEvent,
+    Secret,
     Snapshot,
     Task,
     TaskCommand,
@@ -47,6 +48,8 @@ __all__ = [
     "__version__",
     "AsyncConductorClient",
     "ConductorClient",
+    "basic_rule",
+    "header_rule",
     "AuthError",
     "ConductorError",
     "ConflictError",
@@ -64,6 +67,7 @@ __all__ = [
     "LogChunk",
     "LogEnd",
     "LogEvent",
+    "Secret",
     "Snapshot",
     "Task",
     "TaskCommand",

@@ -50,6 +50,7 @@ from .models import (
     LogChunk,
     LogEnd,
     LogEvent,
+    Secret,
     Snapshot,
     Task,
     TaskPage,
@@ -58,7 +59,16 @@ from .models import (
 )
 from .settings import ConfigLike, resolve
 
-__all__ = ["AsyncConductorClient", "ConductorClient", "CommandLike", "DEFAULT_TIMEOUT", "NetworkLike", "TaskLike"]
+__all__ = [
+    "AsyncConductorClient",
+    "ConductorClient",
+    "CommandLike",
+    "DEFAULT_TIMEOUT",
+    "NetworkLike",
+    "TaskLike",
+    "basic_rule",
+    "header_rule",
+]
 
 #: Connect within 10 s; reads wait as long as the service works on the request.
 DEFAULT_TIMEOUT = httpx.Timeout(None, connect=10.0)
@@ -100,6 +110,29 @@ def network_body(
     if deny is not None:
         body["deny"] = list(deny)
     return body
+
+
+def secrets_body(secrets: Optional[Iterable[str]]) -> Optional[List[str]]:
+    """The ``secrets`` of a workspace or task request: a list of names, or ``None``."""
+    if secrets is None:
+        return None
+    if isinstance(secrets, (str, bytes)):
+        raise TypeError("secrets must be a list of secret names such as ['github'], not one string")
+    return list(secrets)
+
+
+def header_rule(host: str, name: str, template: str) -> Dict[str, Any]:
+    """An injection rule for :meth:`AsyncConductorClient.put_secret`: requests to ``host``
+    get header ``name`` set to ``template`` with ``{value}`` replaced by the secret, e.g.
+    ``header_rule("api.github.com", "Authorization", "Bearer {value}")``."""
+    return {"host": host, "inject": {"type": "header", "name": name, "value": template}}
+
+
+def basic_rule(host: str, username: str) -> Dict[str, Any]:
+    """An injection rule for :meth:`AsyncConductorClient.put_secret`: requests to ``host``
+    get ``Authorization: Basic base64(username:secret)``, the credential git over HTTPS
+    sends, e.g. ``basic_rule("github.com", "x-access-token")``."""
+    return {"host": host, "inject": {"type": "basic", "username": username}}
 
 
 def _command_body(command: CommandLike) -> Union[str, List[str]]:
@@ -293,6 +326,7 @@ class AsyncConductorClient:
         network: Optional[NetworkLike] = None,
         allow: Optional[Iterable[str]] = None,
         deny: Optional[Iterable[str]] = None,
+        secrets: Optional[Iterable[str]] = None,
     ) -> Workspace:
         """``POST /workspaces``: creates and starts a workspace (building its image when needed).
 
@@ -305,6 +339,11 @@ class AsyncConductorClient:
         ``"*.suffix"`` wildcard (its subdomains only), an address range written as a CIDR,
         each with an optional ``":port"`` (default 80 and 443), or a bundle (``"pypi"``,
         ``"npm"``, ``"debian"``, ``"github"``).
+
+        ``secrets`` names registered secrets (:meth:`put_secret`) the workspace may use; it
+        implies proxy mode and allows their rules' hosts. The workspace holds only a
+        placeholder per secret (``GITHUB_TOKEN`` for ``"github"``), which the proxy replaces
+        by the value in requests to those hosts.
         """
         body: Dict[str, Any] = {"agent_id": agent_id, "environment": environment}
         if limits:
@@ -312,6 +351,9 @@ class AsyncConductorClient:
         net = network_body(network, allow, deny)
         if net is not None:
             body["network"] = net
+        names = secrets_body(secrets)
+        if names is not None:
+            body["secrets"] = names
         return Workspace.from_dict(await self._request("POST", "/workspaces", json=body))
 
     async def list_workspaces(
@@ -385,6 +427,38 @@ class AsyncConductorClient:
         body = await self._request("GET", f"/workspaces/{_seg(workspace_id)}/egress", params=params)
         rows = body.get("events", []) if isinstance(body, dict) else body
         return [dict(r) for r in rows or []]
+
+    # -- secrets ------------------------------------------------------------------------
+
+    async def put_secret(
+        self, name: str, value: Union[str, bytes], rules: Iterable[Mapping[str, Any]]
+    ) -> Secret:
+        """``POST /secrets``: registers a secret, or rotates it when ``name`` exists (a new
+        value and rules, ``version`` + 1, applied from the next request on). ``rules`` are
+        dicts as :func:`header_rule` and :func:`basic_rule` make. The value is write-only:
+        the result, and any error, carry only metadata."""
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("ascii")
+        if not isinstance(value, str):
+            raise TypeError("value must be a str (or ASCII bytes)")
+        if isinstance(rules, Mapping):
+            raise TypeError("rules must be a list of rules, e.g. [basic_rule('github.com', 'x-access-token')]")
+        body = {"name": name, "value": value, "rules": [dict(r) for r in rules]}
+        return Secret.from_dict(await self._request("POST", "/secrets", json=body))
+
+    async def list_secrets(self) -> List[Secret]:
+        """``GET /secrets``: every registered secret's metadata, by name."""
+        body = await self._request("GET", "/secrets")
+        return [Secret.from_dict(s) for s in body["secrets"]]
+
+    async def get_secret(self, name: str) -> Secret:
+        """``GET /secrets/{name}``: one secret's metadata."""
+        return Secret.from_dict(await self._request("GET", f"/secrets/{_seg(name)}"))
+
+    async def delete_secret(self, name: str) -> None:
+        """``DELETE /secrets/{name}``: workspaces made with it keep a placeholder that is no
+        longer replaced."""
+        await self._request("DELETE", f"/secrets/{_seg(name)}")
 
     # -- snapshots ----------------------------------------------------------------------
 
@@ -577,9 +651,12 @@ class ConductorClient:
         network: Optional[NetworkLike] = None,
         allow: Optional[Iterable[str]] = None,
         deny: Optional[Iterable[str]] = None,
+        secrets: Optional[Iterable[str]] = None,
     ) -> Workspace:
         return self._run(
-            self.aio.create_workspace(agent_id, environment, limits=limits, network=network, allow=allow, deny=deny)
+            self.aio.create_workspace(
+                agent_id, environment, limits=limits, network=network, allow=allow, deny=deny, secrets=secrets
+            )
         )
 
     def list_workspaces(
@@ -619,6 +696,18 @@ class ConductorClient:
         task_id: Optional[str] = None,
     ) -> List[Dict[str, Any]]:
         return self._run(self.aio.egress(workspace_id, limit=limit, decision=decision, after=after, task_id=task_id))
+
+    def put_secret(self, name: str, value: Union[str, bytes], rules: Iterable[Mapping[str, Any]]) -> Secret:
+        return self._run(self.aio.put_secret(name, value, rules))
+
+    def list_secrets(self) -> List[Secret]:
+        return self._run(self.aio.list_secrets())
+
+    def get_secret(self, name: str) -> Secret:
+        return self._run(self.aio.get_secret(name))
+
+    def delete_secret(self, name: str) -> None:
+        self._run(self.aio.delete_secret(name))
 
     def create_snapshot(self, workspace: str, name: str, *, overwrite: bool = False) -> Snapshot:
         return self._run(self.aio.create_snapshot(workspace, name, overwrite=overwrite))

@@ -21,6 +21,7 @@ __all__ = [
     "Workspace",
     "ExecResult",
     "Snapshot",
+    "Secret",
     "TaskCommand",
     "Task",
     "TaskPage",
@@ -132,6 +133,8 @@ class Workspace(_Model):
     last_used_at: int = 0
     error: Optional[str] = None
     usage: Optional[WorkspaceUsage] = None
+    #: The names of the secrets it may use (never their values).
+    secrets: List[str] = field(default_factory=list, hash=False)
 
     @property
     def workspace_id(self) -> str:
@@ -279,6 +282,24 @@ class Snapshot(_Model):
 
 
 @dataclass(frozen=True)
+class Secret(_Model):
+    """A registered secret's metadata (``GET /secrets``); the value is write-only and
+    never comes back."""
+
+    name: str
+    #: Where it is injected: ``{"host": ..., "inject": {"type": "header", "name", "value"}}``
+    #: or ``{"host": ..., "inject": {"type": "basic", "username"}}``.
+    rules: List[Dict[str, Any]] = field(default_factory=list, hash=False)
+    #: The variable holding its placeholder inside a workspace (``GITHUB_TOKEN``).
+    env_var: str = ""
+    #: 1 when registered, one more per rotation.
+    version: int = 0
+    #: RFC 3339 UTC.
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True)
 class TaskCommand(_Model):
     """One command of a task: its phase (``pre``, ``main``, ``post``), result and output."""
 
@@ -371,6 +392,8 @@ class TaskSpec(_Model):
     source: Optional[str] = None
     #: The task's network over its environment's: a mode or ``{"mode", "allow", "deny"}``.
     network: Optional[Union[str, Dict[str, Any]]] = None
+    #: Names of registered secrets the proxy injects into the task's requests to their hosts.
+    secrets: List[str] = field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
         """The request body: unset optional fields are left out."""
@@ -387,6 +410,8 @@ class TaskSpec(_Model):
             body["services"] = list(self.services)
         if self.env:
             body["env"] = dict(self.env)
+        if self.secrets:
+            body["secrets"] = list(self.secrets)
         return body
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import AsyncGenerator, Iterable, List, Mapping, Optional, Sequence
 
-from .client import AsyncConductorClient, NetworkLike, TaskLike, network_body
+from .client import AsyncConductorClient, NetworkLike, TaskLike, network_body, secrets_body
 from .models import LogEvent, Task, TaskSpec
 from .settings import ConfigLike
 
@@ -48,6 +48,7 @@ def create_task(
     network: Optional[NetworkLike] = None,
     allow: Optional[Iterable[str]] = None,
     deny: Optional[Iterable[str]] = None,
+    secrets: Optional[Iterable[str]] = None,
 ) -> TaskSpec:
     """A task to run: ``commands`` run in order in one shell session inside a fresh
     workspace of ``environment`` (``cd`` and exports carry over; the first failing command
@@ -55,7 +56,9 @@ def create_task(
     is in seconds for all commands together; ``source`` is a host directory copied to
     ``/workspace/src`` first. ``network``, ``allow`` and ``deny`` give the task's network
     over its environment's, as for :meth:`AsyncConductorClient.create_workspace` (an
-    ``allow`` list replaces the environment's, ``deny`` entries add to it)."""
+    ``allow`` list replaces the environment's, ``deny`` entries add to it). ``secrets``
+    names registered secrets the proxy injects into the task's requests to their hosts
+    (the workspace holds only placeholders)."""
     if not environment:
         raise ValueError("create_task needs an environment, e.g. environment='python-dev'")
     if isinstance(commands, str):
@@ -72,6 +75,7 @@ def create_task(
         env=dict(env or {}),
         source=source,
         network=network_body(network, allow, deny),
+        secrets=secrets_body(secrets) or [],
     )
 
 

@@ -134,8 +134,8 @@ class WorkspaceContainer(Workspace):
     ``"running"``), ``workspace_path`` (``/workspace``, inside the container) and ``ports``
     (published container port → host port on 127.0.0.1, when known). The client's:
     ``id``, ``agent_id``, ``environment``, ``state``, ``image``, ``container_name``,
-    ``network``, ``network_policy``, ``limits``, ``last_used_at``, ``error``, ``usage``;
-    ``created_at_ms`` is the creation time in milliseconds since the epoch (the client's
+    ``network``, ``network_policy``, ``limits``, ``last_used_at``, ``error``, ``usage``,
+    ``secrets``; ``created_at_ms`` is the creation time in milliseconds since the epoch (the client's
     ``created_at``).
 
     Constructed positionally, the arguments are the original's
@@ -173,6 +173,7 @@ class WorkspaceContainer(Workspace):
         last_used_at: int = 0,
         error: Optional[str] = None,
         usage: Optional[WorkspaceUsage] = None,
+        secrets: Optional[List[str]] = None,
     ) -> None:
         config = config if config is not None else _empty_config()
         if created_at is None:
@@ -193,6 +194,7 @@ class WorkspaceContainer(Workspace):
             "last_used_at": last_used_at,
             "error": error,
             "usage": usage,
+            "secrets": list(secrets or []),
             "container_id": container_id or container_name or config.name,
             "config": config,
             "status": status if status != "created" or not state else state,
@@ -239,6 +241,7 @@ class WorkspaceContainer(Workspace):
             last_used_at=ws.last_used_at,
             error=ws.error,
             usage=ws.usage,
+            secrets=ws.secrets,
         )
 
     def workspace(self) -> Workspace:
@@ -257,6 +260,7 @@ class WorkspaceContainer(Workspace):
             last_used_at=self.last_used_at,
             error=self.error,
             usage=self.usage,
+            secrets=list(self.secrets),
         )
 
 
@@ -483,15 +487,17 @@ class WorkspaceIsolationManager:
         network: Optional[NetworkLike] = None,
         allow: Optional[Iterable[str]] = None,
         deny: Optional[Iterable[str]] = None,
+        secrets: Optional[Iterable[str]] = None,
     ) -> WorkspaceContainer:
         """Creates and starts a workspace for the agent from an environment (e.g.
         ``"python-dev"``); it becomes the agent's workspace for this manager.
         ``limits`` (``memory``, ``cpu``, ``pids``, ``volume_size``) and the network
         (``network``: ``"isolated"``, ``"none"``, ``"proxy"``, ``"egress"`` or a mapping;
         ``allow`` / ``deny`` entry lists for proxy mode, see
-        :meth:`AsyncConductorClient.create_workspace`) override the service's defaults."""
+        :meth:`AsyncConductorClient.create_workspace`) override the service's defaults;
+        ``secrets`` names registered secrets the workspace may use."""
         ws = await self.client.create_workspace(
-            agent_id, environment, limits=limits, network=network, allow=allow, deny=deny
+            agent_id, environment, limits=limits, network=network, allow=allow, deny=deny, secrets=secrets
         )
         return self._remember(ws)
 

@@ -69,6 +69,13 @@ pub struct TaskRequest {
     /// replaces theirs (within `network.egress.max_allow`), `deny` entries add to theirs.
     #[schema(value_type = Option<NetworkSchema>)]
     pub network: Option<NetworkPolicy>,
+    /// Registered secrets (`POST /secrets`) the egress proxy injects into the task's
+    /// requests to their hosts, within `secrets.max_allow`. A sandbox task's workspace is
+    /// made with them; in a shared workspace they must be among the workspace's own, and
+    /// only they are injected while the task runs.
+    #[serde(default)]
+    #[schema(example = json!(["github"]))]
+    pub secrets: Vec<String>,
 }
 
 impl From<TaskRequest> for TaskSpec {
@@ -85,8 +92,7 @@ impl From<TaskRequest> for TaskSpec {
             env: r.env,
             source: r.source,
             network: r.network,
-            // Not in the request body yet (the API pass for secrets adds it).
-            secrets: Vec::new(),
+            secrets: r.secrets,
         }
     }
 }

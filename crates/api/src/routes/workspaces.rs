@@ -66,6 +66,13 @@ pub struct CreateWorkspace {
     /// `podman_config.container_port_range`); needs `network: egress`.
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// Registered secrets (`POST /secrets`) the workspace may use, within
+    /// `secrets.max_allow`. Implies `proxy` mode; the hosts of their rules are added to the
+    /// allow list. The workspace holds only a placeholder per secret (`GITHUB_TOKEN` for
+    /// `github`), which the egress proxy replaces by the value on the secret's hosts.
+    #[serde(default)]
+    #[schema(example = json!(["github"]))]
+    pub secrets: Vec<String>,
 }
 
 /// Limits a workspace runs with.
@@ -195,6 +202,8 @@ pub struct Workspace {
     /// Name of the workspace's own network, if any (`egress` mode).
     pub network: Option<String>,
     pub network_policy: WorkspaceNetworkPolicy,
+    /// The names of the secrets it may use (never their values or placeholders).
+    pub secrets: Vec<String>,
     pub limits: Limits,
     /// Milliseconds since the Unix epoch.
     pub created_at: i64,
@@ -218,6 +227,7 @@ impl From<WorkspaceInfo> for Workspace {
             state: w.state.as_str().to_string(),
             network: w.network,
             network_policy: w.network_policy.into(),
+            secrets: w.secrets,
             limits: w.limits.into(),
             created_at: w.created_at,
             last_used_at: w.last_used_at,
@@ -318,7 +328,7 @@ impl ExecResult {
     request_body = CreateWorkspace,
     responses(
         (status = 201, description = "The workspace runs", body = Workspace),
-        (status = 400, description = "Invalid request (field named)", body = ErrorBody),
+        (status = 400, description = "Invalid request (field named, e.g. `network.allow[0]` or `secrets[0]` for an unknown secret or one outside `secrets.max_allow`)", body = ErrorBody),
         (status = 422, description = "The environment's image could not be made", body = ErrorBody),
         (status = 429, description = "isolated_workspace.cleanup.max_containers reached", body = ErrorBody),
     )
@@ -339,6 +349,7 @@ pub async fn create_workspace(
         },
         network: body.network,
         ports: body.ports,
+        secrets: body.secrets,
         ..Default::default()
     };
     let c = state.conductor.clone();
