@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
+# A one-shot run gains nothing from incremental compilation, whose cache is the largest part
+# of target/ (tens of GB after a few runs). Developers re-running locally can keep it on.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
 
 # Missing packages (Podman, debootstrap…) are installed while fmt and clippy run; as root
 # only, where apt-get cannot stop to ask for a password.
@@ -47,4 +52,5 @@ cargo test --locked --workspace -- --test-threads="${TEST_THREADS:-2}"
 echo "== Python client tests (against a real conductor serve)"
 clients/python/run-tests.sh
 
+echo "== target/ uses $(du -sh target 2>/dev/null | cut -f1), $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 echo "== tests finished in $(( $(date +%s) - start ))s"
