@@ -1,6 +1,8 @@
 //! Workspace lifecycle benchmark against raw Podman on the same machine, interleaved:
-//! create (+start), exec `true`, destroy through conductor, next to `podman run -d`,
-//! `podman exec`, `podman rm -f` from the CLI. Prints medians, p95 and ratios.
+//! create (+start), exec `true`, pause, resume, suspend then the first command (`exec true`
+//! resuming it), destroy through conductor, next to `podman run -d`, `podman exec`,
+//! `podman pause`, `podman unpause`, `podman stop` + `start` + `exec`, `podman rm -f` from
+//! the CLI. Prints medians, p95 and ratios.
 //!
 //! Run: `cargo bench --bench lifecycle` (env `BENCH_N`, default 20). Needs root, Podman and
 //! the `minimal` environment (`conductor env build minimal`).
@@ -50,6 +52,7 @@ fn main() {
         let runtime = c.engine.info().await.unwrap().runtime;
         let ul = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"];
         let (mut cc, mut ce, mut cd, mut pc, mut pe, mut pd) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut cp, mut cr, mut cs, mut pp, mut pr, mut ps) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         for i in 0..n {
             // conductor
             let t = Instant::now();
@@ -65,6 +68,22 @@ fn main() {
             let (o, _, _) = c.exec_collect(&w.id, ExecRequest::new("true")).await.expect("exec");
             ce.push(t.elapsed());
             assert_eq!(o.exit_code, 0);
+            let t = Instant::now();
+            c.pause_workspace(&w.id).await.expect("pause");
+            cp.push(t.elapsed());
+            let t = Instant::now();
+            c.resume_workspace(&w.id).await.expect("resume");
+            cr.push(t.elapsed());
+            c.suspend_workspace(&w.id).await.expect("suspend");
+            let t = Instant::now();
+            let (o, _, _) = c.exec_collect(&w.id, ExecRequest::new("true")).await.expect("exec");
+            assert_eq!(o.exit_code, 0);
+            let resume_to_command = t.elapsed();
+            // Suspend itself, measured apart: it includes the processes' stop.
+            let t = Instant::now();
+            c.suspend_workspace(&w.id).await.expect("suspend");
+            cs.push(t.elapsed() + resume_to_command);
+            c.resume_workspace(&w.id).await.expect("resume");
             let t = Instant::now();
             c.remove_workspace(&w.id, Some(false)).await.expect("remove");
             cd.push(t.elapsed());
@@ -89,6 +108,17 @@ fn main() {
             podman(&["exec", &name, "true"]);
             pe.push(t.elapsed());
             let t = Instant::now();
+            podman(&["pause", &name]);
+            pp.push(t.elapsed());
+            let t = Instant::now();
+            podman(&["unpause", &name]);
+            pr.push(t.elapsed());
+            let t = Instant::now();
+            podman(&["stop", "-t", "0", &name]);
+            podman(&["start", &name]);
+            podman(&["exec", &name, "true"]);
+            ps.push(t.elapsed());
+            let t = Instant::now();
             podman(&["rm", "-f", "-t", "0", &name]);
             pd.push(t.elapsed());
         }
@@ -100,6 +130,9 @@ fn main() {
         for (name, a, b) in [
             ("create+start (vs run -d)", cc, pc),
             ("exec true (vs podman exec)", ce, pe),
+            ("pause (vs podman pause)", cp, pp),
+            ("resume (vs podman unpause)", cr, pr),
+            ("suspend+resume+exec", cs, ps),
             ("destroy (vs rm -f)", cd, pd),
         ] {
             let ((am, ap), (bm, bp)) = (stats(a), stats(b));

@@ -143,10 +143,13 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
             "list_files",
             "list_snapshots",
             "list_workspaces",
+            "pause_workspace",
             "read_file",
             "restore",
+            "resume_workspace",
             "run_command",
             "snapshot",
+            "suspend_workspace",
             "workspace_egress",
             "write_file",
         ]
@@ -390,6 +393,18 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
         content
     );
 
+    // Pause and suspend: the next command resumes the workspace, the files are kept.
+    let p = server.ok("pause_workspace", json!({"workspace_id": id})).await;
+    assert_eq!(p, format!("Workspace {id} is paused."));
+    assert_eq!(
+        server.ok("read_file", json!({"workspace_id": id, "path": path})).await,
+        content
+    );
+    let s = server.ok("suspend_workspace", json!({"workspace_id": id})).await;
+    assert_eq!(s, format!("Workspace {id} is suspended; its files are kept."));
+    let r = server.ok("resume_workspace", json!({"workspace_id": id})).await;
+    assert_eq!(r, format!("Workspace {id} is running."));
+
     // Destroy: gone, and later calls say so.
     let d = server
         .ok("destroy_workspace", json!({"workspace_id": id, "keep_data": false}))
@@ -469,7 +484,7 @@ async fn the_http_api_serves_the_tools_at_mcp() {
     let tools = client.list_all_tools().await.expect("tools/list");
     assert_eq!(
         tools.len(),
-        12,
+        15,
         "{:?}",
         tools.iter().map(|t| &t.name).collect::<Vec<_>>()
     );

@@ -67,6 +67,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     let orchestrator = Orchestrator::start(conductor.clone());
     let cleanup = conductor_service::maintenance::spawn_cleanup(conductor.clone());
     let watch = conductor_service::liveness::spawn_watch(conductor.clone());
+    let idle = conductor_service::pause::spawn_idle_check(conductor.clone());
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     // Built before the line below: the API key file exists when scripts read it.
@@ -87,6 +88,9 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     if let Some(r) = failed {
         // The server ended by itself: stop the tasks and report why.
         watch.abort();
+        if let Some(idle) = &idle {
+            idle.abort();
+        }
         orchestrator.shutdown(grace).await;
         mcp.drain().await;
         return match r {
@@ -97,6 +101,9 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     }
     cleanup.abort();
     watch.abort();
+    if let Some(idle) = &idle {
+        idle.abort();
+    }
     tracing::warn!("shutting down: running tasks get {}s to finish", grace.as_secs());
     orchestrator.shutdown(grace).await;
     let _ = stop.send(());

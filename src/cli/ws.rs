@@ -47,12 +47,18 @@ pub enum WsCommand {
         #[arg(long)]
         json: bool,
     },
-    Stop {
-        id: String,
-    },
-    Start {
-        id: String,
-    },
+    /// Stop a workspace until `start` (exec and tasks do not bring it back).
+    Stop { id: String },
+    /// Start a stopped workspace again.
+    Start { id: String },
+    /// Freeze every process of a running workspace: no CPU, memory kept. Exec, files and
+    /// tasks resume it on their own (unless isolated_workspace.auto_resume is off).
+    Pause { id: String },
+    /// Thaw a paused workspace, or start a suspended or stopped one again.
+    Resume { id: String },
+    /// Stop a workspace's container to free its memory: files stay (also the root file
+    /// system's changes), processes do not. Resumed like a paused one.
+    Suspend { id: String },
     /// Copy files between the host and a workspace, like `docker cp`: exactly one of SRC
     /// and DST is WORKSPACE:PATH (PATH relative to /workspace or absolute under it).
     /// Directories are copied with their contents; `-` is stdin (one file) or stdout (the
@@ -569,6 +575,9 @@ pub async fn run(cli: &Cli, cmd: &WsCommand) -> Result<ExitCode, ServiceError> {
         WsCommand::Egress(a) => return egress(&c, a).await,
         WsCommand::Stop { id } => println!("{}", c.stop_workspace(id).await?.state),
         WsCommand::Start { id } => println!("{}", c.start_workspace(id).await?.state),
+        WsCommand::Pause { id } => println!("{}", c.pause_workspace(id).await?.state),
+        WsCommand::Resume { id } => println!("{}", c.resume_workspace(id).await?.state),
+        WsCommand::Suspend { id } => println!("{}", c.suspend_workspace(id).await?.state),
         WsCommand::Rm {
             id,
             keep_volumes,

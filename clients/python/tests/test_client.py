@@ -55,6 +55,28 @@ async def test_workspace_lifecycle(service: Any, agent_id: str) -> None:
         assert (e.value.status, e.value.code) == (409, "conflict")
 
 
+async def test_pause_suspend_and_resume(service: Any, agent_id: str) -> None:
+    async with AsyncConductorClient(config=service.config) as c:
+        ws = await c.create_workspace(agent_id, "minimal", network="none")
+        await c.exec(ws.id, "echo kept > /workspace/f; echo root > /home/agent/g")
+        assert (await c.pause(ws.id)).state == "paused"
+        with pytest.raises(ConflictError) as e:
+            await c.pause(ws.id)
+        assert "paused" in e.value.message
+        # Exec resumes a paused workspace on its own.
+        assert (await c.exec(ws.id, "cat /workspace/f")).stdout == "kept\n"
+        assert (await c.get_workspace(ws.id)).state == "running"
+        assert (await c.suspend(ws.id)).state == "suspended"
+        assert (await c.resume(ws.id)).state == "running"
+        assert (await c.exec(ws.id, "cat /workspace/f /home/agent/g")).stdout == "kept\nroot\n"
+        # A stopped workspace stays stopped until started.
+        assert (await c.stop(ws.id)).state == "stopped"
+        with pytest.raises(ConflictError):
+            await c.exec(ws.id, "true")
+        assert (await c.start(ws.id)).state == "running"
+        await c.delete_workspace(ws.id, keep_volumes=False)
+
+
 async def test_secrets_are_write_only_and_workspaces_get_placeholders(service: Any, agent_id: str) -> None:
     from conductor import basic_rule, header_rule
 

@@ -39,7 +39,7 @@ use utoipa_axum::routes;
 
 pub use error::{ApiError, ApiResult};
 
-use routes::{egress, environments, files, secrets, snapshots, system, tasks, workspaces};
+use routes::{egress, environments, files, lifecycle, secrets, snapshots, system, tasks, workspaces};
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -63,6 +63,11 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(workspaces::create_workspace, workspaces::list_workspaces))
         .routes(routes!(workspaces::get_workspace, workspaces::delete_workspace))
         .routes(routes!(workspaces::exec))
+        .routes(routes!(lifecycle::pause_workspace))
+        .routes(routes!(lifecycle::resume_workspace))
+        .routes(routes!(lifecycle::suspend_workspace))
+        .routes(routes!(lifecycle::stop_workspace))
+        .routes(routes!(lifecycle::start_workspace))
         .routes(routes!(egress::workspace_egress))
         .routes(routes!(files::put_files, files::get_files, files::delete_files))
         .routes(routes!(snapshots::create_snapshot, snapshots::list_snapshots))

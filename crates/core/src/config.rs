@@ -122,6 +122,9 @@ pub struct IsolatedWorkspace {
     /// Number of pre-started idle workspaces kept per environment.
     pub warm_pool: BTreeMap<String, u32>,
     pub snapshots: SnapshotRetention,
+    /// Exec, file operations and tasks on a paused or suspended workspace resume it first.
+    /// When false they get a 409 naming its state, and only `resume` brings it back.
+    pub auto_resume: bool,
 }
 
 impl Default for IsolatedWorkspace {
@@ -133,6 +136,7 @@ impl Default for IsolatedWorkspace {
             cleanup: Cleanup::default(),
             warm_pool: BTreeMap::new(),
             snapshots: SnapshotRetention::default(),
+            auto_resume: true,
         }
     }
 }
@@ -455,6 +459,14 @@ pub struct Cleanup {
     pub max_containers: u32,
     /// Keep the workspace of a failed task for debugging.
     pub preserve_on_error: bool,
+    /// A running workspace idle this long is paused (its processes frozen, memory kept);
+    /// off when unset. Seconds, or a string with a unit: `"90s"`, `"15m"`, `"2h"`, `"1d"`.
+    #[serde(deserialize_with = "idle_after", skip_serializing_if = "Option::is_none")]
+    pub idle_pause_after: Option<u64>,
+    /// A running or paused workspace idle this long is suspended (its container stopped,
+    /// files kept); off when unset. Same form as `idle_pause_after`, and longer than it.
+    #[serde(deserialize_with = "idle_after", skip_serializing_if = "Option::is_none")]
+    pub idle_suspend_after: Option<u64>,
 }
 
 impl Default for Cleanup {
@@ -463,7 +475,46 @@ impl Default for Cleanup {
             max_age_hours: 24,
             max_containers: 20,
             preserve_on_error: false,
+            idle_pause_after: None,
+            idle_suspend_after: None,
         }
+    }
+}
+
+/// Parses an idle delay: whole seconds, or a number with the unit `s`, `m`, `h` or `d`.
+/// `0`, `"0s"`, `"off"` and `null` turn it off.
+pub fn parse_idle_after(s: &str) -> Result<Option<u64>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 300, \"90s\", \"15m\", \"2h\", \"1d\")"))?;
+    let scale = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} in {s:?} (use s, m, h or d)")),
+    };
+    let secs = n.checked_mul(scale).ok_or_else(|| format!("{s:?} is too long"))?;
+    Ok((secs > 0).then_some(secs))
+}
+
+fn idle_after<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Secs(n)) => Ok((n > 0).then_some(n)),
+        Some(Raw::Text(t)) => parse_idle_after(&t).map_err(serde::de::Error::custom),
     }
 }
 
@@ -1008,6 +1059,15 @@ impl Config {
                 "must be at least 1 second",
             ));
         }
+        let c = &self.isolated_workspace.cleanup;
+        if let (Some(pause), Some(suspend)) = (c.idle_pause_after, c.idle_suspend_after) {
+            if suspend <= pause {
+                return Err(ConfigError::invalid(
+                    "isolated_workspace.cleanup.idle_suspend_after",
+                    format!("must be longer than idle_pause_after ({pause} s), or the pause never happens"),
+                ));
+            }
+        }
         for (key, list) in [
             ("pre_task", &self.container_lifecycle.pre_task),
             ("post_task", &self.container_lifecycle.post_task),
@@ -1200,6 +1260,39 @@ mod tests {
             l.config.isolated_workspace.agent_containers.base_image,
             LOCAL_BASE_IMAGE
         );
+    }
+
+    #[test]
+    fn idle_delays_take_seconds_or_units_and_are_off_by_default() {
+        let c = Config::default();
+        assert_eq!(c.isolated_workspace.cleanup.idle_pause_after, None);
+        assert_eq!(c.isolated_workspace.cleanup.idle_suspend_after, None);
+        assert!(c.isolated_workspace.auto_resume);
+        let l = Config::parse(
+            "isolated_workspace:\n  cleanup:\n    idle_pause_after: 90\n    idle_suspend_after: \"2h\"\n",
+        )
+        .unwrap();
+        assert_eq!(l.config.isolated_workspace.cleanup.idle_pause_after, Some(90));
+        assert_eq!(l.config.isolated_workspace.cleanup.idle_suspend_after, Some(7200));
+        for (text, want) in [
+            ("15m", Some(900)),
+            ("1d", Some(86_400)),
+            ("0", None),
+            ("off", None),
+            ("30 s", Some(30)),
+        ] {
+            assert_eq!(parse_idle_after(text).unwrap(), want, "{text}");
+        }
+        for bad in ["soon", "5w", "-3", "m"] {
+            assert!(parse_idle_after(bad).is_err(), "{bad}");
+        }
+        let err = Config::parse("isolated_workspace:\n  cleanup:\n    idle_pause_after: soon\n").unwrap_err();
+        assert!(err.to_string().contains("idle_pause_after"), "{err}");
+        let mut c = Config::default();
+        c.isolated_workspace.cleanup.idle_pause_after = Some(600);
+        c.isolated_workspace.cleanup.idle_suspend_after = Some(60);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("idle_suspend_after"), "{err}");
     }
 
     #[test]

@@ -308,6 +308,9 @@ pub trait Engine: Send + Sync + 'static {
     /// Containers carrying all of the given labels (a value of `None` matches any value).
     async fn container_list(&self, labels: &[(&str, Option<&str>)]) -> EngineResult<Vec<ContainerSummary>>;
     async fn container_stats(&self, id: &str) -> EngineResult<ContainerStats>;
+    /// CPU time all the container's processes used since it started, in nanoseconds: one
+    /// reading, no sampling wait (the idle check compares two readings).
+    async fn container_cpu_ns(&self, id: &str) -> EngineResult<u64>;
     /// Runs a command and streams its output into `output`; returns the exit code.
     /// Dropping the future does not kill the command: callers kill it by process group.
     async fn exec(&self, id: &str, spec: ExecSpec, output: mpsc::Sender<OutputChunk>) -> EngineResult<i64>;

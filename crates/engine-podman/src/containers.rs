@@ -448,6 +448,16 @@ pub(crate) async fn stats(docker: &Docker, id: &str) -> EngineResult<ContainerSt
     })
 }
 
+/// The container's total CPU time (ns) in one stats reading.
+pub(crate) async fn cpu_ns(docker: &Docker, id: &str) -> EngineResult<u64> {
+    let stats = read_stats(docker, id).await?;
+    Ok(stats
+        .cpu_stats
+        .and_then(|cpu| cpu.cpu_usage)
+        .and_then(|usage| usage.total_usage)
+        .unwrap_or(0))
+}
+
 /// CPU use between two readings in percent of one CPU: the container's CPU time over the
 /// host's (all CPUs), scaled by the number of CPUs.
 fn cpu_percent(first: &ContainerStatsResponse, second: &ContainerStatsResponse) -> f64 {

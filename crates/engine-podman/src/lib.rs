@@ -435,6 +435,10 @@ impl Engine for PodmanEngine {
         containers::stats(&self.docker(), id).await
     }
 
+    async fn container_cpu_ns(&self, id: &str) -> EngineResult<u64> {
+        containers::cpu_ns(&self.docker(), id).await
+    }
+
     async fn exec(&self, id: &str, spec: ExecSpec, output: mpsc::Sender<OutputChunk>) -> EngineResult<i64> {
         exec::exec(&self.docker(), id, spec, output).await
     }

@@ -809,6 +809,56 @@ impl WorkspaceTools {
             .collect())
     }
 
+    /// Pause a workspace.
+    #[tool(
+        description = "Freeze every process of a workspace you will not use for a while: it uses no CPU, \
+                       keeps its memory, files and running processes. The next run_command or file tool \
+                       resumes it on its own (unless the service turned auto_resume off); resume_workspace \
+                       does so explicitly.",
+        annotations(idempotent_hint = false, open_world_hint = false)
+    )]
+    async fn pause_workspace(&self, Parameters(args): Parameters<WorkspaceArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let id = w.id.clone();
+        let done = self.detached(async move { c.pause_workspace(&id).await }).await?;
+        Ok(format!("Workspace {} is {}.", done.id, done.state.as_str()))
+    }
+
+    /// Resume a workspace.
+    #[tool(
+        description = "Bring a paused, suspended or stopped workspace back to running. A paused one goes on \
+                       where it was; a suspended or stopped one starts again with its files (its processes \
+                       were ended).",
+        annotations(idempotent_hint = true, open_world_hint = false)
+    )]
+    async fn resume_workspace(&self, Parameters(args): Parameters<WorkspaceArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let id = w.id.clone();
+        let done = self.detached(async move { c.resume_workspace(&id).await }).await?;
+        Ok(format!("Workspace {} is {}.", done.id, done.state.as_str()))
+    }
+
+    /// Suspend a workspace.
+    #[tool(
+        description = "Stop a workspace's container to free its memory while keeping every file (/workspace \
+                       and installed packages). Running processes are ended. The next run_command or file \
+                       tool starts it again.",
+        annotations(destructive_hint = true, open_world_hint = false)
+    )]
+    async fn suspend_workspace(&self, Parameters(args): Parameters<WorkspaceArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let id = w.id.clone();
+        let done = self.detached(async move { c.suspend_workspace(&id).await }).await?;
+        Ok(format!(
+            "Workspace {} is {}; its files are kept.",
+            done.id,
+            done.state.as_str()
+        ))
+    }
+
     /// Restore a snapshot.
     #[tool(
         description = "Bring a workspace back to a snapshot taken earlier: every change made since (files, \

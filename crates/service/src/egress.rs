@@ -386,7 +386,11 @@ impl Conductor {
     /// yet (at `serve` start, and on its watch: workspaces a CLI process made).
     pub async fn adopt_egress(&self) -> Result<usize> {
         let rows = self.store.list_workspaces(&conductor_store::WorkspaceFilter {
-            states: vec![conductor_core::lifecycle::WorkspaceState::Running],
+            // A paused one keeps its connections: its proxy must be there when it thaws.
+            states: vec![
+                conductor_core::lifecycle::WorkspaceState::Running,
+                conductor_core::lifecycle::WorkspaceState::Paused,
+            ],
             ..Default::default()
         })?;
         let mut adopted = 0;

@@ -11,8 +11,11 @@ use conductor_core::resources::WorkspaceLimits;
 use conductor_store::WorkspaceRecord;
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
 use crate::channel::Channel;
 use crate::exec::{ExecOutcome, ExecRequest};
+use crate::pause::InUse;
 use crate::{Conductor, Result, ServiceError};
 
 /// A workspace ready for work: its row (as read when the handle was made), its limits and
@@ -22,6 +25,9 @@ pub struct WorkspaceHandle {
     pub record: WorkspaceRecord,
     pub limits: WorkspaceLimits,
     pub channel: Channel,
+    /// Set by [`Conductor::running`]: the request is in flight (the idle check leaves the
+    /// workspace alone) until the last clone of the handle drops.
+    pub in_use: Option<Arc<InUse>>,
 }
 
 impl WorkspaceHandle {
@@ -58,13 +64,16 @@ impl Conductor {
             limits: record.limits.clone(),
             channel,
             record,
+            in_use: None,
         }
     }
 
-    /// The workspace `id`, which must be running (a 409 naming its state otherwise), with
-    /// its use recorded (`last_used_at`, which idle cleanup reads) in the same statement.
-    pub fn running(&self, id: &str, to: &str) -> Result<WorkspaceHandle> {
-        let h = match self.store.use_workspace(id, crate::now_ms())? {
+    /// The workspace `id`, which must be running, with its use recorded (`last_used_at`,
+    /// which idle cleanup reads) in the same statement. A paused or suspended one is resumed
+    /// first (unless `auto_resume` is off); any other state is a 409 naming it. The handle
+    /// marks the request in flight until it drops.
+    pub async fn running(&self, id: &str, to: &str) -> Result<WorkspaceHandle> {
+        let mut h = match self.store.use_workspace(id, crate::now_ms())? {
             Some(record) => self.handle_of(record),
             None => {
                 let h = self.handle(id)?;
@@ -72,12 +81,18 @@ impl Conductor {
                 h
             }
         };
+        let in_use = Arc::new(self.pause.begin_use(h.id()));
         if !h.record.state.can_exec() {
-            return Err(ServiceError::Conflict(format!(
-                "workspace '{}' is {}; it must be running to {to}",
-                h.record.id, h.record.state
-            )));
+            self.resume_for_use(&h.record, to).await?;
+            h = self.handle(h.id())?;
+            if !h.record.state.can_exec() {
+                return Err(ServiceError::Conflict(format!(
+                    "workspace '{}' is {}; it must be running to {to}",
+                    h.record.id, h.record.state
+                )));
+            }
         }
+        h.in_use = Some(in_use);
         Ok(h)
     }
 

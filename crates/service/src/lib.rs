@@ -24,6 +24,7 @@ pub mod instance_lock;
 pub mod liveness;
 pub mod maintenance;
 mod orchestrator;
+pub mod pause;
 pub mod reconcile;
 pub mod secrets;
 pub mod sidecars;
@@ -75,6 +76,8 @@ pub struct Conductor {
     pub(crate) secrets: secrets::SecretsRuntime,
     /// In-memory state of the task orchestrator (wake-ups, live logs, cancellation).
     pub(crate) tasks: tasks::TaskRuntime,
+    /// In-memory state of pause, resume and the idle check.
+    pub(crate) pause: pause::PauseRuntime,
     /// The storage pool mounted on the workspaces path, held busy while this lives.
     _pool: Option<storage_pool::Pool>,
 }
@@ -169,6 +172,7 @@ impl Conductor {
             egress,
             secrets: Default::default(),
             tasks: tasks::TaskRuntime::new(),
+            pause: Default::default(),
             _pool: None,
         }
     }

@@ -137,23 +137,40 @@ impl Conductor {
             }
         }
 
-        for w in rows
-            .iter()
-            .filter(|w| matches!(w.state, WorkspaceState::Running | WorkspaceState::Stopped))
-        {
+        for w in rows.iter().filter(|w| {
+            matches!(
+                w.state,
+                WorkspaceState::Running | WorkspaceState::Paused | WorkspaceState::Suspended | WorkspaceState::Stopped
+            )
+        }) {
             let cid = w.container();
-            match self.engine.container_inspect(cid).await? {
-                None => {
-                    self.release_resources(w, Some(true)).await?;
-                    self.store
-                        .set_workspace_state(&w.id, WorkspaceState::Lost, Some("its container disappeared"))?;
-                    report.lost.push(w.id.clone());
+            let Some(c) = self.engine.container_inspect(cid).await? else {
+                self.release_resources(w, Some(true)).await?;
+                self.store
+                    .set_workspace_state(&w.id, WorkspaceState::Lost, Some("its container disappeared"))?;
+                report.lost.push(w.id.clone());
+                continue;
+            };
+            // The row follows the container where a crash fell between the two (see
+            // `pause.rs`); a paused workspace whose container stopped (a host reboot) is
+            // suspended: its files are there, its processes are not.
+            let next = match (w.state, c.status) {
+                (WorkspaceState::Running, ContainerStatus::Paused) => Some(WorkspaceState::Paused),
+                (WorkspaceState::Running, ContainerStatus::Running) => None,
+                (WorkspaceState::Running, _) => Some(WorkspaceState::Stopped),
+                (WorkspaceState::Paused | WorkspaceState::Suspended, ContainerStatus::Running) => {
+                    Some(WorkspaceState::Running)
                 }
-                Some(c) if w.state == WorkspaceState::Running && c.status != ContainerStatus::Running => {
-                    self.store.set_workspace_state(&w.id, WorkspaceState::Stopped, None)?;
+                (WorkspaceState::Suspended, ContainerStatus::Paused) => Some(WorkspaceState::Paused),
+                (WorkspaceState::Paused, ContainerStatus::Paused) => None,
+                (WorkspaceState::Paused, _) => Some(WorkspaceState::Suspended),
+                _ => None,
+            };
+            if let Some(next) = next {
+                self.store.set_workspace_state(&w.id, next, None)?;
+                if next == WorkspaceState::Stopped {
                     report.stopped.push(w.id.clone());
                 }
-                Some(_) => {}
             }
         }
         Ok(report)
@@ -164,7 +181,12 @@ impl Conductor {
     pub async fn cleanup(&self, busy: &[String]) -> Result<CleanupReport> {
         let mut report = CleanupReport::default();
         let policy = &self.config.isolated_workspace.cleanup;
-        let live = [WorkspaceState::Running, WorkspaceState::Stopped];
+        let live = [
+            WorkspaceState::Running,
+            WorkspaceState::Paused,
+            WorkspaceState::Suspended,
+            WorkspaceState::Stopped,
+        ];
         let mut rows = self.store.list_workspaces(&WorkspaceFilter {
             states: live.to_vec(),
             ..Default::default()
@@ -304,5 +326,42 @@ mod tests {
         assert!(row(&creating.id).error.unwrap_or_default().contains("interrupted"));
         assert_eq!(row(&removing.id).state, WorkspaceState::Removed);
         assert!(e.engine.containers().is_empty(), "both containers are removed");
+    }
+
+    /// A crash between the row and the engine during pause, suspend or resume, and a host
+    /// reboot under a paused workspace: the row follows the container.
+    #[tokio::test]
+    async fn paused_and_suspended_rows_follow_their_containers() {
+        let e = env("", MemoryEngine::default());
+        let row = |id: &str| e.c.store.get_workspace(id).unwrap().unwrap();
+        let mk = |agent: &'static str| e.c.create_workspace(create(agent), quiet());
+        let (rebooted, resumed, frozen, suspended) = (
+            mk("p1").await.unwrap(),
+            mk("p2").await.unwrap(),
+            mk("p3").await.unwrap(),
+            mk("p4").await.unwrap(),
+        );
+        let set = |id: &str, s: WorkspaceState| e.c.store.set_workspace_state(id, s, None).unwrap();
+        // Paused, then the host rebooted: the container exited.
+        set(&rebooted.id, WorkspaceState::Paused);
+        e.engine
+            .set_status(row(&rebooted.id).container(), ContainerStatus::Exited);
+        // A resume that started the container but crashed before writing the row.
+        set(&resumed.id, WorkspaceState::Suspended);
+        // A pause whose row write was lost (the container is paused, the row says running).
+        e.engine
+            .set_status(row(&frozen.id).container(), ContainerStatus::Paused);
+        // A suspended one that stays so.
+        set(&suspended.id, WorkspaceState::Suspended);
+        e.engine
+            .set_status(row(&suspended.id).container(), ContainerStatus::Exited);
+
+        let report = e.c.reconcile().await.unwrap();
+        assert_eq!(row(&rebooted.id).state, WorkspaceState::Suspended);
+        assert_eq!(row(&resumed.id).state, WorkspaceState::Running);
+        assert_eq!(row(&frozen.id).state, WorkspaceState::Paused);
+        assert_eq!(row(&suspended.id).state, WorkspaceState::Suspended);
+        assert!(report.stopped.is_empty() && report.lost.is_empty(), "{report:?}");
+        assert_eq!(e.engine.containers().len(), 4, "nothing removed");
     }
 }

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use conductor_core::config::{next_free_block, parse_cidr, NetworkMode, NetworkPolicy};
 use conductor_core::engine::{
-    ContainerSpec, Labels, Mount, NetworkAttachment, NetworkSpec, OutputChunk, ProgressSink, ResourceLimits,
-    SecurityOptions,
+    ContainerSpec, ContainerStatus, Labels, Mount, NetworkAttachment, NetworkSpec, OutputChunk, ProgressSink,
+    ResourceLimits, SecurityOptions,
 };
 use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::naming;
@@ -495,7 +495,7 @@ impl Conductor {
     /// Keeps an `egress` workspace off the host and private ranges: netfilter rules in its
     /// network namespace (`firewall.rs`), which the workload cannot change (no
     /// CAP_NET_ADMIN). The public internet stays reachable, DNS only at the gateway.
-    async fn confine_bridge(&self, container: &str, network: &str) -> Result<()> {
+    pub(crate) async fn confine_bridge(&self, container: &str, network: &str) -> Result<()> {
         let pid = self
             .engine
             .container_inspect(container)
@@ -578,7 +578,7 @@ impl Conductor {
 
     /// Runs a command in a running workspace, streaming its output.
     pub async fn exec(&self, id: &str, req: ExecRequest, output: mpsc::Sender<OutputChunk>) -> Result<ExecOutcome> {
-        let h = self.running(id, "exec")?;
+        let h = self.running(id, "exec").await?;
         self.exec_in(&h, req, output).await
     }
 
@@ -654,12 +654,21 @@ impl Conductor {
         let w = self.record(id)?;
         if !w.state.can_stop() {
             return Err(ServiceError::Conflict(format!(
-                "workspace '{}' is {}; only a running one can be stopped",
+                "workspace '{}' is {}; only a running, paused or suspended one can be stopped",
                 w.id, w.state
             )));
         }
         let container = w.container().to_string();
-        self.engine.container_stop(&container, 5).await?;
+        match w.state {
+            // Its container is stopped already.
+            WorkspaceState::Suspended => {}
+            WorkspaceState::Paused => {
+                // A frozen process cannot take the stop signal.
+                self.thaw_if_paused(&w).await?;
+                self.engine.container_stop(&container, 5).await?;
+            }
+            _ => self.engine.container_stop(&container, 5).await?,
+        }
         self.store.set_workspace_state(&w.id, WorkspaceState::Stopped, None)?;
         self.get_workspace(&w.id)
     }
@@ -672,33 +681,22 @@ impl Conductor {
                 w.id, w.state
             )));
         }
-        let env: Vec<String> = self
-            .catalog
-            .get(&w.environment)
-            .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
-            .unwrap_or_default();
-        let limits = &w.limits;
-        // The volume may have been unmounted (host reboot).
-        self.volumes
-            .prepare(
-                std::path::Path::new(&w.volume_dir),
-                limits.volume_size.bytes(),
-                self.config.storage.volume_inodes(),
-                &env,
-            )
-            .await?;
-        if w.network_policy.mode == NetworkMode::Proxy {
-            self.egress_attach(&w.id, &w.network_policy, &w.secrets)?;
-        }
-        let container = w.container().to_string();
-        self.engine.container_start(&container).await?;
-        self.await_agent(&w.id).await;
-        if let Some(net) = &w.network {
-            // Rules live in the network namespace, which a restart makes anew.
-            self.confine_bridge(&container, net).await?;
-        }
-        self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;
+        self.boot(&w).await?;
         self.get_workspace(&w.id)
+    }
+
+    /// Unpauses the workspace's containers (its own and its sidecars) that are paused.
+    pub(crate) async fn thaw_if_paused(&self, w: &WorkspaceRecord) -> Result<()> {
+        let paused = self
+            .engine
+            .container_list(&[(naming::LABEL_WORKSPACE, Some(w.id.as_str()))])
+            .await?
+            .into_iter()
+            .filter(|c| c.status == ContainerStatus::Paused);
+        for c in paused {
+            self.engine.container_unpause(&c.id).await?;
+        }
+        Ok(())
     }
 
     /// After a (re)start of a workspace's container: waits for its agent (when it has one)
@@ -749,6 +747,8 @@ impl Conductor {
     /// Removes the engine objects of a workspace and releases or deletes its volume (and
     /// with it its snapshots).
     pub(crate) async fn release_resources(&self, w: &WorkspaceRecord, keep_volumes: Option<bool>) -> Result<()> {
+        // A paused container's processes cannot die until thawed.
+        self.thaw_if_paused(w).await?;
         // Sidecars and holders share the workspace label; remove them first.
         let others = self
             .engine

@@ -380,6 +380,35 @@ class AsyncConductorClient:
         body = await self._request("DELETE", f"/workspaces/{_seg(workspace_id)}", params=params)
         return Workspace.from_dict(body)
 
+    async def _lifecycle(self, workspace_id: str, action: str) -> Workspace:
+        body = await self._request("POST", f"/workspaces/{_seg(workspace_id)}/{action}")
+        return Workspace.from_dict(body)
+
+    async def pause(self, workspace_id: str) -> Workspace:
+        """``POST /workspaces/{id}/pause``: freezes every process (no CPU, memory kept). The
+        next exec, file operation or task resumes it unless the service's ``auto_resume`` is
+        off (then they raise :class:`ConflictError`)."""
+        return await self._lifecycle(workspace_id, "pause")
+
+    async def resume(self, workspace_id: str) -> Workspace:
+        """``POST /workspaces/{id}/resume``: a paused workspace goes on where it was; a
+        suspended or stopped one starts again with its files."""
+        return await self._lifecycle(workspace_id, "resume")
+
+    async def suspend(self, workspace_id: str) -> Workspace:
+        """``POST /workspaces/{id}/suspend``: stops the container to free its memory. Files are
+        kept (also installed packages); processes are not."""
+        return await self._lifecycle(workspace_id, "suspend")
+
+    async def stop(self, workspace_id: str) -> Workspace:
+        """``POST /workspaces/{id}/stop``: stops it until :meth:`start` (exec does not resume a
+        stopped workspace)."""
+        return await self._lifecycle(workspace_id, "stop")
+
+    async def start(self, workspace_id: str) -> Workspace:
+        """``POST /workspaces/{id}/start``: starts a stopped workspace again."""
+        return await self._lifecycle(workspace_id, "start")
+
     async def exec(
         self,
         workspace_id: str,
@@ -674,6 +703,21 @@ class ConductorClient:
 
     def delete_workspace(self, workspace_id: str, *, keep_volumes: Optional[bool] = None) -> Workspace:
         return self._run(self.aio.delete_workspace(workspace_id, keep_volumes=keep_volumes))
+
+    def pause(self, workspace_id: str) -> Workspace:
+        return self._run(self.aio.pause(workspace_id))
+
+    def resume(self, workspace_id: str) -> Workspace:
+        return self._run(self.aio.resume(workspace_id))
+
+    def suspend(self, workspace_id: str) -> Workspace:
+        return self._run(self.aio.suspend(workspace_id))
+
+    def stop(self, workspace_id: str) -> Workspace:
+        return self._run(self.aio.stop(workspace_id))
+
+    def start(self, workspace_id: str) -> Workspace:
+        return self._run(self.aio.start(workspace_id))
 
     def exec(
         self,

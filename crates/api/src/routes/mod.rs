@@ -4,6 +4,7 @@
 pub mod egress;
 pub mod environments;
 pub mod files;
+pub mod lifecycle;
 pub mod secrets;
 pub mod snapshots;
 pub mod system;

@@ -196,7 +196,8 @@ pub struct Workspace {
     pub image: String,
     /// Podman container name (`claude-agent-<agent>-<short id>`).
     pub container_name: String,
-    /// `creating`, `running`, `stopped`, `removing`, `removed`, `lost` or `failed`.
+    /// `creating`, `running`, `paused`, `suspended`, `stopped`, `removing`, `removed`,
+    /// `lost` or `failed`.
     #[schema(example = "running")]
     pub state: String,
     /// Name of the workspace's own network, if any (`egress` mode).
@@ -250,7 +251,8 @@ pub struct WorkspaceList {
 pub struct WorkspaceQuery {
     pub agent_id: Option<String>,
     pub environment: Option<String>,
-    /// One state (`creating`, `running`, `stopped`, `removing`, `removed`, `lost`, `failed`).
+    /// One state (`creating`, `running`, `paused`, `suspended`, `stopped`, `removing`,
+    /// `removed`, `lost`, `failed`).
     #[param(value_type = Option<String>)]
     pub state: Option<WorkspaceState>,
     /// Include removed, lost and failed workspaces (default: live ones only).

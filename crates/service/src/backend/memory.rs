@@ -307,6 +307,11 @@ impl Engine for MemoryEngine {
         Ok(ContainerStats::default())
     }
 
+    async fn container_cpu_ns(&self, id: &str) -> EngineResult<u64> {
+        Self::find(&mut self.state.lock().unwrap(), id)?;
+        Ok(0)
+    }
+
     async fn exec(&self, id: &str, spec: ExecSpec, output: mpsc::Sender<OutputChunk>) -> EngineResult<i64> {
         {
             let mut s = self.state.lock().unwrap();

@@ -109,6 +109,8 @@ pub struct Download {
 
 /// A checked path in a running workspace.
 struct Target {
+    /// The request is in flight on the workspace while this lives.
+    _in_use: Option<std::sync::Arc<crate::pause::InUse>>,
     workspace: String,
     container: String,
     /// How commands reach the workspace (its handle's).
@@ -177,10 +179,11 @@ fn too_large(limit: u64) -> ServiceError {
 
 impl Conductor {
     /// Checks `path` and finds the running workspace it is in.
-    fn file_target(&self, id: &str, path: &str) -> Result<Target> {
+    async fn file_target(&self, id: &str, path: &str) -> Result<Target> {
         let rel = validate::workspace_path(path).map_err(|m| ServiceError::invalid("path", m))?;
-        let h = self.running(id, "reach its files")?;
+        let h = self.running(id, "reach its files").await?;
         Ok(Target {
+            _in_use: h.in_use.clone(),
             container: h.container().to_string(),
             limit: h.limits.volume_size.bytes(),
             workspace: h.record.id,
@@ -207,7 +210,7 @@ impl Conductor {
     /// Writes `body` to the file `path` (missing parent directories are made), as the
     /// workspace user; returns what was written.
     pub async fn put_file(&self, id: &str, path: &str, body: ByteStream, opts: PutOptions) -> Result<Written> {
-        let t = self.file_target(id, path)?;
+        let t = self.file_target(id, path).await?;
         if let Some(mode) = opts.mode {
             if mode > 0o777 {
                 return Err(ServiceError::invalid(
@@ -245,7 +248,7 @@ impl Conductor {
     /// Unpacks the tar `body` into the directory `path` (made when missing), as the
     /// workspace user; returns the bytes of file contents written.
     pub async fn put_archive(&self, id: &str, path: &str, body: ByteStream, size: Option<u64>) -> Result<Written> {
-        let t = self.file_target(id, path)?;
+        let t = self.file_target(id, path).await?;
         if size.is_some_and(|n| n > t.limit) {
             return Err(too_large(t.limit));
         }
@@ -271,7 +274,7 @@ impl Conductor {
 
     /// Downloads `path`: a regular file raw, a directory as a tar.
     pub async fn get_file(&self, id: &str, path: &str) -> Result<Download> {
-        let t = self.file_target(id, path)?;
+        let t = self.file_target(id, path).await?;
         if let Some(mut conn) = self.agent_for(&t, false).await {
             let st = conn.stat(t.agent_path()).await.map_err(|e| agent_error(e, "path"))?;
             match st.kind {
@@ -310,7 +313,7 @@ impl Conductor {
 
     /// The entries of the directory `path`, sorted by name (links are not followed).
     pub async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileEntry>> {
-        let t = self.file_target(id, path)?;
+        let t = self.file_target(id, path).await?;
         match self.agent_for(&t, false).await {
             Some(mut conn) => conn.list(t.agent_path()).await.map_err(|e| agent_error(e, "path")),
             None => self.podman_list(&t).await,
@@ -319,7 +322,7 @@ impl Conductor {
 
     /// Facts about `path` (a symlink inside the workspace is followed).
     pub async fn stat_file(&self, id: &str, path: &str) -> Result<FileEntry> {
-        let t = self.file_target(id, path)?;
+        let t = self.file_target(id, path).await?;
         match self.agent_for(&t, false).await {
             Some(mut conn) => conn.stat(t.agent_path()).await.map_err(|e| agent_error(e, "path")),
             None => self.podman_stat(&t).await,
@@ -329,7 +332,7 @@ impl Conductor {
     /// Deletes a file, a symlink (not its target) or a directory (with `recursive`, with
     /// its contents). `/workspace` itself is refused.
     pub async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        let t = self.file_target(id, path)?;
+        let t = self.file_target(id, path).await?;
         if t.rel.is_empty() {
             return Err(ServiceError::invalid(
                 "path",

@@ -160,13 +160,14 @@ impl<'a> Attempt<'a> {
                     environment: Some(self.spec.environment.clone()),
                     ..Default::default()
                 })?;
+                // Running first, else one to bring back (paused, suspended or stopped).
                 let reuse = existing
                     .iter()
                     .find(|w| w.state == WorkspaceState::Running)
-                    .or_else(|| existing.iter().find(|w| w.state == WorkspaceState::Stopped));
+                    .or_else(|| existing.iter().find(|w| w.state.can_resume()));
                 if let Some(w) = reuse {
-                    if w.state == WorkspaceState::Stopped {
-                        c.start_workspace(&w.id).await?;
+                    if w.state != WorkspaceState::Running {
+                        c.resume_workspace(&w.id).await?;
                     }
                     self.log
                         .system(&format!("using the shared workspace {} ({})", w.id, w.container_name));
