@@ -202,8 +202,16 @@ async fn a_suspended_workspace_survives_a_restart_of_conductor() {
     assert!(served.stop().success());
     let served = common::serve(&config);
     let http = reqwest::Client::new();
+    let base = served.base.clone();
+    let post = |path: String, body: serde_json::Value| {
+        let req = http.post(format!("{base}{path}")).json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status().as_u16(), r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
     let w: serde_json::Value = http
-        .get(format!("{}/workspaces/{id}", served.base))
+        .get(format!("{base}/workspaces/{id}"))
         .send()
         .await
         .unwrap()
@@ -211,42 +219,25 @@ async fn a_suspended_workspace_survives_a_restart_of_conductor() {
         .await
         .unwrap();
     assert_eq!(w["state"], "suspended", "{w}");
-    let resumed = http
-        .post(format!("{}/workspaces/{id}/resume", served.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resumed.status(), 200);
-    let r: serde_json::Value = http
-        .post(format!("{}/workspaces/{id}/exec", served.base))
-        .json(&serde_json::json!({"command": "cat /workspace/f /home/agent/g"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let none = serde_json::json!({});
+    let (status, resumed) = post(format!("/workspaces/{id}/resume"), none.clone()).await;
+    assert_eq!((status, resumed["state"].as_str()), (200, Some("running")), "{resumed}");
+    let (_, r) = post(
+        format!("/workspaces/{id}/exec"),
+        serde_json::json!({"command": "cat /workspace/f /home/agent/g"}),
+    )
+    .await;
     assert_eq!(r["stdout"], "kept\nroot\n", "{r}");
     // Pause over HTTP: a second pause is a 409 naming the state.
-    let paused = http
-        .post(format!("{}/workspaces/{id}/pause", served.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(paused.status(), 200);
-    let again = http
-        .post(format!("{}/workspaces/{id}/pause", served.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), 409);
-    let body: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(post(format!("/workspaces/{id}/pause"), none.clone()).await.0, 200);
+    let (status, body) = post(format!("/workspaces/{id}/pause"), none.clone()).await;
+    assert_eq!(status, 409);
     assert!(
         body["error"]["message"].as_str().unwrap().contains("is paused"),
         "{body}"
     );
     let metrics = http
-        .get(format!("{}/metrics", served.base))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()

@@ -277,19 +277,7 @@ impl Conductor {
     /// Starts a halted workspace's container again: its volume mounted (a host reboot
     /// unmounts it), its egress proxy and firewall back, its agent awaited.
     pub(crate) async fn boot(&self, w: &WorkspaceRecord) -> Result<()> {
-        let env: Vec<String> = self
-            .catalog
-            .get(&w.environment)
-            .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
-            .unwrap_or_default();
-        self.volumes
-            .prepare(
-                std::path::Path::new(&w.volume_dir),
-                w.limits.volume_size.bytes(),
-                self.config.storage.volume_inodes(),
-                &env,
-            )
-            .await?;
+        self.mount_volume(w).await?;
         if w.network_policy.mode == NetworkMode::Proxy {
             self.egress_attach(&w.id, &w.network_policy, &w.secrets)?;
         }
@@ -301,6 +289,25 @@ impl Conductor {
             self.confine_bridge(&container, net).await?;
         }
         self.store.set_workspace_state(&w.id, WorkspaceState::Running, None)?;
+        Ok(())
+    }
+
+    /// Mounts the workspace's data volume (with its environment's sub-volumes) unless it is
+    /// mounted: before its container starts again.
+    pub(crate) async fn mount_volume(&self, w: &WorkspaceRecord) -> Result<()> {
+        let sub_volumes: Vec<String> = self
+            .catalog
+            .get(&w.environment)
+            .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
+            .unwrap_or_default();
+        self.volumes
+            .prepare(
+                std::path::Path::new(&w.volume_dir),
+                w.limits.volume_size.bytes(),
+                self.config.storage.volume_inodes(),
+                &sub_volumes,
+            )
+            .await?;
         Ok(())
     }
 

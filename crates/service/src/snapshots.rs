@@ -545,20 +545,7 @@ impl Conductor {
         self.engine.container_remove(&w.container_name).await?;
         self.volumes.detach(&vol).await?;
         self.volumes.replace(&vol).await?;
-        let limits = &w.limits;
-        let sub_volumes: Vec<String> = self
-            .catalog
-            .get(&w.environment)
-            .map(|e| e.volumes.iter().map(|v| v.name.clone()).collect())
-            .unwrap_or_default();
-        self.volumes
-            .prepare(
-                &vol.dir,
-                limits.volume_size.bytes(),
-                self.config.storage.volume_inodes(),
-                &sub_volumes,
-            )
-            .await?;
+        self.mount_volume(w).await?;
         let cid = self.engine.container_create(&spec).await?;
         self.engine.container_start(&cid).await?;
         self.await_agent(&w.id).await;
