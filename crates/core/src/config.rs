@@ -122,6 +122,7 @@ pub struct IsolatedWorkspace {
     /// Number of pre-started idle workspaces kept per environment.
     pub warm_pool: BTreeMap<String, u32>,
     pub snapshots: SnapshotRetention,
+    pub fork: ForkConfig,
 }
 
 impl Default for IsolatedWorkspace {
@@ -133,6 +134,7 @@ impl Default for IsolatedWorkspace {
             cleanup: Cleanup::default(),
             warm_pool: BTreeMap::new(),
             snapshots: SnapshotRetention::default(),
+            fork: ForkConfig::default(),
         }
     }
 }
@@ -485,6 +487,20 @@ impl Default for SnapshotRetention {
             max_per_workspace: 10,
             max_total_size: ByteSize::gib(20),
         }
+    }
+}
+
+/// Forks of a workspace (`POST /workspaces/{id}/fork`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ForkConfig {
+    /// Most copies one fork request may make (also bounded by `cleanup.max_containers`).
+    pub max_count: u32,
+}
+
+impl Default for ForkConfig {
+    fn default() -> Self {
+        Self { max_count: 16 }
     }
 }
 
@@ -943,6 +959,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "isolated_workspace.snapshots.max_total_size",
                 "must be larger than 0",
+            ));
+        }
+        if self.isolated_workspace.fork.max_count == 0 {
+            return Err(ConfigError::invalid(
+                "isolated_workspace.fork.max_count",
+                "must be at least 1",
             ));
         }
         for (name, _) in self.isolated_workspace.warm_pool.iter() {
@@ -1408,6 +1430,18 @@ podman_config:
                 .starts_with("isolated_workspace.snapshots.max_total_size:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fork_count_bound_defaults_and_checks() {
+        assert_eq!(Config::default().isolated_workspace.fork.max_count, 16);
+        let l = Config::parse("isolated_workspace:\n  fork:\n    max_count: 4\n").unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.isolated_workspace.fork.max_count, 4);
+        let e = Config::parse("isolated_workspace:\n  fork:\n    max_count: 0\n").unwrap_err();
+        assert_eq!(e.to_string(), "isolated_workspace.fork.max_count: must be at least 1");
+        let e = Config::parse("isolated_workspace:\n  fork:\n    max_count: many\n").unwrap_err();
+        assert!(e.to_string().starts_with("isolated_workspace.fork.max_count"), "{e}");
     }
 
     #[test]

@@ -60,6 +60,10 @@ impl WorkspaceState {
     pub fn can_restore(self) -> bool {
         matches!(self, Self::Running | Self::Stopped)
     }
+    /// A fork captures the workspace's state (or reads one of its snapshots).
+    pub fn can_fork(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped)
+    }
     /// Destroy is allowed from every state that may still own engine resources.
     pub fn can_remove(self) -> bool {
         !matches!(self, Self::Removed)
@@ -204,6 +208,8 @@ mod tests {
         assert!(!WorkspaceState::Running.can_start());
         assert!(WorkspaceState::Running.can_stop());
         assert!(!WorkspaceState::Creating.can_snapshot());
+        assert!(WorkspaceState::Stopped.can_fork());
+        assert!(!WorkspaceState::Creating.can_fork() && !WorkspaceState::Removed.can_fork());
     }
 
     #[test]
