@@ -63,6 +63,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(workspaces::create_workspace, workspaces::list_workspaces))
         .routes(routes!(workspaces::get_workspace, workspaces::delete_workspace))
         .routes(routes!(workspaces::exec))
+        .routes(routes!(workspaces::fork_workspace))
         .routes(routes!(egress::workspace_egress))
         .routes(routes!(files::put_files, files::get_files, files::delete_files))
         .routes(routes!(snapshots::create_snapshot, snapshots::list_snapshots))
