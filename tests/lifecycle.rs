@@ -58,6 +58,12 @@ async fn a_paused_workspace_gets_no_cpu_and_exec_resumes_it() {
     let paused = c.pause_workspace(&w.id).await.unwrap();
     assert_eq!(paused.state, WorkspaceState::Paused);
     assert_eq!(container_status(c, &w.id).await, ContainerStatus::Paused);
+    // Listed, counted towards max_containers.
+    let listed = c.list_workspaces(&Default::default()).unwrap();
+    assert!(
+        listed.iter().any(|l| l.id == w.id && l.state == WorkspaceState::Paused),
+        "{listed:?}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Still paused: nothing resumed it behind our back.
     assert_eq!(state(c, &w.id), WorkspaceState::Paused);

@@ -151,6 +151,7 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
             "snapshot",
             "suspend_workspace",
             "workspace_egress",
+            "workspace_fork",
             "write_file",
         ]
     );
@@ -484,7 +485,7 @@ async fn the_http_api_serves_the_tools_at_mcp() {
     let tools = client.list_all_tools().await.expect("tools/list");
     assert_eq!(
         tools.len(),
-        15,
+        16,
         "{:?}",
         tools.iter().map(|t| &t.name).collect::<Vec<_>>()
     );

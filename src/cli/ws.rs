@@ -13,6 +13,7 @@ use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::LimitOverrides;
 use conductor_core::size::{ByteSize, Cpu};
 use conductor_service::exec::{Command, ExecRequest};
+use conductor_service::fork::ForkRequest;
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
 use conductor_service::{Conductor, ServiceError};
 use conductor_store::{EgressDecision, EgressEventRecord, EgressFilter};
@@ -69,6 +70,10 @@ pub enum WsCommand {
         /// A host path, `-`, or WORKSPACE:PATH.
         dst: String,
     },
+    /// Fork a workspace into new running workspaces holding its state now (or at one of
+    /// its snapshots): files in /workspace and elsewhere, installed packages, variables,
+    /// network policy. The source is paused only for the capture. Prints the new ids.
+    Fork(ForkArgs),
     /// Show a workspace's egress audit (proxy mode): its outbound connection attempts
     /// through conductor's proxy, allowed and denied, oldest first.
     Egress(EgressArgs),
@@ -92,6 +97,35 @@ pub struct CreateArgs {
     pub environment: String,
     #[command(flatten)]
     pub opts: WorkspaceOpts,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ForkArgs {
+    /// Workspace id, container name, or agent id with one live workspace.
+    pub id: String,
+    /// How many copies (at most isolated_workspace.fork.max_count).
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub count: u32,
+    /// Fork from this snapshot instead of the workspace's state now.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    /// The copies' agent (default: the source's).
+    #[arg(long = "agent-id", alias = "agent")]
+    pub agent_id: Option<String>,
+    /// Memory limit of each copy (default: the source's), at most resources.maximums.memory.
+    #[arg(long)]
+    pub memory: Option<ByteSize>,
+    /// CPU limit of each copy (default: the source's).
+    #[arg(long)]
+    pub cpus: Option<Cpu>,
+    /// Process limit of each copy (default: the source's).
+    #[arg(long)]
+    pub pids: Option<u32>,
+    /// A variable set over the source's, NAME=value (repeatable).
+    #[arg(long = "setenv", value_name = "NAME=VALUE")]
+    pub setenv: Vec<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -518,6 +552,46 @@ async fn egress(c: &Conductor, a: &EgressArgs) -> Result<ExitCode, ServiceError>
     Ok(ExitCode::SUCCESS)
 }
 
+fn fork_request(a: &ForkArgs) -> Result<ForkRequest, ServiceError> {
+    Ok(ForkRequest {
+        count: a.count,
+        snapshot: a.snapshot.clone(),
+        agent_id: a.agent_id.clone(),
+        env: parse_pairs("setenv", &a.setenv)?,
+        limits: LimitOverrides {
+            memory: a.memory,
+            cpu: a.cpus,
+            pids: a.pids,
+            volume_size: None,
+        },
+    })
+}
+
+async fn fork(c: &Conductor, a: &ForkArgs) -> Result<(), ServiceError> {
+    let out = c.fork_workspace(&a.id, fork_request(a)?).await?;
+    if a.json {
+        println!("{}", json(&out));
+        return Ok(());
+    }
+    for w in &out.workspaces {
+        println!("{}", w.id);
+    }
+    let from = out
+        .snapshot
+        .as_ref()
+        .map_or_else(|| "its state now".to_string(), |s| format!("snapshot '{s}'"));
+    let paused = out
+        .paused_ms
+        .map_or_else(String::new, |ms| format!(", the source paused {ms} ms"));
+    eprintln!(
+        "forked {} into {} workspace(s) from {from} in {} ms{paused}",
+        out.source_id,
+        out.workspaces.len(),
+        out.took_ms
+    );
+    Ok(())
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
@@ -571,6 +645,7 @@ pub async fn run(cli: &Cli, cmd: &WsCommand) -> Result<ExitCode, ServiceError> {
                 }
             }
         }
+        WsCommand::Fork(a) => fork(&c, a).await?,
         WsCommand::Cp { src, dst } => return super::cp::run(&c, src, dst).await,
         WsCommand::Egress(a) => return egress(&c, a).await,
         WsCommand::Stop { id } => println!("{}", c.stop_workspace(id).await?.state),
@@ -680,6 +755,37 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("not a network mode"), "{e}");
+    }
+
+    #[test]
+    fn fork_flags() {
+        let WsCommand::Fork(a) = ws(&[
+            "fork",
+            "ws-1",
+            "--count",
+            "3",
+            "--snapshot",
+            "base",
+            "--agent-id",
+            "b2",
+            "--memory",
+            "512Mi",
+            "--setenv",
+            "A=1",
+        ]) else {
+            panic!("not fork")
+        };
+        let r = super::fork_request(&a).unwrap();
+        assert_eq!(
+            (r.count, r.snapshot.as_deref(), r.agent_id.as_deref()),
+            (3, Some("base"), Some("b2"))
+        );
+        assert_eq!(r.limits.memory, Some(conductor_core::size::ByteSize::mib(512)));
+        assert_eq!(r.env.get("A").map(String::as_str), Some("1"));
+        let WsCommand::Fork(a) = ws(&["fork", "ws-1"]) else {
+            panic!("not fork")
+        };
+        assert_eq!((a.count, a.snapshot, a.agent_id), (1, None, None));
     }
 
     #[test]

@@ -197,6 +197,39 @@ async def test_api_errors_are_typed(service: Any, agent_id: str) -> None:
         assert await c.list_snapshots(ws.id) == []
 
 
+async def test_fork_copies_a_workspace(service: Any, agent_id: str) -> None:
+    async with AsyncConductorClient(config=service.config) as c:
+        ws = await c.create_workspace(agent_id, "minimal")
+        await c.exec(ws.id, "echo original > /workspace/f && echo home > /home/agent/h")
+        fork = await c.fork(ws.id, 2, env={"FORKED": "yes"}, limits={"memory": "256Mi"})
+        assert fork.source_id == ws.id and fork.snapshot is None
+        assert fork.paused_ms is not None and fork.took_ms > 0
+        assert len(fork.workspaces) == 2 and len({f.id for f in fork.workspaces}) == 2
+        for f in fork.workspaces:
+            assert (f.state, f.agent_id, f.environment) == ("running", agent_id, "minimal")
+            assert f.id != ws.id and f.limits.memory == "256Mi"
+            r = await c.exec(f.id, "cat /workspace/f /home/agent/h; echo $FORKED $CONDUCTOR_WORKSPACE_ID")
+            assert r.stdout == f"original\nhome\nyes {f.id}\n", r
+        await c.exec(fork.workspaces[0].id, "echo changed > /workspace/f")
+        assert (await c.exec(ws.id, "cat /workspace/f")).stdout == "original\n"
+        assert (await c.exec(fork.workspaces[1].id, "cat /workspace/f")).stdout == "original\n"
+
+        await c.create_snapshot(ws.id, "base")
+        await c.exec(ws.id, "echo later > /workspace/f")
+        [from_snap] = (await c.fork(ws.id, snapshot="base", agent_id=f"{agent_id}-b")).workspaces
+        assert from_snap.agent_id == f"{agent_id}-b"
+        assert (await c.exec(from_snap.id, "cat /workspace/f")).stdout == "original\n"
+
+        with pytest.raises(ValidationError) as zero:
+            await c.fork(ws.id, 0)
+        assert zero.value.field == "count"
+        with pytest.raises(ValidationError) as unknown:
+            await c.fork(ws.id, snapshot="never-taken")
+        assert unknown.value.field == "snapshot"
+        for f in [*fork.workspaces, from_snap]:
+            await c.delete_workspace(f.id)
+
+
 async def test_unreachable_service_is_a_connection_error() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))

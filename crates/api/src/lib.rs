@@ -68,6 +68,7 @@ fn api_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(lifecycle::suspend_workspace))
         .routes(routes!(lifecycle::stop_workspace))
         .routes(routes!(lifecycle::start_workspace))
+        .routes(routes!(workspaces::fork_workspace))
         .routes(routes!(egress::workspace_egress))
         .routes(routes!(files::put_files, files::get_files, files::delete_files))
         .routes(routes!(snapshots::create_snapshot, snapshots::list_snapshots))

@@ -125,6 +125,7 @@ pub struct IsolatedWorkspace {
     /// Exec, file operations and tasks on a paused or suspended workspace resume it first.
     /// When false they get a 409 naming its state, and only `resume` brings it back.
     pub auto_resume: bool,
+    pub fork: ForkConfig,
 }
 
 impl Default for IsolatedWorkspace {
@@ -137,6 +138,7 @@ impl Default for IsolatedWorkspace {
             warm_pool: BTreeMap::new(),
             snapshots: SnapshotRetention::default(),
             auto_resume: true,
+            fork: ForkConfig::default(),
         }
     }
 }
@@ -536,6 +538,20 @@ impl Default for SnapshotRetention {
             max_per_workspace: 10,
             max_total_size: ByteSize::gib(20),
         }
+    }
+}
+
+/// Forks of a workspace (`POST /workspaces/{id}/fork`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ForkConfig {
+    /// Most copies one fork request may make (also bounded by `cleanup.max_containers`).
+    pub max_count: u32,
+}
+
+impl Default for ForkConfig {
+    fn default() -> Self {
+        Self { max_count: 16 }
     }
 }
 
@@ -994,6 +1010,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "isolated_workspace.snapshots.max_total_size",
                 "must be larger than 0",
+            ));
+        }
+        if self.isolated_workspace.fork.max_count == 0 {
+            return Err(ConfigError::invalid(
+                "isolated_workspace.fork.max_count",
+                "must be at least 1",
             ));
         }
         for (name, _) in self.isolated_workspace.warm_pool.iter() {
@@ -1501,6 +1523,18 @@ podman_config:
                 .starts_with("isolated_workspace.snapshots.max_total_size:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn fork_count_bound_defaults_and_checks() {
+        assert_eq!(Config::default().isolated_workspace.fork.max_count, 16);
+        let l = Config::parse("isolated_workspace:\n  fork:\n    max_count: 4\n").unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(l.config.isolated_workspace.fork.max_count, 4);
+        let e = Config::parse("isolated_workspace:\n  fork:\n    max_count: 0\n").unwrap_err();
+        assert_eq!(e.to_string(), "isolated_workspace.fork.max_count: must be at least 1");
+        let e = Config::parse("isolated_workspace:\n  fork:\n    max_count: many\n").unwrap_err();
+        assert!(e.to_string().starts_with("isolated_workspace.fork.max_count"), "{e}");
     }
 
     #[test]

@@ -88,6 +88,15 @@ pub enum Mount {
     },
 }
 
+impl Mount {
+    /// Where the mount appears in the container.
+    pub fn target(&self) -> &str {
+        match self {
+            Mount::Bind { target, .. } | Mount::Tmpfs { target, .. } => target,
+        }
+    }
+}
+
 /// Which network namespace a container gets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NetworkAttachment {
@@ -291,6 +300,9 @@ pub trait Engine: Send + Sync + 'static {
     async fn image_remove(&self, reference: &str) -> EngineResult<()>;
     /// Commits a container's file system changes as an image (the container may be paused).
     async fn image_commit(&self, container: &str, reference: &str, labels: Labels) -> EngineResult<ImageInfo>;
+    /// Gives the image `source` the further name `reference` (`repo:tag`). Removing one
+    /// name of an image with several only drops that name.
+    async fn image_tag(&self, source: &str, reference: &str) -> EngineResult<()>;
 
     // Containers
     /// Creates a container and returns its id.

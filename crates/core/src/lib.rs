@@ -12,6 +12,7 @@ pub mod config;
 pub mod egress;
 pub mod engine;
 pub mod environment;
+pub mod fork;
 pub mod lifecycle;
 pub mod naming;
 pub mod resources;

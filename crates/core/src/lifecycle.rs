@@ -44,6 +44,17 @@ impl WorkspaceState {
         Self::Failed,
     ];
 
+    /// The states that hold a container ([`Self::holds_container`]): what listings show by
+    /// default and what counts towards `max_containers`.
+    pub const LIVE: [WorkspaceState; 6] = [
+        Self::Creating,
+        Self::Running,
+        Self::Paused,
+        Self::Suspended,
+        Self::Stopped,
+        Self::Removing,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Creating => "creating",
@@ -103,6 +114,10 @@ impl WorkspaceState {
         matches!(self, Self::Running | Self::Stopped | Self::Suspended)
     }
     pub fn can_restore(self) -> bool {
+        matches!(self, Self::Running | Self::Stopped | Self::Suspended)
+    }
+    /// A fork captures the workspace's state (or reads one of its snapshots).
+    pub fn can_fork(self) -> bool {
         matches!(self, Self::Running | Self::Stopped | Self::Suspended)
     }
     /// Destroy is allowed from every state that may still own engine resources.
@@ -309,6 +324,15 @@ mod tests {
         assert!(!WorkspaceState::Running.can_start());
         assert!(WorkspaceState::Running.can_stop());
         assert!(!WorkspaceState::Creating.can_snapshot());
+        assert!(WorkspaceState::Stopped.can_fork());
+        assert!(!WorkspaceState::Creating.can_fork() && !WorkspaceState::Removed.can_fork());
+    }
+
+    #[test]
+    fn live_states_are_those_holding_a_container() {
+        for s in WorkspaceState::ALL {
+            assert_eq!(WorkspaceState::LIVE.contains(&s), s.holds_container(), "{s}");
+        }
     }
 
     #[test]

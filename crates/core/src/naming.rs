@@ -16,6 +16,8 @@ pub const LABEL_TASK: &str = "io.conductor.task";
 /// Hash of an environment definition, on images.
 pub const LABEL_DEFINITION: &str = "io.conductor.definition";
 pub const LABEL_VERSION: &str = "io.conductor.version";
+/// On a fork's container: the id of the workspace it was forked from.
+pub const LABEL_FORK_OF: &str = "io.conductor.fork-of";
 
 /// Container name of a workspace: `claude-agent-<agent-id>-<short id>` as in the spec.
 pub fn workspace_container(agent_id: &str, workspace_id: &str) -> String {

@@ -35,41 +35,42 @@ pub struct LimitError {
     pub message: String,
 }
 
+/// `wanted` when given and within `min..=max`, else `default`; the refusal names `field`.
+fn pick<T: PartialOrd + Copy + std::fmt::Display>(
+    field: &'static str,
+    default: T,
+    wanted: Option<T>,
+    max: T,
+    min: T,
+) -> Result<T, LimitError> {
+    match wanted {
+        None => Ok(default),
+        Some(v) if v > max => Err(LimitError {
+            field,
+            message: format!("{v} is above the configured maximum {max}"),
+        }),
+        Some(v) if v < min => Err(LimitError {
+            field,
+            message: format!("{v} is below the minimum {min}"),
+        }),
+        Some(v) => Ok(v),
+    }
+}
+
+const MIN_MEMORY: ByteSize = ByteSize::mib(6);
+const MIN_CPU: Cpu = Cpu(10);
+const MIN_PIDS: u32 = 16;
+const MIN_VOLUME: ByteSize = ByteSize::mib(16);
+
 impl WorkspaceLimits {
     /// Applies `overrides` to the configured defaults, checking them against the maxima.
     pub fn resolve(config: &Config, overrides: &LimitOverrides) -> Result<Self, LimitError> {
         let r = &config.isolated_workspace.agent_containers.resources;
         let max = &r.maximums;
-        fn pick<T: PartialOrd + Copy + std::fmt::Display>(
-            field: &'static str,
-            default: T,
-            wanted: Option<T>,
-            max: T,
-            min: T,
-        ) -> Result<T, LimitError> {
-            match wanted {
-                None => Ok(default),
-                Some(v) if v > max => Err(LimitError {
-                    field,
-                    message: format!("{v} is above the configured maximum {max}"),
-                }),
-                Some(v) if v < min => Err(LimitError {
-                    field,
-                    message: format!("{v} is below the minimum {min}"),
-                }),
-                Some(v) => Ok(v),
-            }
-        }
         Ok(WorkspaceLimits {
-            memory: pick(
-                "memory",
-                r.limits.memory,
-                overrides.memory,
-                max.memory,
-                ByteSize::mib(6),
-            )?,
-            cpu: pick("cpu", r.limits.cpu, overrides.cpu, max.cpu, Cpu(10))?,
-            pids: pick("pids", r.limits.pids, overrides.pids, max.pids, 16)?,
+            memory: pick("memory", r.limits.memory, overrides.memory, max.memory, MIN_MEMORY)?,
+            cpu: pick("cpu", r.limits.cpu, overrides.cpu, max.cpu, MIN_CPU)?,
+            pids: pick("pids", r.limits.pids, overrides.pids, max.pids, MIN_PIDS)?,
             nofile: r.limits.nofile,
             nproc: r.limits.nproc,
             volume_size: pick(
@@ -77,8 +78,30 @@ impl WorkspaceLimits {
                 config.volume_size(),
                 overrides.volume_size,
                 max.volume_size,
-                ByteSize::mib(16),
+                MIN_VOLUME,
             )?,
+        })
+    }
+
+    /// A fork's limits: its source's (`self`), with `overrides` checked against the
+    /// configured maxima as for a new workspace. The volume is a copy of the source's file
+    /// system, so its size can only be the source's.
+    pub fn fork(&self, config: &Config, overrides: &LimitOverrides) -> Result<Self, LimitError> {
+        let max = &config.isolated_workspace.agent_containers.resources.maximums;
+        if let Some(size) = overrides.volume_size.filter(|s| *s != self.volume_size) {
+            return Err(LimitError {
+                field: "volume_size",
+                message: format!(
+                    "{size}: a fork's volume is a copy of its source's ({}), so its size cannot change",
+                    self.volume_size
+                ),
+            });
+        }
+        Ok(WorkspaceLimits {
+            memory: pick("memory", self.memory, overrides.memory, max.memory, MIN_MEMORY)?,
+            cpu: pick("cpu", self.cpu, overrides.cpu, max.cpu, MIN_CPU)?,
+            pids: pick("pids", self.pids, overrides.pids, max.pids, MIN_PIDS)?,
+            ..self.clone()
         })
     }
 }
@@ -135,5 +158,55 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field, "pids");
+    }
+
+    #[test]
+    fn a_fork_starts_from_its_sources_limits() {
+        let c = Config::default();
+        let source = WorkspaceLimits::resolve(
+            &c,
+            &LimitOverrides {
+                memory: Some(ByteSize::mib(512)),
+                volume_size: Some(ByteSize::mib(64)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(source.fork(&c, &LimitOverrides::default()).unwrap(), source);
+        let f = source
+            .fork(
+                &c,
+                &LimitOverrides {
+                    cpu: Some(Cpu(500)),
+                    volume_size: Some(ByteSize::mib(64)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (f.memory, f.cpu, f.volume_size),
+            (ByteSize::mib(512), Cpu(500), ByteSize::mib(64))
+        );
+        let e = source
+            .fork(
+                &c,
+                &LimitOverrides {
+                    volume_size: Some(ByteSize::gib(1)),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.field, "volume_size");
+        assert!(e.message.contains("cannot change"), "{}", e.message);
+        let e = source
+            .fork(
+                &c,
+                &LimitOverrides {
+                    memory: Some(ByteSize::gib(64)),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.field, "memory");
     }
 }

@@ -11,7 +11,9 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 use bollard::models::ContainerConfig;
-use bollard::query_parameters::{BuildImageOptions, CommitContainerOptions, CreateImageOptions, RemoveImageOptions};
+use bollard::query_parameters::{
+    BuildImageOptions, CommitContainerOptions, CreateImageOptions, RemoveImageOptions, TagImageOptions,
+};
 use bollard::{body_full, body_try_stream, Docker};
 use bytes::Bytes;
 use conductor_core::engine::{BuildSpec, EngineError, EngineResult, ImageInfo, Labels, Progress, ProgressSink};
@@ -219,6 +221,21 @@ pub(crate) async fn remove(docker: &Docker, reference: &str) -> EngineResult<()>
         .await
         .map(|_| ())
         .map_err(|e| api_error(format!("remove image '{reference}'"), Some(&object(reference)), e))
+}
+
+pub(crate) async fn tag(docker: &Docker, source: &str, reference: &str) -> EngineResult<()> {
+    let (repo, tag) = split_reference(reference);
+    let options = TagImageOptions {
+        repo: Some(repo.to_string()),
+        tag: tag.map(str::to_string),
+    };
+    docker.tag_image(source, Some(options)).await.map_err(|e| {
+        api_error(
+            format!("tag image '{source}' as '{reference}'"),
+            Some(&object(source)),
+            e,
+        )
+    })
 }
 
 /// A `LABEL "key"="value"` change for `POST /commit`.

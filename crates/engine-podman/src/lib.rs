@@ -395,6 +395,10 @@ impl Engine for PodmanEngine {
         images::commit(&self.docker(), container, reference, labels).await
     }
 
+    async fn image_tag(&self, source: &str, reference: &str) -> EngineResult<()> {
+        images::tag(&self.docker(), source, reference).await
+    }
+
     async fn container_create(&self, spec: &ContainerSpec) -> EngineResult<String> {
         containers::create(&self.docker(), &self.shared.runtime.name, spec).await
     }

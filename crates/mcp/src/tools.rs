@@ -19,6 +19,7 @@ use conductor_core::engine::{OutputChunk, Progress};
 use conductor_core::naming;
 use conductor_service::exec::{Command, ExecOutcome, ExecRequest, WORKSPACE_USER};
 use conductor_service::files::{FileKind, PutOptions};
+use conductor_service::fork::ForkRequest;
 use conductor_service::workspaces::{CreateRequest, ListFilter, WorkspaceInfo};
 use conductor_service::{streams, Conductor, ServiceError};
 use conductor_store::{EgressDecision, EgressEventRecord, EgressFilter};
@@ -213,6 +214,23 @@ pub struct RestoreArgs {
     pub workspace_id: String,
     /// Name of a snapshot taken earlier with the snapshot tool.
     pub name: String,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkArgs {
+    /// Workspace id from create_workspace or list_workspaces: the workspace to copy.
+    pub workspace_id: String,
+    /// How many copies, 1 to the service's maximum (default 1).
+    #[serde(default)]
+    pub count: Option<u32>,
+    /// Copy the state of this snapshot (taken earlier with the snapshot tool) instead of the
+    /// workspace's state now.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Who the copies belong to (default: the source's agent).
+    #[serde(default)]
+    pub agent_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -879,6 +897,43 @@ impl WorkspaceTools {
             args.name.trim(),
             restored.state.as_str()
         ))
+    }
+
+    /// Fork a workspace.
+    #[tool(
+        description = "Copy a workspace into `count` new running workspaces that start with its exact state \
+                       now (files in /workspace and elsewhere, installed packages, variables, network policy) \
+                       or at a named snapshot; running processes are not copied. Use it to try several \
+                       approaches in parallel from one starting point: each copy has its own workspace_id, \
+                       and what you do in one is not seen by the source or the other copies. All or \
+                       nothing: if one copy fails, none is kept. Destroy copies you no longer need.",
+        annotations(destructive_hint = false, open_world_hint = false)
+    )]
+    async fn workspace_fork(&self, Parameters(args): Parameters<ForkArgs>) -> ToolResult {
+        let w = self.workspace(&args.workspace_id)?;
+        let c = self.conductor.clone();
+        let id = w.id.clone();
+        let req = ForkRequest {
+            count: args.count.unwrap_or(1),
+            snapshot: args.snapshot.map(|s| s.trim().to_string()),
+            agent_id: args.agent_id.map(|a| a.trim().to_string()),
+            ..Default::default()
+        };
+        let out = self.detached(async move { c.fork_workspace(&id, req).await }).await?;
+        let from = out
+            .snapshot
+            .as_ref()
+            .map_or_else(|| "its state now".to_string(), |s| format!("snapshot '{s}'"));
+        let mut text = format!(
+            "Forked workspace {} from {from} into {} new running workspace(s):\n",
+            out.source_id,
+            out.workspaces.len()
+        );
+        for f in &out.workspaces {
+            text.push_str(&format!("workspace_id: {} (agent {})\n", f.id, f.agent_id));
+        }
+        text.push_str("Each is independent: use its workspace_id with run_command and the other tools.");
+        Ok(text)
     }
 
     /// Destroy a workspace.

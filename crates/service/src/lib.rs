@@ -17,6 +17,7 @@ pub mod error;
 pub mod exec;
 pub mod files;
 mod firewall;
+pub mod fork;
 pub mod handle;
 pub mod host;
 pub mod images;

@@ -2,7 +2,8 @@
 //! the cleanup policy (age, count).
 //!
 //! - rows left `creating` or `removing` are finished: their resources are removed and the
-//!   row becomes `failed` or `removed`;
+//!   row becomes `failed` or `removed` (an interrupted fork is such rows: every copy it had
+//!   recorded goes, see [`crate::fork`]);
 //! - containers and networks with this instance's label that no live row owns are removed;
 //! - data volumes still mounted without a live workspace are unmounted (data kept);
 //! - live rows whose container vanished become `lost` and their network and volume are freed;
@@ -62,10 +63,13 @@ impl Conductor {
             .iter()
             .filter(|w| matches!(w.state, WorkspaceState::Creating | WorkspaceState::Removing))
         {
+            // An interrupted create keeps a persistent volume (it may hold the agent's data
+            // from before) and deletes one made for this workspace alone (a fork's copy, an
+            // ephemeral volume): nothing could use it again.
             let (keep, end) = if w.state == WorkspaceState::Removing {
                 (None, WorkspaceState::Removed)
             } else {
-                (Some(true), WorkspaceState::Failed)
+                (Some(self.is_persistent_volume(w)), WorkspaceState::Failed)
             };
             self.release_resources(w, keep).await?;
             let note = (end == WorkspaceState::Failed).then_some("creation was interrupted by a restart of conductor");

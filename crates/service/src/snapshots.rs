@@ -70,6 +70,7 @@ use conductor_store::{SnapshotRecord, WorkspaceFilter, WorkspaceRecord};
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 
+use crate::storage_pool::CopyMethod;
 use crate::volumes::{remove_file, DataVolume};
 use crate::workspaces::WorkspaceInfo;
 use crate::{now_ms, Conductor, Result, ServiceError};
@@ -124,7 +125,7 @@ pub(crate) struct SnapshotRepairs {
 }
 
 /// An exclusive hold on one workspace's snapshots, released when dropped.
-struct OpLock {
+pub(crate) struct OpLock {
     _lock: Flock<File>,
 }
 
@@ -152,7 +153,7 @@ fn sync_file(path: &Path) -> Result<()> {
 
 impl Conductor {
     /// `<workspaces>/.snapshots/<workspace-id>`: the volume copies.
-    fn snapshot_data_dir(&self, workspace_id: &str) -> PathBuf {
+    pub(crate) fn snapshot_data_dir(&self, workspace_id: &str) -> PathBuf {
         self.paths.workspaces.join(DATA_DIR).join(workspace_id)
     }
 
@@ -204,7 +205,7 @@ impl Conductor {
     }
 
     /// Takes the lock or fails with a conflict naming the workspace.
-    fn lock_now(&self, workspace_id: &str) -> Result<OpLock> {
+    pub(crate) fn lock_now(&self, workspace_id: &str) -> Result<OpLock> {
         self.try_lock(workspace_id)?.ok_or_else(|| {
             ServiceError::Conflict(format!(
                 "a snapshot or restore of workspace '{workspace_id}' is in progress; try again when it has finished"
@@ -227,13 +228,18 @@ impl Conductor {
     }
 
     /// A workspace id or container name, or an agent id naming its single live workspace.
-    fn snapshot_target(&self, workspace: &str) -> Result<WorkspaceRecord> {
+    pub(crate) fn snapshot_target(&self, workspace: &str) -> Result<WorkspaceRecord> {
         match self.handle(workspace) {
             Ok(handle) => Ok(handle.record),
             Err(ServiceError::NotFound { .. }) => {
                 let live = self.store.list_workspaces(&WorkspaceFilter {
                     agent_id: Some(workspace.to_string()),
-                    states: vec![WorkspaceState::Running, WorkspaceState::Stopped],
+                    states: vec![
+                        WorkspaceState::Running,
+                        WorkspaceState::Paused,
+                        WorkspaceState::Suspended,
+                        WorkspaceState::Stopped,
+                    ],
                     ..Default::default()
                 })?;
                 match live.len() {
@@ -330,7 +336,6 @@ impl Conductor {
     /// Pauses, copies the volume, commits, resumes; then makes the copy final and returns
     /// the snapshot's size.
     async fn capture(&self, w: &WorkspaceRecord, vol: &DataVolume, s: &SnapshotRecord) -> Result<u64> {
-        let container = w.container();
         let (Some(image), Some(data)) = (&s.rootfs_image, &s.data_ref) else {
             return Err(ServiceError::host(
                 "capture a snapshot",
@@ -338,33 +343,8 @@ impl Conductor {
             ));
         };
         let data = PathBuf::from(data);
-        let running = w.state == WorkspaceState::Running;
-        let begin = Instant::now();
-        if running {
-            self.engine.container_pause(container).await?;
-        }
-        let captured = async {
-            let method = self.volumes.capture(vol, &partial(&data)).await?;
-            let mut labels = naming::workspace_labels(&self.instance, &w.id, &w.agent_id, &w.environment);
-            labels.insert(LABEL_SNAPSHOT.to_string(), s.name.clone());
-            self.engine.image_commit(container, image, labels).await?;
-            Ok::<_, ServiceError>(method)
-        }
-        .await;
-        if running {
-            let resumed = self.engine.container_unpause(container).await;
-            if captured.is_ok() {
-                resumed?;
-            } else if let Err(e) = resumed {
-                tracing::error!(workspace = %w.id, error = %e, "resuming the workspace after a failed snapshot failed");
-            }
-        }
-        let method = captured?;
-        let paused_ms = begin.elapsed().as_millis();
-        let part = partial(&data);
-        sync_file(&part)?;
-        std::fs::rename(&part, &data).map_err(|e| ServiceError::host(format!("rename {}", part.display()), e))?;
-
+        let (method, paused) = self.capture_parts(w, vol, image, &data, &s.name).await?;
+        let paused_ms = paused.as_millis();
         let allocated = std::os::unix::fs::MetadataExt::blocks(
             &std::fs::metadata(&data).map_err(|e| ServiceError::host(format!("stat {}", data.display()), e))?,
         ) * 512;
@@ -377,6 +357,49 @@ impl Conductor {
             "snapshot taken"
         );
         Ok(allocated + layer)
+    }
+
+    /// The capture itself, shared by snapshots and forks ([`crate::fork`]): pauses a running
+    /// workspace, copies its volume to `data` (through `<data>.partial`, synced and renamed)
+    /// with its file system frozen, commits its root file system as `image` (labelled with
+    /// `name`), and resumes it. Returns how the volume was copied and how long the workspace
+    /// was paused.
+    pub(crate) async fn capture_parts(
+        &self,
+        w: &WorkspaceRecord,
+        vol: &DataVolume,
+        image: &str,
+        data: &Path,
+        name: &str,
+    ) -> Result<(CopyMethod, Duration)> {
+        let container = w.container();
+        let running = w.state == WorkspaceState::Running;
+        let begin = Instant::now();
+        if running {
+            self.engine.container_pause(container).await?;
+        }
+        let captured = async {
+            let method = self.volumes.capture(vol, &partial(data)).await?;
+            let mut labels = naming::workspace_labels(&self.instance, &w.id, &w.agent_id, &w.environment);
+            labels.insert(LABEL_SNAPSHOT.to_string(), name.to_string());
+            self.engine.image_commit(container, image, labels).await?;
+            Ok::<_, ServiceError>(method)
+        }
+        .await;
+        if running {
+            let resumed = self.engine.container_unpause(container).await;
+            if captured.is_ok() {
+                resumed?;
+            } else if let Err(e) = resumed {
+                tracing::error!(workspace = %w.id, error = %e, "resuming the workspace after a failed capture failed");
+            }
+        }
+        let method = captured?;
+        let paused = begin.elapsed();
+        let part = partial(data);
+        sync_file(&part)?;
+        std::fs::rename(&part, data).map_err(|e| ServiceError::host(format!("rename {}", part.display()), e))?;
+        Ok((method, paused))
     }
 
     async fn image_size(&self, reference: &str) -> Result<u64> {
@@ -410,7 +433,7 @@ impl Conductor {
 
     /// Removes what a snapshot made, then its record (the caller holds the lock). Marked
     /// `deleting` first, so an interruption is finished by reconcile.
-    async fn remove_snapshot(&self, s: &SnapshotRecord, keep_image: bool) -> Result<()> {
+    pub(crate) async fn remove_snapshot(&self, s: &SnapshotRecord, keep_image: bool) -> Result<()> {
         if s.state != SnapshotState::Deleting {
             self.store.set_snapshot_state(&s.id, SnapshotState::Deleting, None)?;
         }

@@ -59,12 +59,7 @@ const LIVENESS_EVERY: Duration = Duration::from_secs(2);
 /// After a failed create, how long an environment's pool waits before trying again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
 
-const LIVE: [WorkspaceState; 4] = [
-    WorkspaceState::Creating,
-    WorkspaceState::Running,
-    WorkspaceState::Stopped,
-    WorkspaceState::Removing,
-];
+const LIVE: [WorkspaceState; 6] = WorkspaceState::LIVE;
 
 /// What one pass over the pool did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -223,7 +218,8 @@ impl Conductor {
             let aged = max_age_ms > 0 && now_ms() - m.created_at > max_age_ms;
             let dead = match m.state {
                 WorkspaceState::Running => check_liveness && !self.pool_member_alive(&m).await,
-                WorkspaceState::Stopped => true,
+                // Not ready for a claim (someone stopped, paused or suspended it).
+                WorkspaceState::Stopped | WorkspaceState::Paused | WorkspaceState::Suspended => true,
                 _ => false,
             };
             if aged || dead {

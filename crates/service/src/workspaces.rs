@@ -102,12 +102,7 @@ pub struct ListFilter {
     pub all: bool,
 }
 
-const LIVE_STATES: [WorkspaceState; 4] = [
-    WorkspaceState::Creating,
-    WorkspaceState::Running,
-    WorkspaceState::Stopped,
-    WorkspaceState::Removing,
-];
+pub(crate) const LIVE_STATES: [WorkspaceState; 6] = WorkspaceState::LIVE;
 
 impl From<WorkspaceRecord> for WorkspaceInfo {
     fn from(r: WorkspaceRecord) -> Self {
@@ -528,7 +523,7 @@ impl Conductor {
 
     /// Creates an egress workspace's bridge network (route out, DNS) on the next free block
     /// of `podman_config.network.subnet`.
-    async fn create_network(&self, name: &str, labels: Labels) -> Result<()> {
+    pub(crate) async fn create_network(&self, name: &str, labels: Labels) -> Result<()> {
         let _guard = self.net_lock.lock().await;
         let cfg = &self.config.podman_config.network;
         let mut spec = NetworkSpec {
@@ -744,6 +739,17 @@ impl Conductor {
         Ok(())
     }
 
+    /// Whether the workspace's volume is its agent's persistent one for its environment
+    /// (`agent_<id>/<environment>`), which outlives the workspace, rather than its own.
+    pub(crate) fn is_persistent_volume(&self, w: &WorkspaceRecord) -> bool {
+        let persistent_dir = self
+            .paths
+            .workspaces
+            .join(naming::agent_dir(&w.agent_id))
+            .join(&w.environment);
+        std::path::Path::new(&w.volume_dir) == persistent_dir
+    }
+
     /// Removes the engine objects of a workspace and releases or deletes its volume (and
     /// with it its snapshots).
     pub(crate) async fn release_resources(&self, w: &WorkspaceRecord, keep_volumes: Option<bool>) -> Result<()> {
@@ -767,14 +773,9 @@ impl Conductor {
             self.engine.network_remove(n).await?;
         }
         let vol = self.volumes.open(std::path::Path::new(&w.volume_dir));
-        let persistent_dir = self
-            .paths
-            .workspaces
-            .join(naming::agent_dir(&w.agent_id))
-            .join(&w.environment);
-        let is_persistent = vol.dir == persistent_dir;
-        let keep =
-            keep_volumes.unwrap_or(is_persistent && self.config.isolated_workspace.agent_containers.persistent_volumes);
+        let keep = keep_volumes.unwrap_or(
+            self.is_persistent_volume(w) && self.config.isolated_workspace.agent_containers.persistent_volumes,
+        );
         if keep {
             self.volumes.detach(&vol).await?;
         } else {
@@ -785,7 +786,7 @@ impl Conductor {
 }
 
 /// Picks free host ports on 127.0.0.1 for the requested container ports.
-fn allocate_ports(ports: &[u16], (lo, hi): (u16, u16)) -> Result<Vec<(u16, u16)>> {
+pub(crate) fn allocate_ports(ports: &[u16], (lo, hi): (u16, u16)) -> Result<Vec<(u16, u16)>> {
     let mut out = Vec::new();
     let mut next = lo;
     for &p in ports {

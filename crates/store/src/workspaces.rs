@@ -111,48 +111,84 @@ fn not_found(id: &str) -> impl FnOnce() -> String + '_ {
     move || format!("workspace '{id}'")
 }
 
+/// Inserts one row on `conn` (a connection or a transaction).
+fn insert_row(conn: &rusqlite::Connection, ws: &WorkspaceRecord) -> Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO workspaces ({COLUMNS}) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+    ))?
+    .execute(params![
+        ws.id,
+        ws.agent_id,
+        ws.environment,
+        ws.image,
+        ws.container_name,
+        ws.container_id,
+        ws.network,
+        ws.state.as_str(),
+        serde_json::to_string(&ws.limits).map_err(|e| crate::StoreError::Corrupt {
+            what: format!("limits of workspace '{}'", ws.id),
+            detail: e.to_string(),
+        })?,
+        ws.volume_dir,
+        ws.created_at,
+        ws.last_used_at,
+        ws.error,
+        serde_json::to_string(&ws.network_policy).map_err(|e| crate::StoreError::Corrupt {
+            what: format!("network policy of workspace '{}'", ws.id),
+            detail: e.to_string(),
+        })?,
+        if ws.secrets.is_empty() {
+            None
+        } else {
+            Some(
+                serde_json::to_string(&ws.secrets).map_err(|e| crate::StoreError::Corrupt {
+                    what: format!("secrets of workspace '{}'", ws.id),
+                    detail: e.to_string(),
+                })?,
+            )
+        },
+    ])?;
+    Ok(())
+}
+
 impl Store {
     /// Records a new workspace. Fails with a uniqueness violation
     /// ([`crate::StoreError::is_conflict`]) if the id exists.
     pub fn insert_workspace(&self, ws: &WorkspaceRecord) -> Result<()> {
-        self.conn()
-            .prepare_cached(&format!(
-                "INSERT INTO workspaces ({COLUMNS}) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
-            ))?
-            .execute(params![
-                ws.id,
-                ws.agent_id,
-                ws.environment,
-                ws.image,
-                ws.container_name,
-                ws.container_id,
-                ws.network,
-                ws.state.as_str(),
-                serde_json::to_string(&ws.limits).map_err(|e| crate::StoreError::Corrupt {
-                    what: format!("limits of workspace '{}'", ws.id),
-                    detail: e.to_string(),
-                })?,
-                ws.volume_dir,
-                ws.created_at,
-                ws.last_used_at,
-                ws.error,
-                serde_json::to_string(&ws.network_policy).map_err(|e| crate::StoreError::Corrupt {
-                    what: format!("network policy of workspace '{}'", ws.id),
-                    detail: e.to_string(),
-                })?,
-                if ws.secrets.is_empty() {
-                    None
-                } else {
-                    Some(
-                        serde_json::to_string(&ws.secrets).map_err(|e| crate::StoreError::Corrupt {
-                            what: format!("secrets of workspace '{}'", ws.id),
-                            detail: e.to_string(),
-                        })?,
-                    )
-                },
-            ])?;
+        insert_row(&self.conn(), ws)
+    }
+
+    /// Records several new workspaces in one transaction: all of them or none (a fork's
+    /// copies, recorded `creating` before anything is made).
+    pub fn insert_workspaces(&self, rows: &[WorkspaceRecord]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for ws in rows {
+            insert_row(&tx, ws)?;
+        }
+        tx.commit()?;
         Ok(())
+    }
+
+    /// Moves every workspace of `ids` from `creating` to `running` in one transaction, or
+    /// none of them (returning false) when one is not `creating` any more.
+    pub fn start_created_workspaces(&self, ids: &[String]) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut changed = 0;
+        for id in ids {
+            changed += tx
+                .prepare_cached(
+                    "UPDATE workspaces SET state = 'running', error = NULL WHERE id = ?1 AND state = 'creating'",
+                )?
+                .execute([id])?;
+        }
+        if changed != ids.len() {
+            return Ok(false);
+        }
+        tx.commit()?;
+        Ok(true)
     }
 
     /// The workspace with this id, if any.
@@ -386,6 +422,35 @@ mod tests {
             !store.mark_container_exited("w1", "c1", "again").unwrap(),
             "already stopped"
         );
+    }
+
+    #[test]
+    fn rows_recorded_together_start_together_or_not_at_all() {
+        let store = Store::open_in_memory().unwrap();
+        store.insert_workspace(&ws("w0", "a1", "python", 1)).unwrap();
+        // One duplicate id: none of the rows is recorded.
+        let err = store
+            .insert_workspaces(&[ws("w1", "a1", "python", 2), ws("w0", "a1", "python", 2)])
+            .unwrap_err();
+        assert!(err.is_conflict(), "{err:?}");
+        assert_eq!(store.get_workspace("w1").unwrap(), None);
+
+        let ids: Vec<String> = ["w1", "w2", "w3"].map(String::from).to_vec();
+        let rows: Vec<WorkspaceRecord> = ids.iter().map(|id| ws(id, "a1", "python", 3)).collect();
+        store.insert_workspaces(&rows).unwrap();
+        // One of them moved on (removed meanwhile): none starts.
+        store.set_workspace_state("w2", WorkspaceState::Removing, None).unwrap();
+        assert!(!store.start_created_workspaces(&ids).unwrap());
+        let state = |id: &str| store.get_workspace(id).unwrap().unwrap().state;
+        assert_eq!(state("w1"), WorkspaceState::Creating);
+        store
+            .set_workspace_state("w2", WorkspaceState::Creating, Some("x"))
+            .unwrap();
+        assert!(store.start_created_workspaces(&ids).unwrap());
+        for id in &ids {
+            let got = store.get_workspace(id).unwrap().unwrap();
+            assert_eq!((got.state, got.error), (WorkspaceState::Running, None));
+        }
     }
 
     #[test]

@@ -29,6 +29,7 @@ from .errors import (  # noqa: E402
 from .models import (  # noqa: E402
     Environment,
     ExecResult,
+    Fork,
     Health,
     Limits,
     LogChunk,
@@ -62,6 +63,7 @@ __all__ = [
     "ValidationError",
     "Environment",
     "ExecResult",
+    "Fork",
     "Health",
     "Limits",
     "LogChunk",

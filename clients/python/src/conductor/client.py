@@ -46,6 +46,7 @@ from .errors import ConductorError, ConnectionFailedError, error_from_response
 from .models import (
     Environment,
     ExecResult,
+    Fork,
     Health,
     LogChunk,
     LogEnd,
@@ -408,6 +409,33 @@ class AsyncConductorClient:
     async def start(self, workspace_id: str) -> Workspace:
         """``POST /workspaces/{id}/start``: starts a stopped workspace again."""
         return await self._lifecycle(workspace_id, "start")
+    async def fork(
+        self,
+        workspace_id: str,
+        count: int = 1,
+        *,
+        snapshot: Optional[str] = None,
+        agent_id: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+    ) -> Fork:
+        """``POST /workspaces/{id}/fork``: ``count`` new running workspaces holding the
+        workspace's state now (root file system changes and ``/workspace``; the source is
+        paused only for the capture) or at its snapshot ``snapshot``. Each has its own id,
+        container, network namespace, agent, limits and quota, and the source's environment
+        variables (``env`` sets more over them) and network policy. ``agent_id`` names the
+        copies' agent (default: the source's); ``limits`` may change ``memory``, ``cpu`` and
+        ``pids``. All or nothing: when one copy fails, none is kept and the error is raised."""
+        body: Dict[str, Any] = {"count": count}
+        if snapshot is not None:
+            body["snapshot"] = snapshot
+        if agent_id is not None:
+            body["agent_id"] = agent_id
+        if env:
+            body["env"] = dict(env)
+        if limits:
+            body["limits"] = dict(limits)
+        return Fork.from_dict(await self._request("POST", f"/workspaces/{_seg(workspace_id)}/fork", json=body))
 
     async def exec(
         self,
@@ -718,6 +746,19 @@ class ConductorClient:
 
     def start(self, workspace_id: str) -> Workspace:
         return self._run(self.aio.start(workspace_id))
+    def fork(
+        self,
+        workspace_id: str,
+        count: int = 1,
+        *,
+        snapshot: Optional[str] = None,
+        agent_id: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        limits: Optional[Mapping[str, Any]] = None,
+    ) -> Fork:
+        return self._run(
+            self.aio.fork(workspace_id, count, snapshot=snapshot, agent_id=agent_id, env=env, limits=limits)
+        )
 
     def exec(
         self,

@@ -21,6 +21,7 @@ __all__ = [
     "Workspace",
     "ExecResult",
     "Snapshot",
+    "Fork",
     "Secret",
     "TaskCommand",
     "Task",
@@ -279,6 +280,27 @@ class Snapshot(_Model):
     created_at: str = ""
     size_bytes: int = 0
     state: str = ""
+
+
+@dataclass(frozen=True)
+class Fork(_Model):
+    """The result of :meth:`~conductor.AsyncConductorClient.fork`: the new workspaces,
+    running, each with the source's state at the fork (or at ``snapshot``)."""
+
+    source_id: str
+    workspaces: List[Workspace] = field(default_factory=list, hash=False)
+    #: The snapshot forked from, if one was named.
+    snapshot: Optional[str] = None
+    #: How long the source was paused for the capture (``None`` from a snapshot or a
+    #: stopped workspace).
+    paused_ms: Optional[int] = None
+    took_ms: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Fork":
+        d = dict(data)
+        d["workspaces"] = [Workspace.from_dict(w) for w in d.get("workspaces") or []]
+        return cls._from_fields(d)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-//! `/workspaces`: create, list, inspect, remove and exec into workspaces.
+//! `/workspaces`: create, list, inspect, remove, fork and exec into workspaces.
 //!
 //! A caller chooses the agent, the environment, the network policy and limits up to the
 //! configured maxima; nothing else. Mounts, capabilities, privileged mode or the host
@@ -18,6 +18,7 @@ use conductor_core::lifecycle::WorkspaceState;
 use conductor_core::resources::{LimitOverrides, WorkspaceLimits};
 use conductor_core::size::{ByteSize, Cpu};
 use conductor_service::exec::{Command, ExecOutcome, ExecRequest};
+use conductor_service::fork::ForkRequest;
 use conductor_service::workspaces::{CreateRequest, ListFilter, Usage, WorkspaceInfo};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -459,4 +460,97 @@ pub async fn exec(
     let c = state.conductor.clone();
     let result = detached(async move { c.exec_collect(&id, req).await }).await?;
     Ok(Json(ExecResult::new(result)))
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Body of `POST /workspaces/{id}/fork`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForkWorkspace {
+    /// How many copies, 1 to `isolated_workspace.fork.max_count` (default 1), within the
+    /// room `isolated_workspace.cleanup.max_containers` leaves.
+    #[serde(default = "one")]
+    #[schema(example = 4)]
+    pub count: u32,
+    /// Fork from this snapshot of the workspace instead of its state now.
+    #[schema(example = "before-refactor")]
+    pub snapshot: Option<String>,
+    /// The copies' agent (default: the source's).
+    #[schema(example = "agent-2")]
+    pub agent_id: Option<String>,
+    /// Environment variables set over the source's.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Memory, CPU and process limits over the source's, up to the configured maxima. The
+    /// volume is a copy of the source's: `volume_size`, if given, must be the source's.
+    #[serde(default)]
+    pub limits: Option<LimitsRequest>,
+}
+
+/// Response of `POST /workspaces/{id}/fork`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ForkResult {
+    /// The workspace forked.
+    pub source_id: String,
+    /// The snapshot forked from, if one was named.
+    pub snapshot: Option<String>,
+    /// How long the source was paused for the capture (absent when forking from a
+    /// snapshot or a stopped workspace).
+    pub paused_ms: Option<u64>,
+    /// The whole fork, until the last copy ran.
+    pub took_ms: u64,
+    /// The new workspaces, running.
+    pub workspaces: Vec<Workspace>,
+}
+
+/// Fork a workspace into `count` new running workspaces holding its state now (root file
+/// system changes and `/workspace`, captured once while it is paused for an instant) or at
+/// one of its snapshots. Each copy has its own id, container, network namespace, agent,
+/// limits and quota; the copies share blocks with the source until they write. All or
+/// nothing: if one copy fails, none is kept.
+#[utoipa::path(
+    post, path = "/workspaces/{id}/fork", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id, container name, or agent id with one live workspace")),
+    request_body = ForkWorkspace,
+    responses(
+        (status = 201, description = "Every copy runs", body = ForkResult),
+        (status = 400, description = "Invalid request (field named: `count` outside 1..=max_count, `snapshot` unknown, `env.NAME`, `limits.memory`, …)", body = ErrorBody),
+        (status = 404, description = "No such workspace", body = ErrorBody),
+        (status = 409, description = "The workspace is not running or stopped (the state is named), or a snapshot operation runs on it", body = ErrorBody),
+        (status = 429, description = "`count` more workspaces would exceed isolated_workspace.cleanup.max_containers", body = ErrorBody),
+    )
+)]
+pub async fn fork_workspace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ForkWorkspace>,
+) -> ApiResult<(StatusCode, Json<ForkResult>)> {
+    let limits = body.limits.unwrap_or_default();
+    let req = ForkRequest {
+        count: body.count,
+        snapshot: body.snapshot,
+        agent_id: body.agent_id,
+        env: body.env,
+        limits: LimitOverrides {
+            memory: limits.memory,
+            cpu: limits.cpu,
+            pids: limits.pids,
+            volume_size: limits.volume_size,
+        },
+    };
+    let c = state.conductor.clone();
+    let out = detached(async move { c.fork_workspace(&id, req).await }).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ForkResult {
+            source_id: out.source_id,
+            snapshot: out.snapshot,
+            paused_ms: out.paused_ms,
+            took_ms: out.took_ms,
+            workspaces: out.workspaces.into_iter().map(Into::into).collect(),
+        }),
+    ))
 }

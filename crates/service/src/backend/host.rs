@@ -73,6 +73,15 @@ impl VolumeStore for HostVolumes {
         std::fs::rename(&staged, vol.image()).map_err(|e| ServiceError::host(format!("rename {}", staged.display()), e))
     }
 
+    async fn create_from(&self, dir: &Path, src: &Path) -> Result<CopyMethod> {
+        let vol = DataVolume::at(dir);
+        std::fs::create_dir_all(vol.mountpoint())
+            .map_err(|e| ServiceError::host(format!("create {}", dir.display()), e))?;
+        let image = vol.image();
+        volumes::remove_file(&image)?;
+        storage_pool::copy_file(src, &image).await
+    }
+
     fn usage(&self, vol: &DataVolume) -> Option<(u64, u64)> {
         host::disk_usage(&vol.mountpoint())
     }

@@ -216,6 +216,15 @@ impl Engine for MemoryEngine {
         Ok(info)
     }
 
+    async fn image_tag(&self, source: &str, reference: &str) -> EngineResult<()> {
+        let mut s = self.state.lock().unwrap();
+        let info = s.images.get(source).cloned().ok_or_else(|| EngineError::NotFound {
+            what: format!("image '{source}'"),
+        })?;
+        s.images.insert(reference.into(), info);
+        Ok(())
+    }
+
     async fn container_create(&self, spec: &ContainerSpec) -> EngineResult<String> {
         if let Some(message) = self.refuse_creates.lock().unwrap().clone() {
             return Err(EngineError::failed(
@@ -417,6 +426,10 @@ impl VolumeStore for MemoryVolumes {
 
     async fn replace(&self, vol: &DataVolume) -> Result<()> {
         self.stage(vol, Path::new("")).await
+    }
+
+    async fn create_from(&self, dir: &Path, _: &Path) -> Result<CopyMethod> {
+        self.capture(&self.open(dir), Path::new("")).await
     }
 
     fn usage(&self, _: &DataVolume) -> Option<(u64, u64)> {

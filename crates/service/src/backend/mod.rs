@@ -5,7 +5,8 @@
 //! host beside Podman and on Kubernetes would live in the cluster:
 //!
 //! - a [`VolumeStore`]: each workspace's data volume, created with a size limit, attached,
-//!   copied consistently for a snapshot, replaced by a snapshot's copy, and removed;
+//!   copied consistently for a snapshot, replaced by a snapshot's copy, made from such a copy
+//!   (a fork), and removed;
 //! - an [`AgentTransport`]: how the service reaches a workspace's in-workspace agent (a Unix
 //!   socket in a bind-mounted host directory here; a port-forward on Kubernetes);
 //! - a [`SourceUpload`]: how a task's `source` directory gets into the workspace (copied
@@ -70,6 +71,10 @@ pub trait VolumeStore: Send + Sync + 'static {
     async fn stage(&self, vol: &DataVolume, src: &Path) -> Result<()>;
     /// Puts the staged copy in place of the volume's data; the volume must be detached.
     async fn replace(&self, vol: &DataVolume) -> Result<()>;
+    /// Makes a copy of `src` (another volume's [`capture`](Self::capture)) the data of the
+    /// new volume `dir` (a fork), sharing blocks where the backend can;
+    /// [`prepare`](Self::prepare) then attaches it.
+    async fn create_from(&self, dir: &Path, src: &Path) -> Result<CopyMethod>;
     /// `(used, total)` bytes of an attached volume.
     fn usage(&self, vol: &DataVolume) -> Option<(u64, u64)>;
     /// The volumes under `root` that are attached now (reconcile detaches those no live
