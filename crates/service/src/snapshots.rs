@@ -338,7 +338,7 @@ impl Conductor {
             ));
         };
         let data = PathBuf::from(data);
-        let (method, paused) = self.capture_parts(w, vol, image, &data, &s.name).await?;
+        let (method, paused) = self.capture_parts(w, vol, image, &data, &s.name, true).await?;
         let paused_ms = paused.as_millis();
         let allocated = std::os::unix::fs::MetadataExt::blocks(
             &std::fs::metadata(&data).map_err(|e| ServiceError::host(format!("stat {}", data.display()), e))?,
@@ -355,10 +355,10 @@ impl Conductor {
     }
 
     /// The capture itself, shared by snapshots and forks ([`crate::fork`]): pauses a running
-    /// workspace, copies its volume to `data` (through `<data>.partial`, synced and renamed)
-    /// with its file system frozen, commits its root file system as `image` (labelled with
-    /// `name`), and resumes it. Returns how the volume was copied and how long the workspace
-    /// was paused.
+    /// workspace, copies its volume to `data` (through `<data>.partial`, renamed, and synced
+    /// first when `durable`: a fork's capture lives only for the fork) with its file system
+    /// frozen, commits its root file system as `image` (labelled with `name`), and resumes
+    /// it. Returns how the volume was copied and how long the workspace was paused.
     pub(crate) async fn capture_parts(
         &self,
         w: &WorkspaceRecord,
@@ -366,6 +366,7 @@ impl Conductor {
         image: &str,
         data: &Path,
         name: &str,
+        durable: bool,
     ) -> Result<(CopyMethod, Duration)> {
         let container = w.container();
         let running = w.state == WorkspaceState::Running;
@@ -392,7 +393,9 @@ impl Conductor {
         let method = captured?;
         let paused = begin.elapsed();
         let part = partial(data);
-        sync_file(&part)?;
+        if durable {
+            sync_file(&part)?;
+        }
         std::fs::rename(&part, data).map_err(|e| ServiceError::host(format!("rename {}", part.display()), e))?;
         Ok((method, paused))
     }
