@@ -294,17 +294,30 @@ impl Conductor {
                 break;
             }
         }
+        let tagged_at = begin.elapsed();
         let made: Vec<Result<()>> = match tagged {
             Ok(()) => {
-                futures_util::future::join_all(
+                let make = futures_util::future::join_all(
                     copies
                         .iter_mut()
                         .map(|c| self.make_copy(c, &w, &spec, &req.env, &origin, &sub_volumes)),
-                )
-                .await
+                );
+                // Every copy has its own name for the image now: the capture's goes meanwhile.
+                let untag = async {
+                    match &origin.capture {
+                        Some(capture) => self.drop_capture_image(capture).await,
+                        None => Ok(()),
+                    }
+                };
+                let (made, untagged) = tokio::join!(make, untag);
+                if let Err(e) = untagged {
+                    tracing::warn!(source = %w.id, error = %e, "removing a fork's capture image failed; reconcile retries");
+                }
+                made
             }
             Err(e) => vec![Err(e.into())],
         };
+        let made_at = begin.elapsed();
         let failure = made
             .into_iter()
             .zip(&copies)
@@ -329,7 +342,12 @@ impl Conductor {
             self.discard_copies(&copies, e).await;
         }
         if let Some(capture) = &origin.capture {
-            if let Err(e) = self.remove_snapshot(capture, false).await {
+            // Its image is gone already (unless tagging failed): the copy and the row remain.
+            let mut rest = capture.clone();
+            if result.is_ok() {
+                rest.rootfs_image = None;
+            }
+            if let Err(e) = self.remove_snapshot(&rest, false).await {
                 tracing::warn!(source = %w.id, error = %e, "removing a fork's capture failed; reconcile retries");
             }
         }
@@ -337,7 +355,11 @@ impl Conductor {
 
         let paused_ms = origin.paused.map(|d| d.as_millis() as u64);
         let took_ms = begin.elapsed().as_millis() as u64;
-        tracing::info!(source = %w.id, count = req.count, snapshot = ?req.snapshot, ?paused_ms, took_ms, "workspace forked");
+        tracing::info!(
+            source = %w.id, count = req.count, snapshot = ?req.snapshot, ?paused_ms,
+            captured_and_tagged_ms = tagged_at.as_millis() as u64, copies_made_ms = made_at.as_millis() as u64, took_ms,
+            "workspace forked"
+        );
         Ok(ForkOutcome {
             source_id: w.id.clone(),
             snapshot: req.snapshot,
@@ -368,7 +390,7 @@ impl Conductor {
             record.rootfs_image.clone().unwrap_or_default(),
             PathBuf::from(record.data_ref.clone().unwrap_or_default()),
         );
-        match self.capture_parts(w, vol, &image, &data, &record.name).await {
+        match self.capture_parts(w, vol, &image, &data, &record.name, false).await {
             Ok((method, paused)) => {
                 tracing::info!(workspace = %w.id, copy = method.as_str(), paused_ms = paused.as_millis(), "captured for a fork");
                 Ok(Origin {
@@ -384,6 +406,17 @@ impl Conductor {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Removes the capture's own name for the committed image (the copies keep theirs).
+    async fn drop_capture_image(&self, capture: &SnapshotRecord) -> Result<()> {
+        match &capture.rootfs_image {
+            Some(image) => match self.engine.image_remove(image).await {
+                Err(e) if !e.is_not_found() => Err(e.into()),
+                _ => Ok(()),
+            },
+            None => Ok(()),
         }
     }
 
