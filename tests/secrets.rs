@@ -651,6 +651,27 @@ async fn git_clone_works_with_the_injected_secret_which_appears_nowhere_inside()
 
     // Nowhere inside the workspace, nor in the audit, the API's view or `ws inspect`.
     assert_not_inside(&c, &w.id, &git_token).await;
+    // Nor in a snapshot (seen through a fork made from it) or a fork of the live workspace.
+    c.create_snapshot(&w.id, "after-clone", false).await.unwrap();
+    for snapshot in [Some("after-clone".to_string()), None] {
+        let fork = c
+            .fork_workspace(
+                &w.id,
+                conductor_service::fork::ForkRequest {
+                    count: 1,
+                    snapshot,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let copy = &fork.workspaces[0];
+        // The copy holds the clone.
+        let (_, readme, _) = sh(&c, &copy.id, "cat /workspace/repo/README").await;
+        assert!(readme.contains("private repository"), "{readme}");
+        assert_not_inside(&c, &copy.id, &git_token).await;
+        c.remove_workspace(&copy.id, Some(false)).await.unwrap();
+    }
     let audit = c
         .egress_events(
             &w.id,
