@@ -3,13 +3,14 @@
 # latency, throughput, idle memory), snapshots, and the workspace lifecycle, each against
 # raw Podman, and egress (proxy mode's throughput, connect latency and memory per
 # connection against a direct connection, to a local upstream in a network namespace), as
-# Markdown tables on stdout (docs/performance.md holds the last run).
+# Markdown tables on stdout (docs/performance.md holds the last run), and fork (a workspace
+# holding 1 GiB forked into 1 and 8 copies, beside `cp -a` of the same data).
 #
 #   scripts/bench.sh                 # everything (~15 min on 2 cores)
-#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle egress
+#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle egress fork
 #
 # Knobs (environment): BENCH_N (speed iterations, 30; egress latency requests, 50),
-# BENCH_N_SLOW (snapshots and lifecycle iterations, 3 and 20), BENCH_TASKS (throughput
+# BENCH_N_SLOW (snapshots, lifecycle and fork iterations, 3, 20 and 3), BENCH_TASKS (throughput
 # tasks, 200), BENCH_IDLE (idle workspaces, 50), BENCH_RUNS (egress 1 GiB transfers, 3),
 # BENCH_CONNS (egress idle tunnels, 200), BENCH_NOFILE and BENCH_PIDS (the egress
 # workspace's limits, 4096 and 1024: the defaults stop the relay at ~170 tunnels).
@@ -20,11 +21,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle egress)
+[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle egress fork)
 for b in "${benches[@]}"; do
     case "$b" in
-        speed | snapshots | lifecycle | egress) ;;
-        *) echo "unknown bench '$b' (speed, snapshots, lifecycle, egress)" >&2; exit 2 ;;
+        speed | snapshots | lifecycle | egress | fork) ;;
+        *) echo "unknown bench '$b' (speed, snapshots, lifecycle, egress, fork)" >&2; exit 2 ;;
     esac
 done
 

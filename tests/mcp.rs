@@ -406,6 +406,38 @@ async fn an_mcp_client_drives_a_workspace_through_the_tools() {
     let r = server.ok("resume_workspace", json!({"workspace_id": id})).await;
     assert_eq!(r, format!("Workspace {id} is running."));
 
+    // Fork from the snapshot: a copy of its own, with the snapshot's content.
+    let f = server
+        .ok(
+            "workspace_fork",
+            json!({"workspace_id": id, "snapshot": "before-change", "count": 1}),
+        )
+        .await;
+    assert!(
+        f.starts_with(&format!("Forked workspace {id} from snapshot 'before-change'")),
+        "{f}"
+    );
+    let copy = f
+        .lines()
+        .find_map(|l| l.strip_prefix("workspace_id: "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("the copy's id")
+        .to_string();
+    assert_ne!(copy, id);
+    assert_eq!(
+        server
+            .ok("read_file", json!({"workspace_id": copy, "path": path}))
+            .await,
+        content
+    );
+    let e = server
+        .err("workspace_fork", json!({"workspace_id": id, "count": 0}))
+        .await;
+    assert!(e.starts_with("invalid count"), "{e}");
+    server
+        .ok("destroy_workspace", json!({"workspace_id": copy, "keep_data": false}))
+        .await;
+
     // Destroy: gone, and later calls say so.
     let d = server
         .ok("destroy_workspace", json!({"workspace_id": id, "keep_data": false}))
