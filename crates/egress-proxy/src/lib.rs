@@ -43,6 +43,10 @@
 //! - The SNI check fails closed: bytes that start like a TLS record but are not a ClientHello
 //!   the parser can read whole (within 16 KiB) are refused as `bad_client_hello`. An Encrypted
 //!   ClientHello shows its public outer name, which is refused unless it is the `CONNECT` host.
+//! - The bytes of a tunnel (after its ClientHello is checked) and of a forwarded request
+//!   (after its head) are moved between the two sockets by `splice(2)` through a pipe per
+//!   direction, never entering user space; see `relay.rs`. A client stream that is not a
+//!   tokio socket is copied through a buffer instead. Intercepted TLS goes through hyper.
 //! - Plain HTTP is forwarded with `Host` taken from the URL (not the client's header, which
 //!   could name another virtual host on the allowed server) and `Connection: close`, so the
 //!   exchange ends with the upstream's response. Bytes the client sends after its first

@@ -15,7 +15,7 @@ use crate::gate::{Gate, Verdict};
 use crate::head::{forward_head, host_port, parse_target, read_head, HeadError, Target};
 use crate::limit::ConnectionLimiter;
 use crate::mitm::{intercept_with, CertificateAuthority, Injector, InterceptConfig, Prefixed, UpstreamTrust};
-use crate::relay::{relay, Kind, RelayError, Relayed};
+use crate::relay::{relay, End, Kind, RelayError, Relayed};
 
 const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
 
@@ -145,6 +145,10 @@ impl Proxy {
     ///
     /// Nothing waits longer than the configured timeouts: a silent client gets `408` after
     /// `head_timeout`, a silent relay is closed after `idle_timeout`.
+    ///
+    /// When `client` is a tokio `UnixStream` or `TcpStream`, the bytes of a tunnel or a
+    /// forwarded request (after the first ones, which the proxy reads) are moved by the
+    /// kernel with `splice(2)`; any other stream is copied through user space.
     pub async fn serve<S>(&self, mut client: S, gate: &dyn Gate) -> EgressEvent
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -160,8 +164,8 @@ impl Proxy {
             Step::Tunnel { mut upstream, rest } => match self.write_bounded(&mut client, ESTABLISHED).await {
                 Ok(()) => {
                     let relayed = relay(
-                        &mut client,
-                        &mut upstream,
+                        End::new(&mut client),
+                        End::new(&mut upstream),
                         rest,
                         Kind::Tunnel { host: &event.host },
                         self.config.idle_timeout,
@@ -178,8 +182,8 @@ impl Proxy {
             },
             Step::Forward { mut upstream, request } => {
                 let relayed = relay(
-                    &mut client,
-                    &mut upstream,
+                    End::new(&mut client),
+                    End::new(&mut upstream),
                     request,
                     Kind::Forward,
                     self.config.idle_timeout,
