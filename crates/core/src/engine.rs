@@ -300,6 +300,10 @@ pub trait Engine: Send + Sync + 'static {
     async fn image_remove(&self, reference: &str) -> EngineResult<()>;
     /// Commits a container's file system changes as an image (the container may be paused).
     async fn image_commit(&self, container: &str, reference: &str, labels: Labels) -> EngineResult<ImageInfo>;
+    /// Removes images an interrupted commit left unreadable (Podman 4.3 records a committed
+    /// image before its manifest; when its service dies in between, the record breaks every
+    /// image listing). Returns their ids.
+    async fn image_repair(&self) -> EngineResult<Vec<String>>;
     /// Gives the image `source` the further name `reference` (`repo:tag`). Removing one
     /// name of an image with several only drops that name.
     async fn image_tag(&self, source: &str, reference: &str) -> EngineResult<()>;

@@ -12,7 +12,8 @@ use std::path::PathBuf;
 
 use bollard::models::ContainerConfig;
 use bollard::query_parameters::{
-    BuildImageOptions, CommitContainerOptions, CreateImageOptions, RemoveImageOptions, TagImageOptions,
+    BuildImageOptions, CommitContainerOptions, CreateImageOptions, ListImagesOptions, RemoveImageOptions,
+    TagImageOptions,
 };
 use bollard::{body_full, body_try_stream, Docker};
 use bytes::Bytes;
@@ -273,16 +274,112 @@ pub(crate) async fn commit(
         changes: (!changes.is_empty()).then(|| changes.join("\n")),
         ..Default::default()
     };
-    docker
-        .commit_container(options, ContainerConfig::default())
-        .await
-        .map_err(|e| api_error(&op, Some(&format!("container '{container}'")), e))?;
-    inspect_made(docker, reference, &op).await
+    for attempt in 0..2 {
+        docker
+            .commit_container(options.clone(), ContainerConfig::default())
+            .await
+            .map_err(|e| api_error(&op, Some(&format!("container '{container}'")), e))?;
+        match inspect_made(docker, reference, &op).await {
+            Err(e) if attempt == 0 => match unreadable_image(&e.to_string()) {
+                // The commit named an image an interrupted commit left behind: remove it
+                // and commit again.
+                Some(id) => {
+                    tracing::warn!(image = %id, "commit {reference} met an image without a manifest; removing it and committing again");
+                    remove_unreadable(docker, &id).await?;
+                }
+                None => return Err(e),
+            },
+            done => return done,
+        }
+    }
+    unreachable!("the second attempt returns")
+}
+
+/// The id of the image a Podman error says has no manifest (`locating item named
+/// "manifest" for image with ID "<id>"`).
+fn unreadable_image(message: &str) -> Option<String> {
+    let marker = r#"locating item named \"manifest\" for image with ID \""#;
+    let plain = r#"locating item named "manifest" for image with ID ""#;
+    let rest = message
+        .split_once(marker)
+        .or_else(|| message.split_once(plain))
+        .map(|(_, rest)| rest)?;
+    let id: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    (id.len() == 64).then_some(id)
+}
+
+async fn remove_unreadable(docker: &Docker, id: &str) -> EngineResult<()> {
+    let options = RemoveImageOptions {
+        force: true,
+        noprune: false,
+        ..Default::default()
+    };
+    match docker.remove_image(id, Some(options), None).await {
+        Ok(_) => Ok(()),
+        Err(e) => match api_error(format!("remove unreadable image '{id}'"), Some(&object(id)), e) {
+            EngineError::NotFound { .. } => Ok(()),
+            other => Err(other),
+        },
+    }
+}
+
+/// Removes the images an interrupted commit left without a manifest. Podman 4.3 records a
+/// committed image before it writes the image's manifest; when its service dies in between
+/// (conductor's private service dies with conductor), the record stays, unreadable, and
+/// every image listing fails on it (`podman images` included) until it is removed.
+pub(crate) async fn repair(docker: &Docker) -> EngineResult<Vec<String>> {
+    let mut removed = Vec::new();
+    let mut other_failures = 0;
+    // Each listing names one broken image; a crash leaves at most a few.
+    for _ in 0..16 {
+        let options = ListImagesOptions {
+            all: true,
+            ..Default::default()
+        };
+        match docker.list_images(Some(options)).await {
+            Ok(_) => return Ok(removed),
+            Err(e) => {
+                let e = api_error("list images", None, e);
+                match unreadable_image(&e.to_string()) {
+                    Some(id) if !removed.contains(&id) => {
+                        remove_unreadable(docker, &id).await?;
+                        removed.push(id);
+                    }
+                    // A listing also fails when another process removes an image meanwhile
+                    // ("image not known"): try again.
+                    _ if other_failures < 3 => {
+                        other_failures += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unreadable_images_are_found_in_podmans_messages() {
+        let id = "6beebbad6273b7ad6eafab96ffddaee2cc50642a941b5b00c9a16927b036c50c";
+        let listing = format!(
+            r#"list images: Docker responded with status code 500: checking if image "a01a" is dangling: locating item named "manifest" for image with ID "{id}" (consider removing the image to resolve the issue): file does not exist"#
+        );
+        assert_eq!(unreadable_image(&listing).as_deref(), Some(id));
+        let escaped =
+            format!(r#"{{"message":"locating item named \"manifest\" for image with ID \"{id}\" (consider"}}"#);
+        assert_eq!(unreadable_image(&escaped).as_deref(), Some(id));
+        assert_eq!(unreadable_image("image not known"), None);
+        assert_eq!(
+            unreadable_image(r#"locating item named "manifest" for image with ID "abc""#),
+            None,
+            "not a full id"
+        );
+    }
 
     #[test]
     fn step_lines_are_parsed() {

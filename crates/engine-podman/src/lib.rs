@@ -395,6 +395,10 @@ impl Engine for PodmanEngine {
         images::commit(&self.docker(), container, reference, labels).await
     }
 
+    async fn image_repair(&self) -> EngineResult<Vec<String>> {
+        images::repair(&self.docker()).await
+    }
+
     async fn image_tag(&self, source: &str, reference: &str) -> EngineResult<()> {
         images::tag(&self.docker(), source, reference).await
     }

@@ -37,6 +37,8 @@ pub struct ReconcileReport {
     pub snapshots_discarded: Vec<String>,
     /// Restores (`<workspace>/<name>`) that were interrupted: finished.
     pub restores_finished: Vec<String>,
+    /// Images an interrupted commit left without a manifest: removed.
+    pub images_repaired: Vec<String>,
     /// Agent socket directories (`agents/<workspace-id>`) of workspaces that hold no
     /// container: removed.
     pub agent_dirs_removed: Vec<String>,
@@ -58,6 +60,7 @@ impl Conductor {
         let repairs = self.reconcile_snapshots().await?;
         report.snapshots_discarded = repairs.discarded;
         report.restores_finished = repairs.restored;
+        report.images_repaired = repairs.images_repaired;
         let rows = self.store.list_workspaces(&WorkspaceFilter::default())?;
         for w in rows
             .iter()

@@ -47,7 +47,10 @@
 //!   anything is made; the copy is written as `<id>.img.partial`, synced and renamed; the
 //!   row becomes `complete` last. Reconcile deletes `creating` rows with whatever they made,
 //!   thaws the volume and resumes the container, and finishes `deleting` rows. Only
-//!   `complete` snapshots are listed or restorable.
+//!   `complete` snapshots are listed or restorable. After an interrupted capture it also
+//!   removes images left without a manifest: conductor's Podman service dies with it, and
+//!   Podman 4.3 killed during a commit leaves such an image, which breaks every image
+//!   listing on the host (`podman images` too) and a later commit of the same content.
 //! - A restore first writes `restore.json` (the snapshot's id); every step is idempotent,
 //!   so reconcile finishes an interrupted restore by running it again.
 //!
@@ -123,6 +126,8 @@ pub(crate) struct SnapshotRepairs {
     pub discarded: Vec<String>,
     /// `<workspace-id>/<name>` of interrupted restores finished.
     pub restored: Vec<String>,
+    /// Ids of images an interrupted commit left unreadable, removed.
+    pub images_repaired: Vec<String>,
 }
 
 /// An exclusive hold on one workspace's snapshots, released when dropped.
@@ -670,6 +675,7 @@ impl Conductor {
             }
             remove_file(&marker)?;
         }
+        let mut interrupted_capture = false;
         for state in [SnapshotState::Creating, SnapshotState::Deleting] {
             for s in self.store.list_snapshots_in_state(state)? {
                 let Some(_lock) = self.try_lock(&s.workspace_id)? else {
@@ -685,10 +691,23 @@ impl Conductor {
                 };
                 if state == SnapshotState::Creating {
                     self.thaw(&s.workspace_id).await?;
+                    interrupted_capture = true;
                 }
                 let keep_image = self.image_in_use(&s)?;
                 self.remove_snapshot(&s, keep_image).await?;
                 repairs.discarded.push(format!("{}/{}", s.workspace_id, s.name));
+            }
+        }
+        if interrupted_capture {
+            // The capture's commit may have been cut short with Podman's service.
+            match self.engine.image_repair().await {
+                Ok(ids) => repairs.images_repaired = ids,
+                // Best effort: the next reconcile after an interrupted capture tries again,
+                // and a commit meeting such an image removes it.
+                Err(e) => tracing::warn!(error = %e, "looking for images an interrupted commit left failed"),
+            }
+            for id in &repairs.images_repaired {
+                tracing::warn!(image = %id, "removed an image an interrupted commit left without a manifest");
             }
         }
         Ok(repairs)

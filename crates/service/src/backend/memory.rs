@@ -216,6 +216,10 @@ impl Engine for MemoryEngine {
         Ok(info)
     }
 
+    async fn image_repair(&self) -> EngineResult<Vec<String>> {
+        Ok(Vec::new())
+    }
+
     async fn image_tag(&self, source: &str, reference: &str) -> EngineResult<()> {
         let mut s = self.state.lock().unwrap();
         let info = s.images.get(source).cloned().ok_or_else(|| EngineError::NotFound {
