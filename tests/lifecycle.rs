@@ -185,7 +185,7 @@ async fn suspend_keeps_files_and_frees_the_container() {
 /// again, reconciling), and comes back with its files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspended_workspace_survives_a_restart_of_conductor() {
-    let (dir, config) = common::config_dir("conductor-test-", "");
+    let (_dir, config) = common::config_dir("conductor-test-", "");
     let run = |args: &[&str]| {
         let (ok, out, err) = cli(&config, args, None);
         assert!(ok, "conductor {args:?}: {err}");
@@ -256,8 +256,6 @@ async fn a_suspended_workspace_survives_a_restart_of_conductor() {
             .any(|l| l.contains("state=\"paused\"") && l.ends_with(" 1")),
         "{metrics}"
     );
-    drop(served);
-    drop(dir);
 }
 
 /// The idle check pauses a quiet workspace, leaves one whose background process works,
@@ -300,11 +298,16 @@ async fn idle_check_pauses_quiet_workspaces_only() {
     assert_eq!(sh(c, &quiet.id, "echo back").await, "back\n");
 }
 
-/// Removes a workspace made through the binary, also when the test fails.
+/// Removes a workspace made through the binary, and unmounts what its data directory still
+/// has mounted (the storage pool), also when the test fails. Declared after the directory,
+/// it runs before the directory is deleted.
 struct RemoveOnDrop(std::path::PathBuf, String);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = cli(&self.0, &["ws", "rm", &self.1, "--purge"], None);
+        if let Some(dir) = self.0.parent() {
+            common::unmount_under(dir);
+        }
     }
 }
