@@ -76,12 +76,14 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode, ServiceError> 
     let mut server = tokio::spawn(server.run(async {
         let _ = stopped.await;
     }));
-    println!("conductor listening on http://{addr}");
-
+    // Before the line below: a SIGTERM sent as soon as it is read must find the handler.
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|e| ServiceError::host("install a SIGTERM handler", e))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| ServiceError::host("install a SIGINT handler", e))?;
+    println!("conductor listening on http://{addr}");
+
     let failed = tokio::select! {
-        _ = tokio::signal::ctrl_c() => None,
+        _ = sigint.recv() => None,
         _ = sigterm.recv() => None,
         r = &mut server => Some(r),
     };
