@@ -86,6 +86,11 @@ impl ApiKey {
         }
     }
 
+    /// The token itself (the E2B API derives its envd access tokens from it).
+    pub fn token(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `presented` is the token (constant time in the token's content).
     fn matches(&self, presented: &str) -> bool {
         presented.as_bytes().ct_eq(self.0.as_bytes()).into()

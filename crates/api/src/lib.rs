@@ -94,7 +94,11 @@ fn router(
     conductor: Arc<Conductor>,
     local: SocketAddr,
     closing: watch::Receiver<bool>,
-) -> Result<(Router, Arc<conductor_mcp::http::McpHttp>)> {
+) -> Result<(
+    Router,
+    Arc<conductor_mcp::http::McpHttp>,
+    Option<Arc<conductor_e2b::E2b>>,
+)> {
     let (routes, api) = api_routes().split_for_parts();
     let body_limit = usize::try_from(conductor.config.network.max_body_size.bytes()).unwrap_or(usize::MAX);
     let key = if conductor.config.security.api_key_required {
@@ -106,6 +110,11 @@ fn router(
         None
     };
     let mcp = Arc::new(conductor_mcp::http::McpHttp::new(conductor.clone(), body_limit));
+    let e2b = conductor
+        .config
+        .e2b
+        .enabled
+        .then(|| conductor_e2b::E2b::new(conductor.clone(), key.as_ref().map(|k| k.token().to_string())));
     let state = AppState {
         conductor,
         body_limit,
@@ -126,13 +135,17 @@ fn router(
     if let Some(key) = key {
         app = app.layer(middleware::from_fn_with_state(key, auth::require_token));
     }
+    // The E2B API has its own authentication (E2B's headers), so it goes before ours.
+    if let Some(e2b) = &e2b {
+        app = app.layer(middleware::from_fn_with_state(e2b.clone(), conductor_e2b::dispatch));
+    }
     let policy = Arc::new(host::HostPolicy::new(local.ip()));
     let app = app
         .layer(middleware::from_fn_with_state(policy, host::check_host))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(close_after_refused_body))
         .layer(middleware::from_fn(log_request));
-    Ok((app, mcp))
+    Ok((app, mcp, e2b))
 }
 
 /// Adds `Connection: close` to an error response for a request that carried a body.
@@ -205,6 +218,8 @@ pub struct Server {
     local: SocketAddr,
     closing: watch::Sender<bool>,
     mcp: Arc<conductor_mcp::http::McpHttp>,
+    /// The E2B API, when on (its lease reaper runs while the server does).
+    e2b: Option<Arc<conductor_e2b::E2b>>,
 }
 
 impl Server {
@@ -214,13 +229,14 @@ impl Server {
             .local_addr()
             .map_err(|e| ServiceError::host("read the listening address", e))?;
         let (closing, rx) = watch::channel(false);
-        let (app, mcp) = router(conductor, local, rx)?;
+        let (app, mcp, e2b) = router(conductor, local, rx)?;
         Ok(Server {
             app,
             listener,
             local,
             closing,
             mcp,
+            e2b,
         })
     }
 
@@ -237,15 +253,21 @@ impl Server {
             local,
             closing,
             mcp,
+            e2b,
         } = self;
-        axum::serve(listener, app)
+        let reaper = e2b.map(conductor_e2b::reaper::spawn);
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 let _ = closing.send(true);
                 mcp.close();
             })
             .await
-            .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e))
+            .map_err(|e| ServiceError::host(format!("serve HTTP on {local}"), e));
+        if let Some(r) = reaper {
+            r.abort();
+        }
+        served
     }
 }
 

@@ -31,6 +31,31 @@ pub struct Config {
     pub security: Security,
     /// Secrets the egress proxy injects into workspaces' requests (docs/egress.md).
     pub secrets: SecretsConfig,
+    /// The E2B-compatible API on the API port (docs/e2b.md).
+    pub e2b: E2bConfig,
+}
+
+/// The `e2b` section: the E2B-compatible API (control plane and envd) on the API port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct E2bConfig {
+    /// Serves the E2B API (`/sandboxes`, `/v2/sandboxes`, and envd for requests carrying
+    /// `E2b-Sandbox-Id`).
+    pub enabled: bool,
+    /// The environment of the SDKs' default template (`base`).
+    pub default_template: String,
+    /// Longest sandbox lifetime a client may ask for, in seconds.
+    pub max_timeout: u64,
+}
+
+impl Default for E2bConfig {
+    fn default() -> Self {
+        E2bConfig {
+            enabled: true,
+            default_template: "python-dev".into(),
+            max_timeout: 86_400,
+        }
+    }
 }
 
 /// The `secrets` section: the operator's bound and the secrets registered at every start.
@@ -858,6 +883,12 @@ impl Config {
 
     /// Cross-field checks that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.e2b.default_template.is_empty() {
+            return Err(ConfigError::invalid("e2b.default_template", "must name an environment"));
+        }
+        if self.e2b.max_timeout == 0 {
+            return Err(ConfigError::invalid("e2b.max_timeout", "must be at least 1 second"));
+        }
         let ac = &self.isolated_workspace.agent_containers;
         let r = &ac.resources;
         let p = "isolated_workspace.agent_containers";

@@ -324,8 +324,20 @@ pub async fn answers(dir: &Path) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentExit {
     pub code: i32,
+    /// The signal that ended the command, when one did.
+    pub signal: Option<i32>,
     pub timed_out: bool,
     pub cancelled: bool,
+}
+
+/// Where a command's stdin comes from.
+pub enum StdinFeed {
+    /// `/dev/null`.
+    None,
+    /// These bytes, then the end.
+    Fixed(Bytes),
+    /// Chunks as they arrive; the end when the sender is dropped.
+    Stream(mpsc::Receiver<Bytes>),
 }
 
 /// A byte stream to an agent: a Unix socket here, a port-forward on another backend.
@@ -438,33 +450,70 @@ impl AgentConn {
     /// down; a dropped receiver discards the rest). Dropping the future closes the
     /// connection, which makes the agent kill the command's process group.
     pub async fn exec(
-        mut self,
+        self,
         req: proto::ExecRequest,
         stdin: Option<Bytes>,
         output: mpsc::Sender<OutputChunk>,
     ) -> Result<AgentExit, AgentError> {
+        let feed = match stdin {
+            Some(b) => StdinFeed::Fixed(b),
+            None => StdinFeed::None,
+        };
+        self.exec_with(req, feed, None, output).await
+    }
+
+    /// [`AgentConn::exec`] with stdin from `stdin` (a stream is fed while the command runs)
+    /// and the command's pid sent to `started` once the agent reports it.
+    pub async fn exec_with(
+        mut self,
+        mut req: proto::ExecRequest,
+        stdin: StdinFeed,
+        started: Option<tokio::sync::oneshot::Sender<u32>>,
+        output: mpsc::Sender<OutputChunk>,
+    ) -> Result<AgentExit, AgentError> {
+        req.stdin = !matches!(stdin, StdinFeed::None);
         let limit = req.timeout_ms.map(|ms| Duration::from_millis(ms) + EXIT_GRACE);
         self.send(&Request::Exec(req), &[]).await?;
         let (mut rd, mut wr) = tokio::io::split(self.stream);
         let feed = async move {
-            let Some(input) = stdin else {
-                return Ok::<_, AgentError>(wr);
-            };
             let mut buf = Vec::with_capacity(CHUNK + 64);
-            for chunk in input.chunks(CHUNK) {
-                buf.clear();
-                encode(&Request::Data, chunk, &mut buf);
-                wr.write_all(&buf).await.map_err(broken)?;
+            match stdin {
+                StdinFeed::None => return Ok::<_, AgentError>(wr),
+                StdinFeed::Fixed(input) => {
+                    for chunk in input.chunks(CHUNK) {
+                        buf.clear();
+                        encode(&Request::Data, chunk, &mut buf);
+                        wr.write_all(&buf).await.map_err(broken)?;
+                    }
+                }
+                StdinFeed::Stream(mut rx) => {
+                    while let Some(input) = rx.recv().await {
+                        for chunk in input.chunks(CHUNK) {
+                            buf.clear();
+                            encode(&Request::Data, chunk, &mut buf);
+                            // The command may have ended (and the agent stopped reading).
+                            if wr.write_all(&buf).await.is_err() {
+                                return Ok(wr);
+                            }
+                        }
+                    }
+                }
             }
             buf.clear();
             encode(&Request::Eof, &[], &mut buf);
-            wr.write_all(&buf).await.map_err(broken)?;
+            // An ended command no longer reads its stdin: not a failure of the exec.
+            let _ = wr.write_all(&buf).await;
             Ok(wr)
         };
         let collect = async move {
+            let mut started = started;
             loop {
                 match read_frame(&mut rd).await? {
-                    (Response::Started { .. }, _) => {}
+                    (Response::Started { pid }, _) => {
+                        if let Some(tx) = started.take() {
+                            let _ = tx.send(pid);
+                        }
+                    }
                     (Response::Stdout, data) => {
                         let _ = output.send(OutputChunk::Stdout(data)).await;
                     }
@@ -474,6 +523,7 @@ impl AgentConn {
                     (
                         Response::Exit {
                             code,
+                            signal,
                             timed_out,
                             cancelled,
                             ..
@@ -482,6 +532,7 @@ impl AgentConn {
                     ) => {
                         return Ok(AgentExit {
                             code,
+                            signal,
                             timed_out,
                             cancelled,
                         })
@@ -493,10 +544,17 @@ impl AgentConn {
         };
         let both = async {
             // The writer half must live until the end: dropping it would not close the
-            // socket, but keep it anyway so a hang-up only happens when we are dropped.
-            let (fed, exit) = tokio::join!(feed, collect);
-            let _writer = fed?;
-            exit
+            // socket, but keep it anyway so a hang-up only happens when we are dropped. A
+            // streamed stdin may still be open when the command ends: the exit wins.
+            tokio::pin!(feed);
+            tokio::pin!(collect);
+            let mut writer = None;
+            loop {
+                tokio::select! {
+                    fed = &mut feed, if writer.is_none() => writer = Some(fed?),
+                    exit = &mut collect => return exit,
+                }
+            }
         };
         match limit {
             None => both.await,

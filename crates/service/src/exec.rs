@@ -24,7 +24,7 @@ use crate::{Result, ServiceError};
 pub const WORKSPACE_USER: &str = "1000:1000";
 /// Exit code reported for a command killed by its timeout (as `timeout(1)` does).
 pub const TIMEOUT_EXIT_CODE: i64 = 124;
-const MARKER: &str = "CONDUCTOR_EXEC_ID";
+pub(crate) const MARKER: &str = "CONDUCTOR_EXEC_ID";
 
 /// A command to run in a workspace.
 #[derive(Debug, Clone, Default)]

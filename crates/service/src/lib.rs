@@ -26,6 +26,7 @@ pub mod liveness;
 pub mod maintenance;
 mod orchestrator;
 pub mod pause;
+pub mod process;
 pub mod reconcile;
 pub mod secrets;
 pub mod sidecars;

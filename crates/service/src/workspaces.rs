@@ -709,6 +709,8 @@ impl Conductor {
         let w = self.begin_removal(id)?;
         self.release_resources(&w, keep_volumes).await?;
         self.store.set_workspace_state(&w.id, WorkspaceState::Removed, None)?;
+        // An E2B sandbox's lease ends with its workspace.
+        self.store.delete_lease(&w.id)?;
         self.get_workspace(&w.id)
     }
 

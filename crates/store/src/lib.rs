@@ -30,6 +30,7 @@
 //! never silently mapped to a default.
 
 mod egress;
+mod leases;
 mod meta;
 mod migrations;
 mod secrets;
@@ -46,6 +47,7 @@ use rusqlite::types::{FromSql, Value};
 use rusqlite::{ffi, Connection, Row, TransactionBehavior};
 
 pub use egress::{EgressDecision, EgressEventRecord, EgressFilter, EgressHostSummary, EgressSummary};
+pub use leases::{LeaseRecord, OnTimeout};
 pub use secrets::{SecretKey, SecretMeta, SecretValue};
 pub use snapshots::SnapshotRecord;
 pub use tasks::{CommandResult, LogChunk, NewTask, TaskFilter, TaskRecord};

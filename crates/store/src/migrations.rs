@@ -14,6 +14,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     V3_WORKSPACE_NETWORK_POLICY,
     V4_SECRETS,
     V5_SECRET_USE,
+    V6_SANDBOX_LEASES,
 ];
 
 const V1_INITIAL: &str = r#"
@@ -157,4 +158,20 @@ CREATE TABLE secrets (
 const V5_SECRET_USE: &str = r#"
 ALTER TABLE workspaces ADD COLUMN secrets_json TEXT;
 ALTER TABLE egress_events ADD COLUMN injected TEXT;
+"#;
+
+/// Workspaces made through the E2B-compatible API: the template name the client asked for,
+/// its metadata (JSON object of strings), when it started and when it expires (unix ms;
+/// the lease reaper acts then), and what happens at expiry (`kill` or `pause`).
+const V6_SANDBOX_LEASES: &str = r#"
+CREATE TABLE sandbox_leases (
+    workspace_id  TEXT PRIMARY KEY NOT NULL,
+    template      TEXT NOT NULL,
+    metadata_json TEXT NOT NULL,
+    started_at    INTEGER NOT NULL,
+    end_at        INTEGER NOT NULL,
+    on_timeout    TEXT NOT NULL,
+    auto_resume   INTEGER NOT NULL
+) STRICT;
+CREATE INDEX sandbox_leases_by_end ON sandbox_leases (end_at);
 "#;

@@ -349,6 +349,86 @@ impl Conductor {
     }
 }
 
+impl Conductor {
+    /// Makes the directory `path` with its missing parents, as the workspace user. `false`
+    /// when it already existed; a conflict when something else is there.
+    pub async fn make_dir(&self, id: &str, path: &str) -> Result<bool> {
+        let t = self.file_target(id, path).await?;
+        match self.agent_for(&t, true).await {
+            Some(mut conn) => {
+                match conn.stat(t.agent_path()).await {
+                    Ok(s) if s.kind == FileKind::Dir => return Ok(false),
+                    Ok(_) => {
+                        return Err(ServiceError::Conflict(format!(
+                            "{} exists and is not a directory",
+                            t.abs()
+                        )))
+                    }
+                    Err(AgentError::Refused {
+                        code: ErrorCode::NotFound,
+                        ..
+                    }) => {}
+                    Err(e) => return Err(agent_error(e, "path")),
+                }
+                conn.mkdir(t.agent_path(), None, true)
+                    .await
+                    .map_err(|e| agent_error(e, "path"))?;
+                Ok(true)
+            }
+            None => {
+                if self.podman_stat(&t).await.is_ok() {
+                    return Ok(false);
+                }
+                self.run_file_command(&t, "mkdir -p -- \"$1\"", &[&t.abs()]).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Renames `from` to `to` (both in `/workspace`), as the workspace user; an existing
+    /// file at `to` is replaced, a directory there is a conflict.
+    pub async fn move_path(&self, id: &str, from: &str, to: &str) -> Result<()> {
+        let dest = validate::workspace_path(to).map_err(|m| ServiceError::invalid("destination", m))?;
+        let t = self.file_target(id, from).await?;
+        if t.rel.is_empty() || dest.is_empty() {
+            return Err(ServiceError::invalid("path", "/workspace itself cannot be moved"));
+        }
+        self.run_file_command(&t, "mv -f -T -- \"$1\" \"$2\"", &[&t.abs(), &absolute(&dest)])
+            .await
+    }
+
+    /// Runs a file command (`sh -c script` with `args`) as the workspace user through the
+    /// workspace's channel; a failure becomes not-found or a conflict with its message.
+    async fn run_file_command(&self, t: &Target, script: &str, args: &[&str]) -> Result<()> {
+        let mut argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), script.into(), "sh".into()];
+        argv.extend(args.iter().map(|a| a.to_string()));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let collect = async move {
+            let mut err = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                if let conductor_core::engine::OutputChunk::Stderr(b) = chunk {
+                    err.extend_from_slice(&b);
+                }
+            }
+            String::from_utf8_lossy(&err).trim().to_string()
+        };
+        let req = crate::exec::ExecRequest::new(crate::exec::Command::Argv(argv));
+        let (outcome, err) = tokio::join!(t.channel.exec(req, tx), collect);
+        let (outcome, _) = outcome?;
+        match outcome.exit_code {
+            0 => Ok(()),
+            _ if err.contains("No such file or directory") => Err(ServiceError::not_found(
+                err.rsplit(": ")
+                    .nth(1)
+                    .unwrap_or(args[0])
+                    .trim_matches(|c| c == '\'' || c == '"')
+                    .to_string(),
+            )),
+            _ => Err(ServiceError::Conflict(err)),
+        }
+    }
+}
+
 fn not_regular(path: &str) -> ServiceError {
     ServiceError::Conflict(format!("{path} is neither a regular file nor a directory"))
 }
