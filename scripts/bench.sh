@@ -4,10 +4,11 @@
 # raw Podman, and egress (proxy mode's throughput, connect latency and memory per
 # connection against a direct connection, to a local upstream in a network namespace), as
 # Markdown tables on stdout (docs/performance.md holds the last run), and fork (a workspace
-# holding 1 GiB forked into 1 and 8 copies, beside `cp -a` of the same data).
+# holding 1 GiB forked into 1 and 8 copies, beside `cp -a` of the same data), and e2b (the
+# official E2B Python SDK's create -> run `true` -> kill loop against conductor's native API).
 #
 #   scripts/bench.sh                 # everything (~15 min on 2 cores)
-#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle egress fork
+#   scripts/bench.sh speed snapshots # some of: speed snapshots lifecycle egress fork e2b
 #
 # Knobs (environment): BENCH_N (speed iterations, 30; egress latency requests, 50),
 # BENCH_N_SLOW (snapshots, lifecycle and fork iterations, 3, 20 and 3), BENCH_TASKS (throughput
@@ -21,11 +22,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 benches=("$@")
-[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle egress fork)
+[ ${#benches[@]} -eq 0 ] && benches=(speed snapshots lifecycle egress fork e2b)
 for b in "${benches[@]}"; do
     case "$b" in
-        speed | snapshots | lifecycle | egress | fork) ;;
-        *) echo "unknown bench '$b' (speed, snapshots, lifecycle, egress, fork)" >&2; exit 2 ;;
+        speed | snapshots | lifecycle | egress | fork | e2b) ;;
+        *) echo "unknown bench '$b' (speed, snapshots, lifecycle, egress, fork, e2b)" >&2; exit 2 ;;
     esac
 done
 
@@ -45,6 +46,13 @@ for b in "${benches[@]}"; do
     echo
     echo "## $b"
     echo
+    if [ "$b" = e2b ]; then
+        # The SDK in its test virtualenv (made by the suite's run script, pinned versions).
+        tests/e2b/python/run.sh --co -q >/dev/null
+        CONDUCTOR_BIN=target/release/conductor tests/e2b/python/.venv/bin/python tests/e2b/python/bench.py \
+            --iterations "${BENCH_N:-20}" || exit 1
+        continue
+    fi
     # Snapshot rounds are slower; keep their default unless asked.
     if [ "$b" = speed ] || [ "$b" = egress ]; then
         cargo bench --quiet --bench "$b" 2>&1 | grep -v '^running\|^test result' || exit 1

@@ -52,5 +52,9 @@ cargo test --locked --workspace -- --test-threads="${TEST_THREADS:-2}"
 echo "== Python client tests (against a real conductor serve)"
 clients/python/run-tests.sh
 
+echo "== E2B SDK tests: the official Python and JS SDKs (pinned) against a real conductor serve"
+tests/e2b/python/run.sh
+tests/e2b/js/run.sh
+
 echo "== target/ uses $(du -sh target 2>/dev/null | cut -f1), $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 echo "== tests finished in $(( $(date +%s) - start ))s"

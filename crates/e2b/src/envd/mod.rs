@@ -138,6 +138,26 @@ async fn sandbox_guard(State(shared): State<Shared>, mut req: Request, next: Nex
     let Some(workspace) = live else {
         return not_found(&id);
     };
+    if workspace.state != WorkspaceState::Running {
+        let no_auto_resume = e2b
+            .conductor
+            .store
+            .get_lease(&workspace.id)
+            .ok()
+            .flatten()
+            .is_some_and(|l| !l.auto_resume);
+        if no_auto_resume {
+            return (
+                StatusCode::BAD_GATEWAY,
+                Json(json!({
+                    "code": 502,
+                    "message": format!("sandbox {id} is paused and was created without auto-resume: connect or resume it first"),
+                    "sandboxId": id,
+                })),
+            )
+                .into_response();
+        }
+    }
     let rpc = req.uri().path().contains('.');
     if req.uri().path() != "/health" {
         if let Some(expected) = e2b.envd_token(&workspace.id) {

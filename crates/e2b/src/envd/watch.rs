@@ -240,6 +240,9 @@ impl Watchers {
 }
 
 pub(crate) async fn create(s: &Sandbox, req: pb::CreateWatcherRequest) -> Result<pb::CreateWatcherResponse, RpcError> {
+    // Watchers whose poller stopped (their directory or sandbox went) and whose error
+    // nobody fetched no longer count.
+    s.e2b.watchers.lock().retain(|_, w| !w.task.is_finished());
     if s.e2b.watchers.lock().len() >= MAX_WATCHERS {
         return Err(RpcError::new(
             Code::ResourceExhausted,
