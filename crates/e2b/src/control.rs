@@ -38,6 +38,7 @@ pub(crate) fn routes(shared: Shared) -> Router {
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/fork", post(fork))
         .fallback(|| async {
             error(
                 StatusCode::NOT_IMPLEMENTED,
@@ -337,7 +338,7 @@ async fn create(State(shared): State<Shared>, raw: axum::body::Bytes) -> Reply {
         } else {
             OnTimeout::Kill
         },
-        auto_resume: req.auto_resume.and_then(|a| a.enabled).unwrap_or(true),
+        auto_resume: req.auto_resume.and_then(|a| a.enabled).unwrap_or(false),
     };
     if let Err(e) = e2b.conductor.store.put_lease(&lease) {
         // Nothing lost: the workspace would otherwise live without an expiry.
@@ -359,8 +360,9 @@ fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
     let mut filter = BTreeMap::new();
     for pair in url_pairs(q) {
         if pair.0 == "metadata" {
+            // The SDKs encode each key and value, then the pairs, then the parameter.
             for (k, v) in url_pairs(&pair.1) {
-                filter.insert(k, v);
+                filter.insert(percent_decode(&k), percent_decode(&v));
             }
         }
     }
@@ -369,7 +371,19 @@ fn metadata_filter(raw: Option<&str>) -> BTreeMap<String, String> {
 
 /// `a=1&b=2` decoded (`+` is a space, `%XX` a byte).
 fn url_pairs(q: &str) -> Vec<(String, String)> {
-    fn decode(s: &str) -> String {
+    let decode = percent_decode;
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+/// `s` with `+` as a space and `%XX` as the byte.
+fn percent_decode(s: &str) -> String {
+    {
         let s = s.replace('+', " ");
         let bytes = s.as_bytes();
         let mut out = Vec::with_capacity(bytes.len());
@@ -388,13 +402,6 @@ fn url_pairs(q: &str) -> Vec<(String, String)> {
         }
         String::from_utf8_lossy(&out).into_owned()
     }
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(p), String::new()),
-        })
-        .collect()
 }
 
 fn listed(e2b: &E2b, filter: &BTreeMap<String, String>, states: &[&str]) -> Result<Vec<Value>, HttpError> {
@@ -427,8 +434,10 @@ async fn list_v2(State(shared): State<Shared>, RawQuery(q): RawQuery) -> Reply {
     let filter = metadata_filter(q.as_deref());
     let mut states: Vec<String> = Vec::new();
     let mut limit: Option<usize> = None;
+    let mut after: Option<String> = None;
     for (k, v) in url_pairs(q.as_deref().unwrap_or("")) {
         match k.as_str() {
+            "nextToken" if !v.is_empty() => after = Some(v),
             "state" => states.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string)),
             "limit" => {
                 limit = Some(
@@ -446,11 +455,29 @@ async fn list_v2(State(shared): State<Shared>, RawQuery(q): RawQuery) -> Reply {
         ));
     }
     let states: Vec<&str> = states.iter().map(String::as_str).collect();
+    // Pages in lease order; the token is the sandbox id the previous page ended with.
     let mut all = listed(&e2b, &filter, &states)?;
-    if let Some(limit) = limit {
-        all.truncate(limit);
+    if let Some(after) = after {
+        let Some(at) = all.iter().position(|v| v["sandboxID"] == after.as_str()) else {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "nextToken: not a token of this list (its sandbox is gone); list again from the start",
+            ));
+        };
+        all.drain(..=at);
     }
-    Ok(Json(all).into_response())
+    let mut next = None;
+    if let Some(limit) = limit.filter(|l| *l > 0) {
+        if all.len() > limit {
+            all.truncate(limit);
+            next = all.last().and_then(|v| v["sandboxID"].as_str()).map(str::to_string);
+        }
+    }
+    let mut resp = Json(all).into_response();
+    if let Some(token) = next.and_then(|t| axum::http::HeaderValue::from_str(&t).ok()) {
+        resp.headers_mut().insert("x-next-token", token);
+    }
+    Ok(resp)
 }
 
 async fn kill(State(shared): State<Shared>, Path(id): Path<String>) -> Reply {
@@ -576,6 +603,50 @@ async fn resume(State(shared): State<Shared>, Path(id): Path<String>, raw: axum:
 }
 
 #[derive(Debug, Default, Deserialize)]
+struct ForkBody {
+    timeout: Option<u64>,
+    count: Option<u32>,
+}
+
+/// Forks a sandbox into `count` new ones (conductor's fork: all or nothing), each with the
+/// source's template and metadata and a lease of `timeout`.
+async fn fork(State(shared): State<Shared>, Path(id): Path<String>, raw: axum::body::Bytes) -> Reply {
+    let e2b = e2b(&shared)?;
+    let b: ForkBody = body(&raw)?;
+    let (info, lease) = sandbox(&e2b, &id)?;
+    let timeout = check_timeout(&e2b, b.timeout.unwrap_or(DEFAULT_TIMEOUT_S))?;
+    let req = conductor_service::fork::ForkRequest {
+        count: b.count.unwrap_or(1),
+        snapshot: None,
+        agent_id: Some(AGENT_ID.into()),
+        env: Default::default(),
+        limits: Default::default(),
+    };
+    let conductor = e2b.conductor.clone();
+    let source = info.id.clone();
+    let forked = tokio::spawn(async move { conductor.fork_workspace(&source, req).await })
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("fork failed: {e}")))?
+        .map_err(service_error)?;
+    let now = now_ms();
+    let mut out = Vec::new();
+    for w in &forked.workspaces {
+        let copy = LeaseRecord {
+            workspace_id: w.id.clone(),
+            started_at: now,
+            end_at: now.saturating_add((timeout as i64).saturating_mul(1000)),
+            ..lease.clone()
+        };
+        e2b.conductor
+            .store
+            .put_lease(&copy)
+            .map_err(|e| service_error(e.into()))?;
+        out.push(json!({ "sandbox": sandbox_json(&e2b, w, &copy) }));
+    }
+    Ok((StatusCode::CREATED, Json(Value::Array(out))).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
 struct MetricsQuery {
     #[allow(dead_code)]
     start: Option<i64>,
@@ -617,6 +688,9 @@ mod tests {
     #[test]
     fn metadata_filters_are_one_url_encoded_parameter() {
         let f = metadata_filter(Some("metadata=owner%3Dci%26run%3D7&state=running"));
+        // As the SDKs send {"team name": "a b&c"}: each part, the pairs, the parameter.
+        let sdk = metadata_filter(Some("metadata=team%252520name%3Da%252520b%252526c"));
+        assert_eq!(sdk, BTreeMap::from([("team name".to_string(), "a b&c".to_string())]));
         assert_eq!(
             f,
             BTreeMap::from([

@@ -106,7 +106,10 @@ pub(crate) async fn upload(Extension(s): Extension<Sandbox>, Query(q): Query<Fil
     }
     let path = match checked(q.path.as_deref()) {
         Ok(p) => p,
-        Err(r) => return *r,
+        Err(r) => {
+            super::drain(req.into_body()).await;
+            return *r;
+        }
     };
     let size = headers
         .get(header::CONTENT_LENGTH)
@@ -127,6 +130,24 @@ async fn upload_multipart(s: Sandbox, q: FileQuery, req: Request) -> Response {
     };
     let mut out = Vec::new();
     let mut parts = 0usize;
+    // A refusal reads (and drops) the rest of the body first, up to the drain limit.
+    macro_rules! refuse {
+        ($resp:expr) => {{
+            let resp = $resp;
+            let mut read = 0usize;
+            while read <= super::DRAIN_LIMIT {
+                match multipart.next_field().await {
+                    Ok(Some(mut f)) => {
+                        while let Ok(Some(b)) = f.chunk().await {
+                            read += b.len();
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            return resp;
+        }};
+    }
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(f)) => f,
@@ -138,11 +159,20 @@ async fn upload_multipart(s: Sandbox, q: FileQuery, req: Request) -> Response {
         let name = match (parts, q.path.as_deref(), field.file_name()) {
             (1, Some(p), _) if !p.is_empty() => p.to_string(),
             (_, _, Some(f)) if !f.is_empty() => f.to_string(),
-            _ => return rest_error(StatusCode::BAD_REQUEST, "path: each part needs a file name (its path)"),
+            _ => {
+                drop(field);
+                refuse!(rest_error(
+                    StatusCode::BAD_REQUEST,
+                    "path: each part needs a file name (its path)"
+                ))
+            }
         };
         let path = match checked(Some(&name)) {
             Ok(p) => p,
-            Err(r) => return *r,
+            Err(r) => {
+                drop(field);
+                refuse!(*r)
+            }
         };
         // The part borrows the body: feed it through a channel beside the upload.
         let mut field = field;

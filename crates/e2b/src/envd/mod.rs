@@ -103,6 +103,45 @@ fn user_ok(user: &str) -> bool {
     matches!(user, "" | "user" | "agent" | "1000")
 }
 
+/// Most bytes of a refused request's body read (and dropped) before the answer, so that a
+/// client still sending it gets to read the answer instead of a broken pipe.
+pub(crate) const DRAIN_LIMIT: usize = 4 << 20;
+
+/// Reads and drops up to [`DRAIN_LIMIT`] bytes of `body`.
+pub(crate) async fn drain(body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut read = 0usize;
+    while read <= DRAIN_LIMIT {
+        match body.frame().await {
+            Some(Ok(f)) => read += f.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
+}
+
+/// A refusal of the guard in the shape the call expects: a Connect stream's end for a
+/// streaming RPC, a Connect error for a unary one, envd's REST error otherwise; the body is
+/// drained first.
+async fn refuse(req: Request, rpc: bool, status: StatusCode, e: RpcError) -> Response {
+    let content_type = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    drain(req.into_body()).await;
+    if content_type.starts_with("application/connect+proto") {
+        connect::stream_error(connect::Codec::Proto, e)
+    } else if content_type.starts_with("application/connect+") {
+        connect::stream_error(connect::Codec::Json, e)
+    } else if rpc {
+        connect::error_response(&e)
+    } else {
+        rest_error(status, e.message)
+    }
+}
+
 async fn sandbox_guard(State(shared): State<Shared>, mut req: Request, next: Next) -> Response {
     let Some(e2b) = shared.get() else {
         return rest_error(StatusCode::SERVICE_UNAVAILABLE, "the server is shutting down");
@@ -169,11 +208,13 @@ async fn sandbox_guard(State(shared): State<Shared>, mut req: Request, next: Nex
             if !ok {
                 let message =
                     "the envd access token is missing or wrong (connect through the E2B API with a valid key)";
-                return if rpc {
-                    connect::error_response(&RpcError::new(Code::Unauthenticated, message))
-                } else {
-                    rest_error(StatusCode::UNAUTHORIZED, message)
-                };
+                return refuse(
+                    req,
+                    rpc,
+                    StatusCode::UNAUTHORIZED,
+                    RpcError::new(Code::Unauthenticated, message),
+                )
+                .await;
             }
         }
     }
@@ -182,11 +223,7 @@ async fn sandbox_guard(State(shared): State<Shared>, mut req: Request, next: Nex
             let message = format!(
                 "user '{user}' is not available: conductor runs commands and file operations as the workspace user (uid 1000)"
             );
-            return if rpc {
-                connect::error_response(&RpcError::invalid(message))
-            } else {
-                rest_error(StatusCode::BAD_REQUEST, message)
-            };
+            return refuse(req, rpc, StatusCode::BAD_REQUEST, RpcError::invalid(message)).await;
         }
     }
     req.extensions_mut().insert(Sandbox { id: workspace.id, e2b });
