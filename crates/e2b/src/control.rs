@@ -435,9 +435,11 @@ async fn list_v2(State(shared): State<Shared>, RawQuery(q): RawQuery) -> Reply {
     let mut states: Vec<String> = Vec::new();
     let mut limit: Option<usize> = None;
     let mut after: Option<String> = None;
+    let mut template: Option<String> = None;
     for (k, v) in url_pairs(q.as_deref().unwrap_or("")) {
         match k.as_str() {
             "nextToken" if !v.is_empty() => after = Some(v),
+            "template" if !v.is_empty() => template = Some(v),
             "state" => states.extend(v.split(',').filter(|s| !s.is_empty()).map(str::to_string)),
             "limit" => {
                 limit = Some(
@@ -457,6 +459,9 @@ async fn list_v2(State(shared): State<Shared>, RawQuery(q): RawQuery) -> Reply {
     let states: Vec<&str> = states.iter().map(String::as_str).collect();
     // Pages in lease order; the token is the sandbox id the previous page ended with.
     let mut all = listed(&e2b, &filter, &states)?;
+    if let Some(t) = template {
+        all.retain(|v| v["templateID"] == t.as_str());
+    }
     if let Some(after) = after {
         let Some(at) = all.iter().position(|v| v["sandboxID"] == after.as_str()) else {
             return Err(error(
