@@ -535,3 +535,37 @@ async fn expired_sandboxes_are_removed_or_paused() {
     let (_, w) = json_of(s.http.get(s.url(&format!("/workspaces/{c}"))).send().await.unwrap()).await;
     assert_eq!(w["state"], "running", "the extended sandbox lives on");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_forks_into_sandboxes_with_its_files() {
+    let s = Server::start("");
+    let (_, sb) = s.create(json!({"templateID": "minimal", "metadata": {"role": "source"}}), None).await;
+    let id = sb["sandboxID"].as_str().unwrap().to_string();
+    let r = s
+        .envd(&id, "/files?path=state.txt")
+        .header("Content-Type", "application/octet-stream")
+        .body("before fork")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = s.http.post(s.url(&format!("/sandboxes/{id}/fork"))).json(&json!({"count": 2, "timeout": 60})).send().await.unwrap();
+    let (st, forks) = json_of(r).await;
+    assert_eq!(st, StatusCode::CREATED, "{forks}");
+    let forks: Vec<String> = forks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["sandbox"]["sandboxID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(forks.len(), 2);
+    for f in &forks {
+        assert_ne!(f, &id);
+        let (out, end, _) = start_proto(&s, f, "cat state.txt").await;
+        assert_eq!((out.as_str(), end.exit_code), ("before fork", 0));
+        let (_, info) = json_of(s.http.get(s.url(&format!("/sandboxes/{f}"))).send().await.unwrap()).await;
+        assert_eq!(info["metadata"], json!({"role": "source"}), "{info}");
+    }
+    let (_, bad) = json_of(s.http.post(s.url(&format!("/sandboxes/{id}/fork"))).json(&json!({"count": 0})).send().await.unwrap()).await;
+    assert_eq!(bad["code"], 400, "{bad}");
+}
