@@ -195,20 +195,29 @@ fn refuse_compression(headers: &HeaderMap, name: &str) -> Result<(), RpcError> {
     }
 }
 
+/// The codec a call's content type names, for a unary call (`streaming` false) or a
+/// server-streaming one; anything else is refused with the two the call may use.
+fn codec_of(headers: &HeaderMap, streaming: bool) -> Result<Codec, (Codec, RpcError)> {
+    let (json, proto) = if streaming {
+        (Codec::Json.stream_type(), Codec::Proto.stream_type())
+    } else {
+        (Codec::Json.unary_type(), Codec::Proto.unary_type())
+    };
+    match content_type(headers).as_str() {
+        t if t == json => Ok(Codec::Json),
+        t if t == proto => Ok(Codec::Proto),
+        other => Err((
+            Codec::Json,
+            RpcError::unimplemented(format!(
+                "content type '{other}' is not served here; use {json} or {proto}"
+            )),
+        )),
+    }
+}
+
 /// Decodes the request of a unary call: its codec and message.
 pub fn unary_request<M: Msg>(headers: &HeaderMap, body: &[u8]) -> Result<(Codec, M), (Codec, RpcError)> {
-    let codec = match content_type(headers).as_str() {
-        "application/json" => Codec::Json,
-        "application/proto" => Codec::Proto,
-        other => {
-            return Err((
-                Codec::Json,
-                RpcError::unimplemented(format!(
-                    "content type '{other}' is not served here; use application/json or application/proto"
-                )),
-            ))
-        }
-    };
+    let codec = codec_of(headers, false)?;
     refuse_compression(headers, "content-encoding").map_err(|e| (codec, e))?;
     codec.decode(body).map(|m| (codec, m)).map_err(|e| (codec, e))
 }
@@ -248,18 +257,7 @@ fn envelope(flags: u8, data: &[u8]) -> Bytes {
 
 /// Decodes the request of a server-streaming call (one enveloped message).
 pub fn stream_request<M: Msg>(headers: &HeaderMap, body: &[u8]) -> Result<(Codec, M), (Codec, RpcError)> {
-    let codec = match content_type(headers).as_str() {
-        "application/connect+json" => Codec::Json,
-        "application/connect+proto" => Codec::Proto,
-        other => {
-            return Err((
-                Codec::Json,
-                RpcError::unimplemented(format!(
-                "content type '{other}' is not served here; use application/connect+json or application/connect+proto"
-            )),
-            ))
-        }
-    };
+    let codec = codec_of(headers, true)?;
     refuse_compression(headers, "connect-content-encoding").map_err(|e| (codec, e))?;
     if body.len() < 5 {
         return Err((codec, RpcError::invalid("the request holds no enveloped message")));
