@@ -539,7 +539,9 @@ async fn expired_sandboxes_are_removed_or_paused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sandbox_forks_into_sandboxes_with_its_files() {
     let s = Server::start("");
-    let (_, sb) = s.create(json!({"templateID": "minimal", "metadata": {"role": "source"}}), None).await;
+    let (_, sb) = s
+        .create(json!({"templateID": "minimal", "metadata": {"role": "source"}}), None)
+        .await;
     let id = sb["sandboxID"].as_str().unwrap().to_string();
     let r = s
         .envd(&id, "/files?path=state.txt")
@@ -549,7 +551,13 @@ async fn a_sandbox_forks_into_sandboxes_with_its_files() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let r = s.http.post(s.url(&format!("/sandboxes/{id}/fork"))).json(&json!({"count": 2, "timeout": 60})).send().await.unwrap();
+    let r = s
+        .http
+        .post(s.url(&format!("/sandboxes/{id}/fork")))
+        .json(&json!({"count": 2, "timeout": 60}))
+        .send()
+        .await
+        .unwrap();
     let (st, forks) = json_of(r).await;
     assert_eq!(st, StatusCode::CREATED, "{forks}");
     let forks: Vec<String> = forks
@@ -566,6 +574,14 @@ async fn a_sandbox_forks_into_sandboxes_with_its_files() {
         let (_, info) = json_of(s.http.get(s.url(&format!("/sandboxes/{f}"))).send().await.unwrap()).await;
         assert_eq!(info["metadata"], json!({"role": "source"}), "{info}");
     }
-    let (_, bad) = json_of(s.http.post(s.url(&format!("/sandboxes/{id}/fork"))).json(&json!({"count": 0})).send().await.unwrap()).await;
+    let (_, bad) = json_of(
+        s.http
+            .post(s.url(&format!("/sandboxes/{id}/fork")))
+            .json(&json!({"count": 0}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(bad["code"], 400, "{bad}");
 }
