@@ -352,6 +352,13 @@ pub(crate) async fn render_workspace(
     } else {
         None
     };
+    let egress = c.egress_events(
+        &w.id,
+        conductor_store::EgressFilter {
+            limit: EGRESS_ROWS,
+            ..Default::default()
+        },
+    )?;
     let wid = segment(&w.id);
     let body = html! {
         h1 { "Workspace " code { (w.id) } }
@@ -395,6 +402,10 @@ pub(crate) async fn render_workspace(
             Some(Err(e)) => p.error { (e) },
             Some(Ok(entries)) => (file_list(&w.id, path, entries)),
         }
+        @if !egress.is_empty() || w.network_policy.mode.as_str() == "proxy" {
+            h2 { "Egress (last " (EGRESS_ROWS) ")" }
+            (egress_table(&egress))
+        }
         h2 { "Run a command" }
         form.exec method="post" action={"/ui/workspaces/" (wid) "/exec"} {
             label for="command" { "Command" }
@@ -412,6 +423,33 @@ pub(crate) async fn render_workspace(
         }
     };
     Ok(layout("Workspace", "Workspaces", s.key.is_some(), body))
+}
+
+/// Rows of the egress audit a workspace page shows.
+const EGRESS_ROWS: usize = 50;
+
+fn egress_table(events: &[conductor_store::EgressEventRecord]) -> Markup {
+    html! {
+        table.egress {
+            thead { tr { th { "Time" } th { "Task" } th { "Method" } th { "Host" } th { "Port" } th { "Decision" } th { "Rule / reason" } th { "Up" } th { "Down" } } }
+            tbody {
+                @for e in events.iter().rev() {
+                    tr {
+                        td { (conductor_core::task::rfc3339(e.at_ms)) }
+                        td { @if let Some(t) = &e.task_id { a href={"/ui/tasks/" (segment(t))} { code { (t) } } } }
+                        td { (e.method) }
+                        td { code { (e.host) } }
+                        td { (e.port) }
+                        td { span class={"badge d-" (e.decision.as_str())} { (e.decision.as_str()) } }
+                        td { (e.rule.as_deref().or(e.reason.as_deref()).unwrap_or("")) @if let Some(err) = &e.error { " " span.error { (err) } } }
+                        td { (bytes(e.bytes_up)) }
+                        td { (bytes(e.bytes_down)) }
+                    }
+                }
+                @if events.is_empty() { tr { td colspan="9" { "No outbound connection attempts yet." } } }
+            }
+        }
+    }
 }
 
 fn workspace_facts(w: &WorkspaceInfo, usage: Option<&Usage>) -> Markup {
@@ -493,7 +531,7 @@ pub async fn environments(State(s): State<UiState>) -> UiResult<Html<String>> {
                 @for e in &envs {
                     tr {
                         td { code { (e.name) } }
-                        td { (e.kind) @if e.builtin { " (preset)" } }
+                        td { (e.kind) @if e.builtin && e.kind != "preset" { " (built in)" } }
                         td { @if e.built { span.badge.s-succeeded { "built" } } @else { span.badge.s-queued { "not built" } } }
                         td { (e.size_bytes.map(bytes).unwrap_or_default()) }
                         td { code title=(e.image) { (e.image.rsplit_once(':').map(|(_, t)| t).unwrap_or(e.image.as_str())) } }
