@@ -203,7 +203,7 @@ test('output with markup stays inert text', async () => {
   await shot('task-xss')
 })
 
-test('workspace page: files, download, exec, snapshot and restore', async () => {
+test('workspace page: files, download, upload, exec, snapshot and restore', async () => {
   const created = await service.native('POST', '/workspaces', { agent_id: 'ui-test', environment: 'minimal' })
   assert.equal(created.status, 201, created.text)
   const ws = created.json.workspace_id
@@ -235,9 +235,24 @@ test('workspace page: files, download, exec, snapshot and restore', async () => 
   ])
   assert.equal(readFileSync(await download.path(), 'utf8'), 'original\n')
 
+  // Upload (a name with markup: shown as text).
+  const uploaded = 'up<b>load<i>.txt'
+  await page.setInputFiles('#upload', { name: uploaded, mimeType: 'text/plain', buffer: Buffer.from('uploaded\n') })
+  await page.click('#upload-form button')
+  await page.waitForSelector('.notice', { timeout: 10_000 }).catch(async () => {
+    throw new Error(`no notice after the upload: ${page.url()} ${await page.textContent('main')}`)
+  })
+  assert.equal(await page.textContent('.notice'), 'File uploaded.')
+  assert.ok((await page.locator('table.files td.name').allTextContents()).includes(uploaded))
+  assert.equal(await page.locator('main b, main i').count(), 0)
+  const got = await fetch(`${service.url}/workspaces/${ws}/files?path=${encodeURIComponent(uploaded)}`, {
+    headers: { Authorization: `Bearer ${service.token}` },
+  })
+  assert.equal(await got.text(), 'uploaded\n')
+
   // Snapshot, change, restore.
   await page.fill('#snapshot-name', 'before')
-  await page.click('form.inline button')
+  await page.click('#snapshot-form button')
   await page.waitForSelector('.notice')
   assert.equal(await page.textContent('.notice'), 'Snapshot created.')
   assert.ok((await page.locator('table.snapshots code').allTextContents()).includes('before'))

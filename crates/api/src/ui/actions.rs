@@ -5,15 +5,18 @@
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::extract::Multipart;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::Form;
 use conductor_service::exec::ExecRequest;
+use conductor_service::files::PutOptions;
 use serde::Deserialize;
 
 use super::pages::{render_workspace, ExecResult};
-use super::{segment, UiResult, UiState};
+use super::{query_value, segment, UiResult, UiState};
+use crate::error::ApiError;
 use crate::routes::detached;
 
 /// Longest a command run from the workspace page may take.
@@ -92,6 +95,56 @@ pub async fn exec(State(s): State<UiState>, Path(id): Path<String>, Form(f): For
         stderr,
     };
     render_workspace(&s, &ws, "", None, Some(result)).await
+}
+
+#[derive(Deserialize)]
+pub struct UploadQuery {
+    /// The directory, relative to /workspace ("" for /workspace itself).
+    #[serde(default)]
+    path: String,
+}
+
+/// Uploads one file (a multipart form's `file` field) into the directory being browsed.
+/// The whole request is bounded by `network.max_body_size`; the name is checked by the
+/// file API's path rules like any other path.
+pub async fn upload(
+    State(s): State<UiState>,
+    Path(id): Path<String>,
+    Query(q): Query<UploadQuery>,
+    mut form: Multipart,
+) -> UiResult<Redirect> {
+    let invalid = |m: String| ApiError::invalid("file", m);
+    let mut upload = None;
+    while let Some(field) = form.next_field().await.map_err(|e| invalid(e.body_text()))? {
+        if field.name() != Some("file") {
+            continue;
+        }
+        let name = field.file_name().unwrap_or_default().to_string();
+        let data = field.bytes().await.map_err(|e| invalid(e.body_text()))?;
+        upload = Some((name, data));
+    }
+    let Some((name, data)) = upload else {
+        return Err(invalid("choose a file to upload".into()).into());
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(invalid("the file needs a plain name".into()).into());
+    }
+    let dir = q.path.trim_matches('/');
+    let target = if dir.is_empty() { name } else { format!("{dir}/{name}") };
+    let size = data.len() as u64;
+    let body: conductor_core::engine::ByteStream = Box::pin(futures_util::stream::once(async move { Ok(data) }));
+    let c = s.app.conductor.clone();
+    let ws = id.clone();
+    let opts = PutOptions {
+        mode: None,
+        size: Some(size),
+    };
+    detached(async move { c.put_file(&ws, &target, body, opts).await }).await?;
+    Ok(Redirect::to(&format!(
+        "/ui/workspaces/{}?path={}&notice=file-uploaded",
+        segment(&id),
+        query_value(dir)
+    )))
 }
 
 #[derive(Deserialize)]

@@ -104,6 +104,7 @@ pub fn router(state: UiState) -> Router {
         .route("/ui/workspaces/{id}", get(pages::workspace))
         .route("/ui/workspaces/{id}/download", get(actions::download))
         .route("/ui/workspaces/{id}/exec", post(actions::exec))
+        .route("/ui/workspaces/{id}/upload", post(actions::upload))
         .route("/ui/workspaces/{id}/snapshots", post(actions::create_snapshot))
         .route(
             "/ui/workspaces/{id}/snapshots/{name}/restore",

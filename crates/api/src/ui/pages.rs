@@ -305,6 +305,7 @@ fn notice(code: &str) -> Option<&'static str> {
         "snapshot-created" => "Snapshot created.",
         "snapshot-restored" => "Snapshot restored.",
         "snapshot-deleted" => "Snapshot deleted.",
+        "file-uploaded" => "File uploaded.",
         _ => return None,
     })
 }
@@ -391,7 +392,7 @@ pub(crate) async fn render_workspace(
                 @if snapshots.is_empty() { tr { td colspan="5" { "No snapshots." } } }
             }
         }
-        form.inline method="post" action={"/ui/workspaces/" (wid) "/snapshots"} {
+        form.inline #snapshot-form method="post" action={"/ui/workspaces/" (wid) "/snapshots"} {
             label for="snapshot-name" { "New snapshot" }
             input #snapshot-name type="text" name="name" required pattern="[A-Za-z0-9][A-Za-z0-9_.-]*" placeholder="name";
             button type="submit" { "Take snapshot" }
@@ -401,6 +402,13 @@ pub(crate) async fn render_workspace(
             None => p.muted { "The workspace is not running." },
             Some(Err(e)) => p.error { (e) },
             Some(Ok(entries)) => (file_list(&w.id, path, entries)),
+        }
+        @if running {
+            form.inline #upload-form method="post" enctype="multipart/form-data" action={"/ui/workspaces/" (wid) "/upload?path=" (query_value(path))} {
+                label for="upload" { "Upload into this directory" }
+                input #upload type="file" name="file" required;
+                button type="submit" { "Upload" }
+            }
         }
         @if !egress.is_empty() || w.network_policy.mode.as_str() == "proxy" {
             h2 { "Egress (last " (EGRESS_ROWS) ")" }
