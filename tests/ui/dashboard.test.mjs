@@ -172,7 +172,7 @@ test('a task appears in the list and its output streams in live', async () => {
   await shot('task')
 })
 
-test('cancel a running task', async () => {
+test('cancel a running task, then retry it', async () => {
   const id = await submitTask(['echo started', 'sleep 300'], 'sleeps')
   await page.goto(`${service.url}/ui/tasks/${id}`)
   await page.waitForFunction(() => document.querySelector('#log').textContent.includes('started'), null, { timeout: 90_000 })
@@ -181,6 +181,14 @@ test('cancel a running task', async () => {
   await page.waitForFunction(() => document.querySelector('#task-head .badge')?.textContent === 'cancelled', null, { timeout: 30_000 })
   assert.equal(await taskStatus(id), 'cancelled')
   assert.ok(await page.isVisible('#retry'), 'a finished task offers retry')
+  // Retry submits the same commands as a new task and opens its page.
+  await page.click('#retry')
+  await page.waitForURL((url) => url.pathname.startsWith('/ui/tasks/') && !url.pathname.endsWith(id))
+  const retried = page.url().split('/').pop()
+  assert.notEqual(retried, id)
+  assert.match(await page.textContent('#task-head'), /sleeps/)
+  const cancelled = await service.native('POST', `/tasks/${retried}/cancel`)
+  assert.equal(cancelled.status, 200, cancelled.text)
 })
 
 test('output with markup stays inert text', async () => {
