@@ -56,5 +56,8 @@ echo "== E2B SDK tests: the official Python and JS SDKs (pinned) against a real 
 tests/e2b/python/run.sh
 tests/e2b/js/run.sh
 
+echo "== dashboard browser tests (Playwright driving Debian's chromium against a real conductor serve)"
+tests/ui/run.sh
+
 echo "== target/ uses $(du -sh target 2>/dev/null | cut -f1), $(df -h --output=avail . | tail -1 | tr -d ' ') free"
 echo "== tests finished in $(( $(date +%s) - start ))s"

@@ -3,7 +3,8 @@
 //! The token lives in `security.api_key_file` (default `<base>/config/api-key`). When the
 //! file is missing, a random 256-bit token is written there with mode 0600, so enabling
 //! the option is enough to secure a fresh installation: the operator reads the token from
-//! the file. Tokens are compared in constant time. `/health` stays open so that process
+//! the file. Tokens are compared in constant time. The web dashboard keeps the token in
+//! a cookie ([`crate::ui`]), accepted here with a same-origin check for state changes. `/health` stays open so that process
 //! supervisors and the start script can probe the service without the secret.
 
 use std::io::{Read, Write};
@@ -12,15 +13,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use conductor_core::config::DataPaths;
 use conductor_core::Config;
 use conductor_service::{home_dir, Result, ServiceError};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::ui;
 
 /// The secret a client must send as `Authorization: Bearer <token>`.
 pub struct ApiKey(String);
@@ -92,14 +94,23 @@ impl ApiKey {
     }
 
     /// Whether `presented` is the token (constant time in the token's content).
-    fn matches(&self, presented: &str) -> bool {
+    pub(crate) fn matches(&self, presented: &str) -> bool {
         presented.as_bytes().ct_eq(self.0.as_bytes()).into()
     }
 }
 
-/// Middleware: lets a request through when it carries the right bearer token.
+/// Middleware: lets a request through when it carries the right bearer token, or the
+/// dashboard's session cookie ([`crate::ui::COOKIE`]) holding it. A cookie-authenticated
+/// request that changes state must come from the dashboard itself
+/// ([`crate::ui::same_origin`]), so that another site cannot make a browser send it. A
+/// dashboard page without a token redirects to the login form.
 pub async fn require_token(State(key): State<Arc<ApiKey>>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" {
+    let path = req.uri().path();
+    if path == "/health" || ui::is_public(req.method(), path) {
+        return next.run(req).await;
+    }
+    // `/` only redirects a browser to the dashboard.
+    if path == "/" && req.method() == Method::GET && ui::accepts_html(req.headers()) {
         return next.run(req).await;
     }
     let presented = req
@@ -109,10 +120,29 @@ pub async fn require_token(State(key): State<Arc<ApiKey>>, req: Request, next: N
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
         .map(str::trim);
     match presented {
-        Some(t) if key.matches(t) => next.run(req).await,
-        Some(_) => unauthorized("the bearer token is not valid"),
-        None => unauthorized("this service requires an API key: send Authorization: Bearer <token> (the token is in security.api_key_file)"),
+        Some(t) if key.matches(t) => return next.run(req).await,
+        Some(_) => return unauthorized("the bearer token is not valid"),
+        None => {}
     }
+    if let Some(cookie) = ui::cookie_token(req.headers()) {
+        if key.matches(cookie) {
+            if ui::is_unsafe(req.method()) && !ui::same_origin(req.headers()) {
+                return ui::cross_site();
+            }
+            return next.run(req).await;
+        }
+    }
+    if ui::is_ui(path) {
+        if matches!(*req.method(), Method::GET | Method::HEAD) {
+            let mut r = Redirect::to("/ui/login").into_response();
+            ui::add_security_headers(r.headers_mut());
+            return r;
+        }
+        return unauthorized("log in to the dashboard first (/ui/login)");
+    }
+    unauthorized(
+        "this service requires an API key: send Authorization: Bearer <token> (the token is in security.api_key_file)",
+    )
 }
 
 fn unauthorized(message: &str) -> Response {

@@ -8,6 +8,9 @@
 //! and validate, then call the service; every failure becomes an [`ApiError`], whose one
 //! `IntoResponse` writes `{"error":{"code","message","field"}}`.
 //!
+//! The web dashboard under `/ui` ([`ui`]) is merged in behind the same guards; the token
+//! middleware also accepts its session cookie.
+//!
 //! The routes are registered through `utoipa_axum`, so the OpenAPI document ([`openapi`])
 //! is generated from the same list and cannot drift from what is served. `/mcp` is the
 //! one route outside it: the MCP tools over streamable HTTP (`conductor_mcp::http`),
@@ -19,6 +22,7 @@ pub mod extract;
 pub mod host;
 pub mod openapi;
 pub mod routes;
+pub mod ui;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -121,6 +125,10 @@ fn router(
         closing,
         openapi: Arc::new(api),
     };
+    let dashboard = ui::router(ui::UiState {
+        app: state.clone(),
+        key: key.clone(),
+    });
     let mut app = routes
         .route_service("/mcp", mcp.service.clone())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -131,7 +139,8 @@ fn router(
                 "this endpoint does not support the method",
             )
         })
-        .with_state(state);
+        .with_state(state)
+        .merge(dashboard);
     if let Some(key) = key {
         app = app.layer(middleware::from_fn_with_state(key, auth::require_token));
     }

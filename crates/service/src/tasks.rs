@@ -530,6 +530,25 @@ impl Conductor {
         }
     }
 
+    /// Submits a finished task's spec again as a new task (the dashboard's retry); the
+    /// new task goes through the same validation as any submission. A task that has not
+    /// finished is a `Conflict`.
+    pub fn retry_task(&self, id: &str) -> Result<TaskView> {
+        let r = self.task_record(id)?;
+        if !r.state.is_finished() {
+            return Err(ServiceError::Conflict(format!(
+                "task '{id}' has not finished ({}); cancel it first",
+                r.state
+            )));
+        }
+        let spec: TaskSpec = serde_json::from_str(&r.spec_json)
+            .map_err(|e| ServiceError::host(format!("decode the stored spec of task '{id}'"), e))?;
+        let mut views = self.submit_tasks(vec![spec])?;
+        views
+            .pop()
+            .ok_or_else(|| ServiceError::host("retry a task", std::io::Error::other("nothing was queued")))
+    }
+
     /// Resolves when the task has finished, with its final view.
     pub async fn wait_task(&self, id: &str) -> Result<TaskView> {
         let mut events = self.tasks.events.subscribe();
