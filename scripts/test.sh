@@ -47,7 +47,7 @@ images=$(date +%s)
 echo "== images ready in $(( $(date +%s) - images ))s"
 
 echo "== cargo test"
-cargo test --locked --workspace -- --test-threads="${TEST_THREADS:-2}"
+cargo test --locked --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
 
 echo "== Python client tests (against a real conductor serve)"
 clients/python/run-tests.sh
