@@ -280,6 +280,17 @@ test('workspace page: files, download, upload, exec, snapshot and restore', asyn
   assert.equal(await page.locator('main img').count(), 0)
   assert.deepEqual(dialogs, [])
   await shot('workspace-exec')
+
+  // Fork into two copies: the first copy's page, with the source's files.
+  await page.fill('#fork-count', '2')
+  await page.click('#fork-form button')
+  await page.waitForSelector('.notice')
+  assert.match(await page.textContent('.notice'), /^Forked/)
+  const copy = new URL(page.url()).pathname.split('/').pop()
+  assert.notEqual(copy, ws)
+  assert.ok((await page.locator('table.files td.name').allTextContents()).includes('hello.txt'))
+  const listed = await service.native('GET', '/workspaces?agent_id=ui-test')
+  assert.equal(listed.json.workspaces.length, 3, listed.text)
 })
 
 test('overview and environments render', async () => {
@@ -288,6 +299,10 @@ test('overview and environments render', async () => {
   await shot('environments')
   await page.goto(`${service.url}/ui`)
   await page.waitForSelector('#queue-depth')
+  const overview = await page.textContent('main')
+  for (const part of ['Warm pools', 'host CPUs', 'host memory available / total', 'data disk free / total']) {
+    assert.ok(overview.includes(part), part)
+  }
   await shot('overview')
   assert.deepEqual(dialogs, [])
 })

@@ -115,3 +115,35 @@ pub fn disk_usage(path: &Path) -> Option<(u64, u64)> {
     let free = st.blocks_free() as u64 * frag;
     Some((total.saturating_sub(free), total))
 }
+
+/// What the host has: CPUs, memory (total and available, from `/proc/meminfo`) and the disk
+/// of `data` (total and free).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    pub cpus: usize,
+    pub memory_total: u64,
+    pub memory_available: u64,
+    pub disk_total: u64,
+    pub disk_free: u64,
+}
+
+/// The host's [`Capacity`], with `data` the file system conductor keeps its data on.
+pub fn capacity(data: &Path) -> Capacity {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |k| k * 1024)
+    };
+    let (disk_used, disk_total) = disk_usage(data).unwrap_or((0, 0));
+    let disk_free = disk_total.saturating_sub(disk_used);
+    Capacity {
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_total: kib("MemTotal:"),
+        memory_available: kib("MemAvailable:"),
+        disk_total,
+        disk_free,
+    }
+}

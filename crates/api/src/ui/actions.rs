@@ -53,6 +53,27 @@ pub async fn create_snapshot(
     Ok(back(&id, "snapshot-created"))
 }
 
+#[derive(Deserialize)]
+pub struct ForkForm {
+    count: u32,
+}
+
+/// Forks the workspace into `count` copies (conductor's fork: all or none); shows the first.
+pub async fn fork(State(s): State<UiState>, Path(id): Path<String>, Form(f): Form<ForkForm>) -> UiResult<Redirect> {
+    let c = s.app.conductor.clone();
+    let ws = id.clone();
+    let req = conductor_service::fork::ForkRequest {
+        count: f.count,
+        snapshot: None,
+        agent_id: None,
+        env: Default::default(),
+        limits: Default::default(),
+    };
+    let out = detached(async move { c.fork_workspace(&ws, req).await }).await?;
+    let first = out.workspaces.first().map_or(id, |w| w.id.clone());
+    Ok(back(&first, "forked"))
+}
+
 pub async fn restore_snapshot(
     State(s): State<UiState>,
     Path((id, name)): Path<(String, String)>,

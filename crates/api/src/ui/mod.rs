@@ -106,6 +106,7 @@ pub fn router(state: UiState) -> Router {
         .route("/ui/workspaces/{id}/exec", post(actions::exec))
         .route("/ui/workspaces/{id}/upload", post(actions::upload))
         .route("/ui/workspaces/{id}/snapshots", post(actions::create_snapshot))
+        .route("/ui/workspaces/{id}/fork", post(actions::fork))
         .route(
             "/ui/workspaces/{id}/snapshots/{name}/restore",
             post(actions::restore_snapshot),

@@ -57,9 +57,16 @@ pub async fn overview(State(s): State<UiState>) -> UiResult<Html<String>> {
     let metrics = c.task_metrics()?;
     let workspaces = c.list_workspaces(&ListFilter::default())?;
     let mut by_env: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut pool_ready: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut committed = 0u64;
     for w in &workspaces {
         *by_env.entry(w.environment.as_str()).or_default() += 1;
+        committed += w.limits.memory.bytes();
+        if w.agent_id == conductor_service::warm_pool::POOL_AGENT && w.state == WorkspaceState::Running {
+            *pool_ready.entry(w.environment.as_str()).or_default() += 1;
+        }
     }
+    let host = conductor_service::host::capacity(&c.paths.base);
     let (recent, _) = c.list_tasks(&TaskListFilter {
         limit: 10,
         ..TaskListFilter::default()
@@ -100,6 +107,19 @@ pub async fn overview(State(s): State<UiState>) -> UiResult<Html<String>> {
                     table.counts {
                         tr { th { "task workers" } td.n { (cfg.task_execution.max_workers) } }
                         tr { th { "max containers (cleanup.max_containers)" } td.n { (cfg.isolated_workspace.cleanup.max_containers) } }
+                        tr { th { "host CPUs" } td.n { (host.cpus) } }
+                        tr { th { "host memory available / total" } td.n { (gib(host.memory_available)) " / " (gib(host.memory_total)) } }
+                        tr { th { "memory limits of live workspaces" } td.n { (gib(committed)) } }
+                        tr { th { "data disk free / total" } td.n { (gib(host.disk_free)) " / " (gib(host.disk_total)) } }
+                    }
+                }
+                div.card {
+                    h2 { "Warm pools" }
+                    table.counts {
+                        @for (env, want) in &cfg.isolated_workspace.warm_pool {
+                            tr { th { (env) } td.n { (pool_ready.get(env.as_str()).copied().unwrap_or(0)) " / " (want) " ready" } }
+                        }
+                        @if cfg.isolated_workspace.warm_pool.is_empty() { tr { td { "None configured (isolated_workspace.warm_pool)." } } }
                     }
                 }
             }
@@ -306,6 +326,7 @@ fn notice(code: &str) -> Option<&'static str> {
         "snapshot-restored" => "Snapshot restored.",
         "snapshot-deleted" => "Snapshot deleted.",
         "file-uploaded" => "File uploaded.",
+        "forked" => "Forked: this is the first copy (every copy is in the workspace list).",
         _ => return None,
     })
 }
@@ -396,6 +417,12 @@ pub(crate) async fn render_workspace(
             label for="snapshot-name" { "New snapshot" }
             input #snapshot-name type="text" name="name" required pattern="[A-Za-z0-9][A-Za-z0-9_.-]*" placeholder="name";
             button type="submit" { "Take snapshot" }
+        }
+        h2 { "Fork" }
+        form.inline #fork-form method="post" action={"/ui/workspaces/" (wid) "/fork"} {
+            label for="fork-count" { "Copies" }
+            input #fork-count type="number" name="count" min="1" max=(c.config.isolated_workspace.fork.max_count) value="1" required;
+            button type="submit" { "Fork" }
         }
         h2 { "Files" }
         @match &files {
@@ -550,4 +577,9 @@ pub async fn environments(State(s): State<UiState>) -> UiResult<Html<String>> {
         }
     };
     Ok(layout("Environments", "Environments", s.key.is_some(), body))
+}
+
+/// Bytes as GiB with one decimal.
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
