@@ -45,7 +45,14 @@ async function taskStatus(id) {
 
 before(async () => {
   mkdirSync(SHOTS, { recursive: true })
-  service = await startService()
+  // A custom environment for the build test: one quick step on the base image.
+  service = await startService({
+    extraYaml:
+      'security:\n  api_key_required: true\n' +
+      'isolated_workspace:\n  agent_containers:\n    environments:\n' +
+      '      - name: ui-build\n        description: "built by the dashboard test"\n' +
+      '        dockerfile: |\n          FROM localhost/conductor/base:bookworm\n          RUN echo ui-build-step\n',
+  })
   assert.ok(service.token, 'the service made its API key file')
   profile = mkdtempSync(join(tmpdir(), 'conductor-ui-chromium-'))
   context = await chromium.launchPersistentContext(profile, {
@@ -281,6 +288,18 @@ test('workspace page: files, download, upload, exec, snapshot and restore', asyn
   assert.deepEqual(dialogs, [])
   await shot('workspace-exec')
 
+  // Run and follow: the first line is on the page before the command has ended.
+  await page.fill('#live-command', `for i in 1 2 3; do echo step$i; sleep 1; done; printf '%s\\n' '${XSS_ATTR}'`)
+  await page.click('#exec-live-form button')
+  await page.waitForFunction(() => document.getElementById('exec-live').textContent.includes('step1'))
+  const early = await page.textContent('#exec-live')
+  assert.ok(!early.includes('step3'), `the output came all at once: ${early}`)
+  await page.waitForFunction(() => document.getElementById('exec-live').dataset.done === 'true', null, { timeout: 30_000 })
+  const live = await page.textContent('#exec-live')
+  assert.ok(live.includes(`step3\n${XSS_ATTR}\n[exit code 0 after`), live)
+  assert.equal(await page.locator('main img').count(), 0)
+  assert.deepEqual(dialogs, [])
+
   // Fork into two copies: the first copy's page, with the source's files.
   await page.fill('#fork-count', '2')
   await page.click('#fork-form button')
@@ -304,5 +323,19 @@ test('overview and environments render', async () => {
     assert.ok(overview.includes(part), part)
   }
   await shot('overview')
+  assert.deepEqual(dialogs, [])
+})
+
+test('build an environment from its page and follow the progress', async () => {
+  await page.goto(`${service.url}/ui/environments`)
+  await page.click('button[data-build="ui-build"]')
+  await page.waitForURL(`${service.url}/ui/environments/ui-build/build`)
+  // The page re-reads its live part every 3 s until the build is over.
+  await page.waitForSelector('#build-result', { timeout: 180_000 })
+  assert.match(await page.textContent('#build-live'), /succeeded/)
+  assert.match(await page.textContent('#build-log'), /STEP 1\/\d+: FROM/)
+  await shot('environment-build')
+  await page.goto(`${service.url}/ui/environments`)
+  assert.equal(await page.textContent('button[data-build="ui-build"]'), 'Rebuild')
   assert.deepEqual(dialogs, [])
 })

@@ -128,6 +128,7 @@ fn router(
     let dashboard = ui::router(ui::UiState {
         app: state.clone(),
         key: key.clone(),
+        builds: Default::default(),
     });
     let mut app = routes
         .route_service("/mcp", mcp.service.clone())

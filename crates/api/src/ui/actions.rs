@@ -118,6 +118,61 @@ pub async fn exec(State(s): State<UiState>, Path(id): Path<String>, Form(f): For
     render_workspace(&s, &ws, "", None, Some(result)).await
 }
 
+/// Runs one command and streams its output (stdout and stderr as they come, then a line
+/// with the exit code) as `text/plain`: the page's script shows it inline; without the
+/// script the browser shows the stream itself.
+pub async fn exec_stream(
+    State(s): State<UiState>,
+    Path(id): Path<String>,
+    Form(f): Form<ExecForm>,
+) -> UiResult<Response> {
+    let req = ExecRequest {
+        timeout: Some(EXEC_TIMEOUT),
+        ..ExecRequest::new(f.command.as_str())
+    };
+    req.validate()?;
+    let ws = s.app.conductor.get_workspace(&id)?.id;
+    let c = s.app.conductor.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(32);
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::convert::Infallible>>(32);
+    tokio::spawn(async move {
+        let run = tokio::spawn(async move { c.exec(&ws, req, tx).await });
+        // The end line starts a line of its own.
+        let mut at_line_start = true;
+        while let Some(chunk) = rx.recv().await {
+            let bytes = match chunk {
+                conductor_core::engine::OutputChunk::Stdout(b) | conductor_core::engine::OutputChunk::Stderr(b) => b,
+            };
+            if let Some(last) = bytes.last() {
+                at_line_start = *last == b'\n';
+            }
+            if out_tx.send(Ok(bytes)).await.is_err() {
+                break;
+            }
+        }
+        let end = match run.await {
+            Ok(Ok(o)) if o.timed_out => format!("[timed out after {} ms]\n", o.duration_ms),
+            Ok(Ok(o)) => format!("[exit code {} after {} ms]\n", o.exit_code, o.duration_ms),
+            Ok(Err(e)) => format!("[failed: {e}]\n"),
+            Err(_) => "[failed: the command's runner ended early]\n".to_string(),
+        };
+        let end = if at_line_start { end } else { format!("\n{end}") };
+        let _ = out_tx.send(Ok(axum::body::Bytes::from(end))).await;
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
 #[derive(Deserialize)]
 pub struct UploadQuery {
     /// The directory, relative to /workspace ("" for /workspace itself).

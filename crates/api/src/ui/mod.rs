@@ -11,6 +11,7 @@
 //! the script only refreshes marked parts of a page and follows a task's log.
 
 mod actions;
+pub mod builds;
 mod pages;
 
 use std::sync::Arc;
@@ -43,6 +44,8 @@ const JS: &str = include_str!("assets/ui.js");
 pub struct UiState {
     pub app: AppState,
     pub key: Option<Arc<ApiKey>>,
+    /// Environment builds started from the dashboard, by environment name.
+    pub builds: Arc<builds::Builds>,
 }
 
 /// Paths the token middleware lets through without a token: the login form and the
@@ -104,6 +107,7 @@ pub fn router(state: UiState) -> Router {
         .route("/ui/workspaces/{id}", get(pages::workspace))
         .route("/ui/workspaces/{id}/download", get(actions::download))
         .route("/ui/workspaces/{id}/exec", post(actions::exec))
+        .route("/ui/workspaces/{id}/exec/stream", post(actions::exec_stream))
         .route("/ui/workspaces/{id}/upload", post(actions::upload))
         .route("/ui/workspaces/{id}/snapshots", post(actions::create_snapshot))
         .route("/ui/workspaces/{id}/fork", post(actions::fork))
@@ -116,6 +120,7 @@ pub fn router(state: UiState) -> Router {
             post(actions::delete_snapshot),
         )
         .route("/ui/environments", get(pages::environments))
+        .route("/ui/environments/{name}/build", get(builds::page).post(builds::start))
         .route("/ui/login", get(login_page).post(login))
         .route("/ui/logout", post(logout))
         .route(

@@ -447,6 +447,12 @@ pub(crate) async fn render_workspace(
             input #command type="text" name="command" required placeholder="ls -la /workspace";
             button type="submit" disabled[!running] { "Run" }
         }
+        form.exec-live #exec-live-form method="post" action={"/ui/workspaces/" (wid) "/exec/stream"} {
+            label for="live-command" { "Follow live" }
+            input #live-command type="text" name="command" required placeholder="for i in 1 2 3; do echo $i; sleep 1; done";
+            button type="submit" disabled[!running] { "Run and follow" }
+        }
+        pre.log #exec-live hidden {}
         @if let Some(r) = &exec {
             section #exec-result {
                 p { "$ " code { (r.command) } " → exit code " code.exit { (r.exit_code) } " in " (millis(r.duration_ms))
@@ -561,7 +567,7 @@ pub async fn environments(State(s): State<UiState>) -> UiResult<Html<String>> {
     let body = html! {
         h1 { "Environments" }
         table.environments {
-            thead { tr { th { "Name" } th { "Kind" } th { "Built" } th { "Size" } th { "Definition hash" } th { "Description" } } }
+            thead { tr { th { "Name" } th { "Kind" } th { "Built" } th { "Size" } th { "Definition hash" } th { "Description" } th { "Build" } } }
             tbody {
                 @for e in &envs {
                     tr {
@@ -571,6 +577,12 @@ pub async fn environments(State(s): State<UiState>) -> UiResult<Html<String>> {
                         td { (e.size_bytes.map(bytes).unwrap_or_default()) }
                         td { code title=(e.image) { (e.image.rsplit_once(':').map(|(_, t)| t).unwrap_or(e.image.as_str())) } }
                         td { (e.description) }
+                        td {
+                            form.inline method="post" action={"/ui/environments/" (segment(&e.name)) "/build"} {
+                                @if e.built { input type="hidden" name="force" value="1"; }
+                                button type="submit" data-build=(e.name) { @if e.built { "Rebuild" } @else { "Build" } }
+                            }
+                        }
                     }
                 }
             }

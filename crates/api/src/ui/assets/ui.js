@@ -49,7 +49,47 @@
     });
   }
 
+  // "Run and follow": the command's output streams into the page as it is produced.
+  function followExec(form) {
+    const pre = document.getElementById("exec-live");
+    if (!pre) return;
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const button = form.querySelector("button");
+      pre.hidden = false;
+      pre.textContent = "";
+      pre.dataset.done = "false";
+      if (button) button.disabled = true;
+      try {
+        const response = await fetch(form.action, {
+          method: "POST",
+          credentials: "same-origin",
+          body: new URLSearchParams(new FormData(form)),
+        });
+        if (!response.ok || !response.body) {
+          pre.textContent = "failed: HTTP " + response.status;
+          return;
+        }
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          pre.appendChild(document.createTextNode(decoder.decode(value, { stream: true })));
+          pre.scrollTop = pre.scrollHeight;
+        }
+      } catch (e) {
+        pre.appendChild(document.createTextNode("\nfailed: " + e));
+      } finally {
+        pre.dataset.done = "true";
+        if (button) button.disabled = false;
+      }
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    const live = document.getElementById("exec-live-form");
+    if (live) followExec(live);
     const log = document.querySelector("pre#log[data-task]");
     if (log && log.dataset.follow === "true") followLog(log);
     if (document.querySelector("[data-refresh][id]")) setInterval(refresh, REFRESH_MS);
