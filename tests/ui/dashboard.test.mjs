@@ -310,6 +310,12 @@ test('workspace page: files, download, upload, exec, snapshot and restore', asyn
   assert.ok((await page.locator('table.files td.name').allTextContents()).includes('hello.txt'))
   const listed = await service.native('GET', '/workspaces?agent_id=ui-test')
   assert.equal(listed.json.workspaces.length, 3, listed.text)
+  // The copy names its source; the source lists both copies.
+  assert.equal(await page.textContent('#forked-from code'), ws)
+  await page.goto(`${service.url}/ui/workspaces/${ws}`)
+  const forks = await page.locator('table.forks code').allTextContents()
+  assert.equal(forks.length, 2, JSON.stringify(forks))
+  assert.ok(forks.includes(copy), JSON.stringify(forks))
 })
 
 test('overview and environments render', async () => {

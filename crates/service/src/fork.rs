@@ -256,6 +256,8 @@ impl Conductor {
         }
         let rows: Vec<WorkspaceRecord> = copies.iter().map(|c| c.record.clone()).collect();
         self.store.insert_workspaces(&rows)?;
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        self.store.record_forks(&w.id, &ids)?;
 
         let origin = match named {
             Some(s) => match (&s.rootfs_image, &s.data_ref) {

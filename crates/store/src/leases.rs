@@ -1,6 +1,7 @@
 //! The `sandbox_leases` table: what the E2B-compatible API keeps beside a workspace it made
 //! (the template name asked for, the client's metadata, the expiry and what happens then).
 //! A lease row lives as long as its workspace; the service deletes it with the workspace.
+//! Also the `workspace_forks` table: which workspace each fork was made from.
 
 use std::collections::BTreeMap;
 
@@ -145,6 +146,39 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Records that `copies` were forked from `source`.
+    pub fn record_forks(&self, source: &str, copies: &[String]) -> Result<()> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("INSERT OR REPLACE INTO workspace_forks (workspace_id, source_id) VALUES (?1, ?2)")?;
+        for c in copies {
+            stmt.execute(params![c, source])?;
+        }
+        Ok(())
+    }
+
+    /// The workspaces forked from `source`, in the order they were recorded.
+    pub fn forks_of(&self, source: &str) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT workspace_id FROM workspace_forks WHERE source_id = ?1 ORDER BY rowid")?;
+        let rows = stmt.query_map([source], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+    }
+
+    /// The workspace `id` was forked from, if it is a fork.
+    pub fn fork_source(&self, id: &str) -> Result<Option<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT source_id FROM workspace_forks WHERE workspace_id = ?1")?;
+        let mut rows = stmt.query([id])?;
+        Ok(match rows.next()? {
+            Some(r) => Some(r.get(0)?),
+            None => None,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +205,17 @@ mod tests {
         assert!(store.set_lease_end("nope", 1).is_err());
         store.delete_lease("w1").unwrap();
         assert_eq!(store.get_lease("w1").unwrap(), None);
+    }
+
+    #[test]
+    fn forks_remember_their_source() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .record_forks("src", &["f1".to_string(), "f2".to_string()])
+            .unwrap();
+        assert_eq!(store.forks_of("src").unwrap(), vec!["f1", "f2"]);
+        assert_eq!(store.fork_source("f2").unwrap().as_deref(), Some("src"));
+        assert_eq!(store.fork_source("src").unwrap(), None);
+        assert!(store.forks_of("f1").unwrap().is_empty());
     }
 }

@@ -15,6 +15,7 @@ pub(crate) const MIGRATIONS: &[&str] = &[
     V4_SECRETS,
     V5_SECRET_USE,
     V6_SANDBOX_LEASES,
+    V7_WORKSPACE_FORKS,
 ];
 
 const V1_INITIAL: &str = r#"
@@ -174,4 +175,13 @@ CREATE TABLE sandbox_leases (
     auto_resume   INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX sandbox_leases_by_end ON sandbox_leases (end_at);
+"#;
+
+/// Which workspace a fork was made from (one row per copy), for showing a workspace's forks.
+const V7_WORKSPACE_FORKS: &str = r#"
+CREATE TABLE workspace_forks (
+    workspace_id TEXT PRIMARY KEY NOT NULL,
+    source_id    TEXT NOT NULL
+) STRICT;
+CREATE INDEX workspace_forks_by_source ON workspace_forks (source_id);
 "#;

@@ -360,6 +360,23 @@ pub(crate) async fn render_workspace(
     let c = &s.app.conductor;
     let (w, usage) = c.inspect_workspace(id).await?;
     let snapshots = c.list_snapshots(&w.id)?;
+    let forked_from = c
+        .store
+        .fork_source(&w.id)
+        .map_err(conductor_service::ServiceError::from)?;
+    let forks: Vec<(String, String)> = c
+        .store
+        .forks_of(&w.id)
+        .map_err(conductor_service::ServiceError::from)?
+        .into_iter()
+        .map(|f| {
+            let state = c
+                .get_workspace(&f)
+                .map(|w| w.state.as_str().to_string())
+                .unwrap_or_else(|_| "removed".into());
+            (f, state)
+        })
+        .collect();
     let running = w.state == WorkspaceState::Running;
     // Relative to /workspace, without slashes at either end ("" is /workspace itself).
     let path = path.trim_start_matches('/');
@@ -419,6 +436,18 @@ pub(crate) async fn render_workspace(
             button type="submit" { "Take snapshot" }
         }
         h2 { "Fork" }
+        @if let Some(src) = &forked_from {
+            p #forked-from { "Forked from " a href={"/ui/workspaces/" (segment(src))} { code { (src) } } }
+        }
+        table.forks {
+            thead { tr { th { "Fork" } th { "State" } } }
+            tbody {
+                @for (fid, state) in &forks {
+                    tr { td { a href={"/ui/workspaces/" (segment(fid))} { code { (fid) } } } td { (status_badge(state)) } }
+                }
+                @if forks.is_empty() { tr { td colspan="2" { "No forks." } } }
+            }
+        }
         form.inline #fork-form method="post" action={"/ui/workspaces/" (wid) "/fork"} {
             label for="fork-count" { "Copies" }
             input #fork-count type="number" name="count" min="1" max=(c.config.isolated_workspace.fork.max_count) value="1" required;
