@@ -4,6 +4,7 @@
 mod cp;
 mod doctor;
 mod env;
+mod kube;
 mod mcp;
 mod progress;
 mod secret;
@@ -67,6 +68,9 @@ pub enum Command {
     Paths,
     /// Serve the Model Context Protocol on stdin/stdout: workspaces as tools for AI agents.
     Mcp,
+    /// Kubernetes: render the manifests of a preset, a workspace or conductor's RBAC.
+    #[command(subcommand)]
+    Kube(kube::KubeCommand),
 }
 
 /// Loads the configuration, printing its warnings.
@@ -96,6 +100,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(&cli, args).await,
         Command::Paths => serve::paths(&cli),
         Command::Mcp => mcp::run(&cli).await,
+        Command::Kube(cmd) => kube::run(&cli, cmd).await,
     };
     match result {
         Ok(code) => code,

@@ -7,7 +7,12 @@
 //!                        [--egress-listen 127.0.0.1:3128 [--egress-socket /run/conductor-egress/egress.sock]]
 //! conductor-agent serve  [--socket PATH] [--root DIR]
 //! conductor-agent egress [--egress-listen ADDR] [--egress-socket PATH]
+//! conductor-agent install PATH
 //! ```
+//!
+//! `install` copies this binary to `PATH` (mode 0555): the init container of a Kubernetes
+//! workspace Pod runs it to put the agent into the Pod's `emptyDir` (the agent image has
+//! nothing else, not even `cp`).
 //!
 //! `init` is PID 1: it reaps every zombie of the container, forwards signals, and exits on
 //! SIGTERM/SIGINT after forwarding them. It starts `serve` (this same binary, as a child) to
@@ -53,6 +58,7 @@ const USAGE: &str =
     "usage: conductor-agent init [--socket PATH] [--root DIR] [--egress-listen ADDR] [--egress-socket PATH]
        conductor-agent serve [--socket PATH] [--root DIR]
        conductor-agent egress [--egress-listen ADDR] [--egress-socket PATH]
+       conductor-agent install PATH
        conductor-agent --version
   --socket PATH         the agent's Unix socket (default /run/conductor/agent.sock)
   --root DIR            the root of file operations (default /workspace)
@@ -121,6 +127,21 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    if cmd == "install" {
+        return match rest {
+            [dest] => match install(std::path::Path::new(dest)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("conductor-agent: install to {dest}: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            _ => {
+                eprintln!("conductor-agent: install takes one path\n{USAGE}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let opts = match parse(cmd, rest) {
         Ok(o) => o,
         Err(e) => {
@@ -161,6 +182,17 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Copies the running binary to `dest` (through a temporary file beside it, so a reader
+/// never sees half a binary), readable and executable by everyone, writable by no one.
+fn install(dest: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe()?;
+    let tmp = dest.with_extension("tmp");
+    std::fs::copy(&me, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
+    std::fs::rename(&tmp, dest)
 }
 
 /// The signal mask of init's children (`serve`, `egress`), set before any thread starts so

@@ -33,6 +33,9 @@ pub struct Config {
     pub secrets: SecretsConfig,
     /// The E2B-compatible API on the API port (docs/e2b.md).
     pub e2b: E2bConfig,
+    /// Which backend places workspaces: Podman on this machine, or a Kubernetes cluster
+    /// (docs/kubernetes.md).
+    pub engine: EngineConfig,
 }
 
 /// The `e2b` section: the E2B-compatible API (control plane and envd) on the API port.
@@ -54,6 +57,233 @@ impl Default for E2bConfig {
             enabled: true,
             default_template: "python-dev".into(),
             max_timeout: 86_400,
+        }
+    }
+}
+
+/// Which backend places workspaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineBackend {
+    /// Podman on this machine (the default).
+    #[default]
+    Podman,
+    /// A Kubernetes cluster (`engine.kubernetes`).
+    Kubernetes,
+}
+
+impl std::fmt::Display for EngineBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineBackend::Podman => "podman",
+            EngineBackend::Kubernetes => "kubernetes",
+        })
+    }
+}
+
+/// The `engine` section. Written either as a name (`engine: kubernetes`) or as a mapping
+/// (`engine: {backend: kubernetes, kubernetes: {namespace: agents}}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+pub struct EngineConfig {
+    pub backend: EngineBackend,
+    pub kubernetes: KubernetesConfig,
+}
+
+/// The mapping form of `engine` (what [`EngineConfig`] deserializes through).
+#[derive(Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+struct EngineMapping {
+    backend: EngineBackend,
+    kubernetes: KubernetesConfig,
+}
+
+impl<'de> Deserialize<'de> for EngineConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = EngineConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("podman, kubernetes, or a mapping with backend and kubernetes")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EngineConfig, E> {
+                use serde::de::IntoDeserializer;
+                let backend = EngineBackend::deserialize(v.into_deserializer())?;
+                Ok(EngineConfig {
+                    backend,
+                    ..Default::default()
+                })
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<EngineConfig, E> {
+                Ok(EngineConfig::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EngineConfig, A::Error> {
+                let m = EngineMapping::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(EngineConfig {
+                    backend: m.backend,
+                    kubernetes: m.kubernetes,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+/// How workspaces are placed on Kubernetes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KubeMode {
+    /// conductor creates each workspace's Pod, PVC and NetworkPolicy itself.
+    #[default]
+    Pod,
+    /// Presets are agent-sandbox SandboxTemplates, warm pools SandboxWarmPools, and a
+    /// workspace a SandboxClaim (kubernetes-sigs/agent-sandbox, `v1beta1`).
+    AgentSandbox,
+}
+
+impl std::fmt::Display for KubeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KubeMode::Pod => "pod",
+            KubeMode::AgentSandbox => "agent-sandbox",
+        })
+    }
+}
+
+/// The `engine.kubernetes` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Path of a kubeconfig file; unset: `KUBECONFIG`, `~/.kube/config`, or the in-cluster
+    /// service account, in that order.
+    pub kubeconfig: Option<String>,
+    /// A context of the kubeconfig other than its current one.
+    pub context: Option<String>,
+    /// Namespace of every object conductor creates.
+    pub namespace: String,
+    pub mode: KubeMode,
+    /// StorageClass of the workspaces' PVCs; unset: the cluster's default class.
+    pub storage_class: Option<String>,
+    /// VolumeSnapshotClass for snapshots; unset: the cluster's default snapshot class.
+    /// Without any, snapshots are refused with "not supported".
+    pub snapshot_class: Option<String>,
+    /// The image holding the in-workspace agent (`/conductor-agent`), copied into each Pod
+    /// by an init container.
+    pub agent_image: String,
+    /// Replaces the `localhost/` prefix of locally built images (presets, sidecars), e.g.
+    /// `registry.example.com/conductor` (push the images there first); unset: the local
+    /// references are kept (what `podman kube play` uses).
+    pub image_registry: Option<String>,
+    /// `Localhost` seccomp profile, relative to the kubelet's seccomp directory
+    /// (`/var/lib/kubelet/seccomp`); `RuntimeDefault` uses the runtime's profile instead
+    /// (the documented fallback when the profile cannot be installed on the nodes).
+    pub seccomp_profile: String,
+    /// `imagePullPolicy` of every container (`IfNotPresent`, `Always`, `Never`).
+    pub image_pull_policy: String,
+    /// The conductor egress proxy, for workspaces in proxy mode: the only destination their
+    /// NetworkPolicy allows.
+    pub egress_proxy: KubeEgressProxy,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            kubeconfig: None,
+            context: None,
+            namespace: "conductor".into(),
+            mode: KubeMode::Pod,
+            storage_class: None,
+            snapshot_class: None,
+            agent_image: format!("localhost/conductor/agent:{}", env!("CARGO_PKG_VERSION")),
+            image_registry: None,
+            seccomp_profile: "conductor-seccomp.json".into(),
+            image_pull_policy: "IfNotPresent".into(),
+            egress_proxy: KubeEgressProxy::default(),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let p = "engine.kubernetes";
+        validate::dns_label(&self.namespace).map_err(|m| ConfigError::invalid(format!("{p}.namespace"), m))?;
+        validate::image_ref(&self.agent_image).map_err(|m| ConfigError::invalid(format!("{p}.agent_image"), m))?;
+        if let Some(r) = &self.image_registry {
+            validate::image_ref(r).map_err(|m| ConfigError::invalid(format!("{p}.image_registry"), m))?;
+        }
+        for (key, v) in [
+            ("storage_class", &self.storage_class),
+            ("snapshot_class", &self.snapshot_class),
+        ] {
+            if let Some(v) = v {
+                validate::dns_subdomain(v).map_err(|m| ConfigError::invalid(format!("{p}.{key}"), m))?;
+            }
+        }
+        let s = &self.seccomp_profile;
+        if s != "RuntimeDefault"
+            && (s.is_empty()
+                || s.starts_with('/')
+                || s.split('/').any(|c| c.is_empty() || c == "..")
+                || s.contains(char::is_whitespace))
+        {
+            return Err(ConfigError::invalid(
+                format!("{p}.seccomp_profile"),
+                format!("{s:?} is neither RuntimeDefault nor a path relative to the kubelet's seccomp directory (e.g. conductor-seccomp.json)"),
+            ));
+        }
+        if !matches!(self.image_pull_policy.as_str(), "IfNotPresent" | "Always" | "Never") {
+            return Err(ConfigError::invalid(
+                format!("{p}.image_pull_policy"),
+                format!("{:?} is not one of IfNotPresent, Always, Never", self.image_pull_policy),
+            ));
+        }
+        let e = &self.egress_proxy;
+        validate::dns_label(&e.namespace)
+            .map_err(|m| ConfigError::invalid(format!("{p}.egress_proxy.namespace"), m))?;
+        if e.pod_labels.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{p}.egress_proxy.pod_labels"),
+                "must name at least one label of the proxy's Pods",
+            ));
+        }
+        if e.port == 0 {
+            return Err(ConfigError::invalid(
+                format!("{p}.egress_proxy.port"),
+                "0 is not a port",
+            ));
+        }
+        if e.host.is_empty() || e.host.contains(|c: char| c.is_whitespace() || c == '/' || c == '@') {
+            return Err(ConfigError::invalid(
+                format!("{p}.egress_proxy.host"),
+                format!("{:?} is not a host name or address", e.host),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where workspaces in proxy mode find the egress proxy on the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubeEgressProxy {
+    /// Namespace of the proxy's Pods.
+    pub namespace: String,
+    /// Labels of the proxy's Pods (the NetworkPolicy's peer).
+    pub pod_labels: BTreeMap<String, String>,
+    /// Host (a Service name or an address) and port the workspace's `HTTP(S)_PROXY` names.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Default for KubeEgressProxy {
+    fn default() -> Self {
+        KubeEgressProxy {
+            namespace: "conductor".into(),
+            pod_labels: BTreeMap::from([(
+                "app.kubernetes.io/name".to_string(),
+                "conductor-egress-proxy".to_string(),
+            )]),
+            host: "conductor-egress-proxy.conductor.svc".into(),
+            port: 3128,
         }
     }
 }
@@ -889,6 +1119,7 @@ impl Config {
         if self.e2b.max_timeout == 0 {
             return Err(ConfigError::invalid("e2b.max_timeout", "must be at least 1 second"));
         }
+        self.engine.kubernetes.validate()?;
         let ac = &self.isolated_workspace.agent_containers;
         let r = &ac.resources;
         let p = "isolated_workspace.agent_containers";

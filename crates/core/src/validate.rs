@@ -31,6 +31,52 @@ pub fn name(value: &str, max: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// A Kubernetes DNS-1123 label (namespaces, container names): lowercase letters, digits and
+/// `-`, starting and ending with a letter or digit, at most 63 characters.
+pub fn dns_label(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if value.len() > 63 {
+        return Err(format!("{value:?} is longer than 63 characters"));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(format!(
+            "{value:?} contains {bad:?}; a Kubernetes name has lowercase letters, digits and '-'"
+        ));
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return Err(format!("{value:?} must start and end with a letter or a digit"));
+    }
+    Ok(())
+}
+
+/// A Kubernetes DNS-1123 subdomain (object names such as a StorageClass): dot-separated
+/// parts of lowercase letters, digits and `-` that start and end with a letter or digit, at
+/// most 253 characters in all.
+pub fn dns_subdomain(value: &str) -> Result<(), String> {
+    if value.len() > 253 {
+        return Err(format!("{value:?} is longer than 253 characters"));
+    }
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !p.starts_with('-')
+            && !p.ends_with('-')
+    };
+    if value.split('.').all(part_ok) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{value:?} is not a Kubernetes object name (lowercase letters, digits, '-' and '.')"
+        ))
+    }
+}
+
 pub fn agent_id(value: &str) -> Result<(), String> {
     name(value, MAX_AGENT_ID_LEN)
 }
@@ -316,5 +362,17 @@ mod tests {
         command("ls | wc -l").unwrap();
         assert!(command("  ").is_err());
         assert!(command("a\0").is_err());
+    }
+
+    #[test]
+    fn kubernetes_names() {
+        assert!(dns_label("conductor").is_ok());
+        assert!(dns_label("a-1").is_ok());
+        for bad in ["", "-a", "a-", "A", "a_b", "a.b", &"x".repeat(64)] {
+            assert!(dns_label(bad).is_err(), "{bad:?}");
+        }
+        assert!(dns_subdomain("fast.ssd").is_ok());
+        assert!(dns_subdomain("fast..ssd").is_err());
+        assert!(dns_subdomain("Fast").is_err());
     }
 }

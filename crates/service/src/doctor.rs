@@ -55,6 +55,9 @@ fn tool(name: &str) -> Option<String> {
 
 /// Runs every check; never fails: problems become lines of the report.
 pub async fn run(config: Config) -> Report {
+    if config.engine.backend == conductor_core::config::EngineBackend::Kubernetes {
+        return kubernetes(&config).await;
+    }
     let mut r = Report { checks: Vec::new() };
     match tool("podman") {
         Some(p) => r.push("podman binary", Status::Ok, p, None),
@@ -197,6 +200,43 @@ pub async fn run(config: Config) -> Report {
             }
         }
         Err(e) => r.push("environments", Status::Fail, e.to_string(), None),
+    }
+    r
+}
+
+/// The doctor of `engine: kubernetes`: the cluster's checks (reachable, namespace, RBAC,
+/// storage and snapshot classes, NetworkPolicy, agent-sandbox CRDs); no host check.
+async fn kubernetes(config: &Config) -> Report {
+    let mut r = Report { checks: Vec::new() };
+    let kube = &config.engine.kubernetes;
+    let engine = match conductor_engine_kube::KubeEngine::connect(kube, config.volume_size().bytes()).await {
+        Ok(e) => e,
+        Err(e) => {
+            r.push(
+                "cluster",
+                Status::Fail,
+                e.to_string(),
+                Some("set engine.kubernetes.kubeconfig (or KUBECONFIG), or run conductor in the cluster"),
+            );
+            return r;
+        }
+    };
+    for c in conductor_engine_kube::cluster::checks(engine.client(), kube).await {
+        let fix = (!c.ok).then(|| match c.name.as_str() {
+            "rbac" => "conductor kube render rbac | kubectl apply -f -".to_string(),
+            "snapshot class" => {
+                "install a CSI driver with snapshots and a VolumeSnapshotClass, or do without snapshots".to_string()
+            }
+            "agent-sandbox" => "install kubernetes-sigs/agent-sandbox, or set engine.kubernetes.mode: pod".to_string(),
+            _ => "see docs/kubernetes.md".to_string(),
+        });
+        let status = match (c.ok, c.name.as_str()) {
+            (true, _) => Status::Ok,
+            // Snapshots are optional: without a class they are refused, nothing else.
+            (false, "snapshot class") => Status::Warn,
+            (false, _) => Status::Fail,
+        };
+        r.push(&c.name, status, c.detail, fix.as_deref());
     }
     r
 }

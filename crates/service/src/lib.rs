@@ -22,6 +22,7 @@ pub mod handle;
 pub mod host;
 pub mod images;
 pub mod instance_lock;
+pub mod kube;
 pub mod liveness;
 pub mod maintenance;
 mod orchestrator;

@@ -137,7 +137,7 @@ struct Made {
 }
 
 impl Conductor {
-    fn record(&self, id: &str) -> Result<WorkspaceRecord> {
+    pub(crate) fn record(&self, id: &str) -> Result<WorkspaceRecord> {
         self.store
             .get_workspace(id)?
             .ok_or_else(|| ServiceError::not_found(format!("workspace '{id}'")))

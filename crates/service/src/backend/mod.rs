@@ -154,6 +154,16 @@ pub async fn connect(config: &Config, paths: &DataPaths, role: ServiceRole) -> R
 
 /// Connects the engine `config` names, for a process in `role`.
 pub async fn connect_engine(config: &Config, paths: &DataPaths, role: ServiceRole) -> Result<Arc<dyn Engine>> {
+    if config.engine.backend == conductor_core::config::EngineBackend::Kubernetes {
+        // The cluster's engine exists (conductor_engine_kube::KubeEngine), but the other
+        // seams of a backend (data volume, agent transport, source upload) have host
+        // implementations only: serving workspaces from a cluster would half work.
+        return Err(crate::ServiceError::invalid(
+            "engine",
+            "the kubernetes backend renders and checks (conductor kube render, conductor doctor); \
+             serving workspaces on a cluster is not available yet (docs/kubernetes.md, \"What works in which mode\")",
+        ));
+    }
     let engine = PodmanEngine::connect(PodmanOptions {
         socket_path: config
             .podman_config
