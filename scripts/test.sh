@@ -47,7 +47,12 @@ images=$(date +%s)
 echo "== images ready in $(( $(date +%s) - images ))s"
 
 echo "== cargo test"
-cargo test --locked --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
+cargo test --locked --workspace --no-fail-fast -- --skip a_workspace_on_a_real_cluster --test-threads="${TEST_THREADS:-2}"
+echo "== Kubernetes cluster suite (runs when KUBECONFIG is set, says SKIPPED otherwise)"
+cargo test --locked --test kube_cluster -- --nocapture
+
+echo "== Kubernetes objects loaded into the official Python client's models (kubernetes 34.1.0, API 1.34)"
+tests/kube/run.sh
 
 echo "== Python client tests (against a real conductor serve)"
 clients/python/run-tests.sh

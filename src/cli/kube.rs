@@ -15,6 +15,13 @@ pub enum KubeCommand {
     /// Print manifests (YAML; `--json` for a JSON array).
     #[command(subcommand)]
     Render(RenderCommand),
+    /// Build the agent image (engine.kubernetes.agent_image) from the static agent with the
+    /// local Podman, to push to the cluster's registry.
+    AgentImage {
+        /// Tag of the image; default: engine.kubernetes.agent_image.
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -83,7 +90,27 @@ fn print(docs: &[serde_json::Value], json: bool) {
 }
 
 pub async fn run(cli: &Cli, cmd: &KubeCommand) -> Result<ExitCode, ServiceError> {
-    let KubeCommand::Render(cmd) = cmd;
+    let cmd = match cmd {
+        KubeCommand::Render(cmd) => cmd,
+        KubeCommand::AgentImage { tag } => {
+            let c = open(cli).await?;
+            let spinner = super::progress::Spinner::new("agent image");
+            let info = c.build_agent_image(tag.as_deref(), spinner.sink(cli.verbose)).await;
+            let info = match info {
+                Ok(i) => i,
+                Err(e) => {
+                    spinner.finish(format!("failed: {e}"));
+                    return Err(e);
+                }
+            };
+            let tag = tag
+                .clone()
+                .unwrap_or_else(|| c.config.engine.kubernetes.agent_image.clone());
+            spinner.finish(format!("built {tag} ({})", info.id));
+            println!("{tag}");
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     match cmd {
         RenderCommand::Preset {
             name,

@@ -16,7 +16,7 @@ use conductor_core::engine::{
     Progress, ProgressSink,
 };
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, TypedLocalObjectReference};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, AttachParams, DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use crate::plan::{PodPlan, WORKSPACE_CONTAINER};
 use crate::render;
 use crate::sandbox::{self, Sandbox, SandboxClaim, SandboxTemplate, SandboxWarmPool};
-use crate::snapshot::{VolumeSnapshot, VolumeSnapshotSource, VolumeSnapshotSpec};
+use crate::snapshot::VolumeSnapshot;
 
 /// Annotation of a workspace PVC holding the Pod's manifest, so a stopped workspace (its Pod
 /// deleted, its data kept) starts again as the same Pod.
@@ -374,21 +374,8 @@ impl KubeEngine {
     /// Without a snapshot class, a clear "not supported".
     pub async fn snapshot_create(&self, id: &str, name: &str) -> EngineResult<()> {
         self.require_snapshot_class().await?;
-        let claim = format!("{id}-workspace");
-        let mut snap = VolumeSnapshot::new(
-            name,
-            VolumeSnapshotSpec {
-                source: VolumeSnapshotSource {
-                    persistent_volume_claim_name: Some(claim),
-                    volume_snapshot_content_name: None,
-                },
-                volume_snapshot_class_name: self.config.snapshot_class.clone(),
-            },
-        );
-        snap.metadata.labels = Some(BTreeMap::from([(
-            conductor_core::naming::LABEL_WORKSPACE.to_string(),
-            id.to_string(),
-        )]));
+        let snap =
+            crate::snapshot::volume_snapshot(id, name, &self.config.namespace, self.config.snapshot_class.as_deref());
         self.api::<VolumeSnapshot>()
             .create(&PostParams::default(), &snap)
             .await
@@ -443,26 +430,7 @@ impl KubeEngine {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        let mut fresh = PersistentVolumeClaim {
-            metadata: kube::api::ObjectMeta {
-                name: Some(claim.clone()),
-                namespace: old.metadata.namespace.clone(),
-                labels: old.metadata.labels.clone(),
-                annotations: old.metadata.annotations.clone(),
-                ..Default::default()
-            },
-            spec: old.spec.clone(),
-            status: None,
-        };
-        if let Some(spec) = fresh.spec.as_mut() {
-            spec.volume_name = None;
-            spec.data_source = Some(TypedLocalObjectReference {
-                api_group: Some("snapshot.storage.k8s.io".into()),
-                kind: "VolumeSnapshot".into(),
-                name: name.to_string(),
-            });
-            spec.data_source_ref = None;
-        }
+        let fresh = crate::snapshot::restored_claim(&old, name);
         self.api::<PersistentVolumeClaim>()
             .create(&PostParams::default(), &fresh)
             .await

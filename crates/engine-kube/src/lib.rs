@@ -18,6 +18,8 @@ pub mod snapshot;
 pub mod strict;
 
 pub use engine::KubeEngine;
+/// The typed Kubernetes API this crate renders (for callers that read the objects back).
+pub use k8s_openapi;
 pub use plan::PodPlan;
 
 /// The Kubernetes API version the typed objects follow (k8s-openapi feature).

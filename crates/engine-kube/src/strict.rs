@@ -11,6 +11,9 @@ pub fn roundtrip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<T, St
     let mut unknown = Vec::new();
     let typed: T = serde_ignored::deserialize(value.clone(), |path| unknown.push(path.to_string()))
         .map_err(|e| format!("does not parse: {e}"))?;
+    // kube-derive's custom resources write their `apiVersion` and `kind` themselves and
+    // skip them when reading; the comparison below still proves they come back unchanged.
+    unknown.retain(|p| p != "apiVersion" && p != "kind");
     if !unknown.is_empty() {
         return Err(format!("fields unknown to the API types: {}", unknown.join(", ")));
     }
@@ -21,6 +24,41 @@ pub fn roundtrip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<T, St
         ));
     }
     Ok(typed)
+}
+
+/// Reads a rendered object back through the type its `apiVersion` and `kind` name (every
+/// kind conductor renders: core Pod, PVC and ServiceAccount, NetworkPolicy, RBAC, the
+/// agent-sandbox kinds and VolumeSnapshot), with [`roundtrip`]'s checks. Returns
+/// `apiVersion/kind`.
+pub fn check_object(value: &Value) -> Result<String, String> {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, ServiceAccount};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    let api = value["apiVersion"].as_str().unwrap_or_default();
+    let kind = value["kind"].as_str().unwrap_or_default();
+    let key = format!("{api}/{kind}");
+    let r = match key.as_str() {
+        "v1/Pod" => roundtrip::<Pod>(value).map(drop),
+        "v1/PersistentVolumeClaim" => roundtrip::<PersistentVolumeClaim>(value).map(drop),
+        "v1/ServiceAccount" => roundtrip::<ServiceAccount>(value).map(drop),
+        "networking.k8s.io/v1/NetworkPolicy" => roundtrip::<NetworkPolicy>(value).map(drop),
+        "rbac.authorization.k8s.io/v1/Role" => roundtrip::<Role>(value).map(drop),
+        "rbac.authorization.k8s.io/v1/RoleBinding" => roundtrip::<RoleBinding>(value).map(drop),
+        "rbac.authorization.k8s.io/v1/ClusterRole" => roundtrip::<ClusterRole>(value).map(drop),
+        "rbac.authorization.k8s.io/v1/ClusterRoleBinding" => roundtrip::<ClusterRoleBinding>(value).map(drop),
+        "agents.x-k8s.io/v1beta1/Sandbox" => roundtrip::<crate::sandbox::Sandbox>(value).map(drop),
+        "extensions.agents.x-k8s.io/v1beta1/SandboxTemplate" => {
+            roundtrip::<crate::sandbox::SandboxTemplate>(value).map(drop)
+        }
+        "extensions.agents.x-k8s.io/v1beta1/SandboxWarmPool" => {
+            roundtrip::<crate::sandbox::SandboxWarmPool>(value).map(drop)
+        }
+        "extensions.agents.x-k8s.io/v1beta1/SandboxClaim" => roundtrip::<crate::sandbox::SandboxClaim>(value).map(drop),
+        "snapshot.storage.k8s.io/v1/VolumeSnapshot" => roundtrip::<crate::snapshot::VolumeSnapshot>(value).map(drop),
+        _ => Err("not a kind conductor renders".to_string()),
+    };
+    r.map(|()| key.clone())
+        .map_err(|e| format!("{key} {:?}: {e}", value["metadata"]["name"]))
 }
 
 #[cfg(test)]

@@ -205,7 +205,41 @@ pub fn to_yaml(docs: &[Value]) -> String {
         .join("---\n")
 }
 
+/// The Containerfile of the agent image: the static agent alone (the init container runs
+/// `/conductor-agent install`, which copies it into the Pod's agent volume).
+pub const AGENT_CONTAINERFILE: &str =
+    "FROM scratch\nCOPY conductor-agent /conductor-agent\nENTRYPOINT [\"/conductor-agent\"]\n";
+
 impl Conductor {
+    /// Builds `engine.kubernetes.agent_image` (or `tag`) with the local engine from the
+    /// static agent binary this conductor mounts into Podman workspaces; push it to the
+    /// cluster's registry (docs/kubernetes.md, "Install").
+    pub async fn build_agent_image(
+        &self,
+        tag: Option<&str>,
+        progress: conductor_core::engine::ProgressSink,
+    ) -> Result<conductor_core::engine::ImageInfo> {
+        let tag = tag.unwrap_or(&self.config.engine.kubernetes.agent_image).to_string();
+        validate::image_ref(&tag).map_err(|m| ServiceError::invalid("tag", m))?;
+        let binary = crate::agent_client::binary(&self.config).ok_or_else(|| {
+            ServiceError::invalid(
+                "isolated_workspace.agent_containers.agent_binary",
+                "no static conductor-agent binary was found (build it: RUSTFLAGS=\"-C target-feature=+crt-static\" \
+                 cargo build --release --target x86_64-unknown-linux-gnu -p conductor-agent)",
+            )
+        })?;
+        let bytes = std::fs::read(&binary).map_err(|e| ServiceError::host(format!("read {}", binary.display()), e))?;
+        let spec = conductor_core::engine::BuildSpec {
+            tag: tag.clone(),
+            containerfile: AGENT_CONTAINERFILE.into(),
+            context_files: vec![("conductor-agent".into(), bytes, 0o755)],
+            build_args: Default::default(),
+            labels: Labels::from([(naming::LABEL_VERSION.to_string(), env!("CARGO_PKG_VERSION").to_string())]),
+            host_network: false,
+        };
+        Ok(self.engine.image_build(spec, progress).await?)
+    }
+
     /// The Pod plan of an existing workspace, from the container spec it was created with.
     pub fn kube_workspace_plan(&self, id: &str, mode: Option<KubeMode>) -> Result<PodPlan> {
         let record = self.record(id)?;
